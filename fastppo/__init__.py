@@ -1,0 +1,51 @@
+"""fastppo: kernel-accelerated PPO for RLHF of large language models.
+
+Public ops live in ``fastppo.ops`` and are re-exported here; ``fastppo.backends()`` reports which backends
+are usable on this machine and why a missing one is missing.
+"""
+
+from __future__ import annotations
+
+from fastppo._dispatch import BackendInfo, BackendUnavailableError
+from fastppo._dispatch import backends as _backends
+from fastppo.ops import (
+    gae,
+    kl_penalty,
+    logprobs_and_entropy,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_loss_from_logits,
+    ppo_policy_loss,
+    token_entropy,
+    token_logprobs,
+    value_loss,
+)
+
+__version__ = "0.1.0"
+
+
+def backends() -> dict[str, BackendInfo]:
+    """``{name: BackendInfo(name, available, reason)}`` for torch, triton, cpp and cuda.
+
+    ``triton`` reports the interpreter when ``TRITON_INTERPRET=1`` on a CPU-only machine.
+    """
+    return _backends()
+
+
+__all__ = [
+    "BackendInfo",
+    "BackendUnavailableError",
+    "backends",
+    "gae",
+    "kl_penalty",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_loss_from_logits",
+    "ppo_policy_loss",
+    "token_entropy",
+    "token_logprobs",
+    "value_loss",
+]

@@ -1,0 +1,161 @@
+"""Which backends are usable here, and which one a call runs on.
+
+Backends:
+  torch    the plain-PyTorch reference (fastppo.reference); always there.
+  triton   Triton kernels (fastppo.kernels) on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1.
+  cpp      the C++/OpenMP extension (fastppo._C_cpu) on CPU tensors.
+  cuda     the CUDA extension (fastppo._C_cuda) on CUDA tensors.
+
+``auto`` (the default, or ``FASTPPO_BACKEND``) picks the fastest available backend for the tensor's device
+that implements the op family, falling back quietly to ``torch``. An explicitly named backend that is not
+usable raises ``BackendUnavailableError`` carrying the original reason and an install hint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from fastppo import _native
+
+BACKENDS = ("torch", "triton", "cpp", "cuda")
+_CHOICES = ("auto", *BACKENDS)
+
+# Launcher modules per backend. Each exposes the launcher functions of the op families it implements
+# (see fastppo/autograd.py for the contract): a family is implemented when all its launchers are present.
+FAMILY_LAUNCHERS: dict[str, tuple[str, ...]] = {
+    "logprobs": ("logprobs_forward", "logprobs_backward"),
+    "ppo_loss": ("ppo_loss_forward", "logprobs_backward"),
+    "gae": ("gae_forward",),
+}
+
+_INSTALL_HINT = {
+    "triton": "install Triton (`pip install triton`) on a machine with a CUDA GPU, or set TRITON_INTERPRET=1 "
+    "to run the Triton kernels on CPU (slow; for tests)",
+    "cpp": "rebuild the C++ extension: `pip install -e . --no-build-isolation` (needs a C++17 compiler; see the "
+    "build log for the error; FASTPPO_SKIP_EXT=1 skips it on purpose)",
+    "cuda": "rebuild the CUDA extension with nvcc and a CUDA-enabled PyTorch on a GPU machine: "
+    "`pip install -e . --no-build-isolation`",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why it is missing, or what it runs on
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _triton_import() -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module("fastppo.kernels"), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _probe(name: str) -> BackendInfo:
+    cuda_ok = torch.cuda.is_available()
+    if name == "torch":
+        return BackendInfo("torch", True, "plain PyTorch reference (any device)")
+    if name == "triton":
+        mod, err = _triton_import()
+        if mod is None:
+            return BackendInfo("triton", False, err or "fastppo.kernels failed to import")
+        if triton_interpret():
+            return BackendInfo("triton", True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")
+        if not cuda_ok:
+            return BackendInfo("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
+        return BackendInfo("triton", True, f"Triton on {torch.cuda.get_device_name()}")
+    if name == "cpp":
+        mod = _native.module("cpp")
+        if mod is None:
+            return BackendInfo("cpp", False, _native.import_error("cpp") or "not built")
+        return BackendInfo("cpp", True, "C++/OpenMP extension fastppo._C_cpu")
+    if name == "cuda":
+        mod = _native.module("cuda")
+        if mod is None:
+            return BackendInfo("cuda", False, _native.import_error("cuda") or "not built")
+        if not cuda_ok:
+            return BackendInfo("cuda", False, "extension built but no CUDA device")
+        return BackendInfo("cuda", True, "CUDA extension fastppo._C_cuda")
+    raise ValueError(f"unknown backend {name!r}; choose from {_CHOICES}")
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Every backend with whether it is usable here and why (not)."""
+    return {name: _probe(name) for name in BACKENDS}
+
+
+def launcher_module(backend: str) -> ModuleType | None:
+    """The module holding the launchers of ``backend`` (None for torch)."""
+    if backend == "triton":
+        return _triton_import()[0]
+    if backend in ("cpp", "cuda"):
+        return _native.module(backend)
+    return None
+
+
+def implements(backend: str, family: str) -> bool:
+    if backend == "torch":
+        return True
+    mod = launcher_module(backend)
+    return mod is not None and all(hasattr(mod, fn) for fn in FAMILY_LAUNCHERS.get(family, ("<none>",)))
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    if backend == "cpp":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    return False
+
+
+def requested_backend(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get("FASTPPO_BACKEND", "auto")
+    name = name.strip().lower() or "auto"
+    if name not in _CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(_CHOICES)}")
+    return name
+
+
+def resolve(backend: str | None, device: torch.device, family: str | None) -> str:
+    """The backend a call on ``device`` runs on.
+
+    ``family`` is the kernel family of the op (see FAMILY_LAUNCHERS), or None for ops that run in PyTorch on
+    every backend (elementwise work over ``[N]`` vectors, where a kernel buys nothing).
+    """
+    name = requested_backend(backend)
+    if name == "auto":
+        if family is None:
+            return "torch"
+        order = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+        for cand in order:
+            if _probe(cand).available and implements(cand, family):
+                return cand
+        return "torch"
+    info = _probe(name)
+    if not info.available:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {info.reason}. Hint: {_INSTALL_HINT[name]}")
+    if not _device_ok(name, device):
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device.type} tensors")
+    if family is not None and not implements(name, family):
+        raise BackendUnavailableError(f"backend {name!r} does not implement the {family!r} kernels in this build")
+    return name if family is not None else "torch"

@@ -1,0 +1,105 @@
+"""Input validation shared by the public ops.
+
+Structural checks (shapes, dtypes, devices) are free and always on. Value checks (labels in range, NaN/Inf,
+all-masked batches) need the data: on CPU they raise ``ValueError`` at once; on CUDA they become
+device-side asserts (``torch._assert_async``) so the hot path never synchronises with the host; under
+``torch.compile`` likewise. ``FASTPPO_CHECKS=0`` turns value checks off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def value_checks_enabled() -> bool:
+    return os.environ.get("FASTPPO_CHECKS", "1") not in ("0", "false", "False", "")
+
+
+def check_value(ok: Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the 0-d bool tensor ``ok`` is true (async on CUDA)."""
+    if not value_checks_enabled():
+        return
+    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+        return
+    if not bool(ok):
+        raise ValueError(message)
+
+
+def float_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (fp32/bf16/fp16/fp64), got {t.dtype}")
+    return t
+
+
+def same_device(**tensors: Tensor | None) -> torch.device:
+    devs = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    for name, d in devs.items():
+        if d != first:
+            listing = ", ".join(f"{k} on {v}" for k, v in devs.items())
+            raise ValueError(f"all tensors must be on one device; got {listing} ({name} differs)")
+    return first
+
+
+def same_shape(ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+
+
+def mask_tensor(name: str, mask: object, shape: torch.Size) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool, integer or floating, got {mask.dtype}")
+    return mask
+
+
+def logits_and_labels(logits: object, labels: object | None) -> tuple[Tensor, Tensor | None]:
+    logits = float_tensor("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if labels is None:
+        return logits, None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but logits {tuple(logits.shape)} needs labels of shape "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    same_device(logits=logits, labels=labels)
+    if labels.numel() > 0:
+        v = logits.shape[-1]
+        check_value(((labels >= 0) & (labels < v)).all(), f"labels out of range: every label must be in [0, {v})")
+    return logits, labels
+
+
+def finite_rows(name: str, out: Tensor, valid: Tensor | None = None) -> None:
+    """NaN in a per-row output means a NaN/+inf logit or a row with no finite logit: never pass it on."""
+    bad = torch.isnan(out)
+    if valid is not None:
+        bad = bad & valid.bool()
+    check_value(
+        ~bad.any(),
+        f"{name}: non-finite result; the logits contain NaN or +inf, or a row where every logit is -inf",
+    )
+
+
+def temperature(t: float) -> float:
+    t = float(t)
+    if not (t > 0.0) or t == float("inf"):
+        raise ValueError(f"temperature must be a finite positive number, got {t}")
+    return t

@@ -1,0 +1,256 @@
+"""Autograd glue: torch.library custom ops over the backend launchers.
+
+The launchers (Triton in ``fastppo.kernels``, C++ in ``fastppo._C_cpu`` via ``fastppo._native``, CUDA in
+``fastppo._C_cuda``) know nothing of autograd. Every backend exposes the same Python-level launcher
+functions; this module wraps them in ``torch.library`` custom ops (with fake impls, so a caller compiles
+with ``torch.compile(fullgraph=True)``) and registers their backward.
+
+Launcher contract (all backends; ``N = B*T``; vectors are contiguous ``[N]``; ``logits``/``out`` are 3-D
+``[B, T, V]`` views with arbitrary strides on B and T and stride 1 on V; offsets are 64-bit):
+
+``logprobs_forward(logits, labels, temperature, with_entropy) -> (logp, entropy | None, lse)``
+    labels int64 ``[N]``; outputs float32 ``[N]``: ``lse = logsumexp(x/T)``, ``logp = x_t/T - lse``,
+    ``entropy = lse - sum(softmax(x/T) * x/T)``.
+
+``logprobs_backward(logits, labels, lse, entropy | None, grad_logp | None, grad_entropy | None,
+temperature, out) -> out``
+    grads float32 ``[N]``; writes ``dx_j = [g_lp*(1[j=t] - p_j) - g_H*p_j*(log p_j + H)] / T`` into ``out``
+    (``[B, T, V]``, logits' dtype; may be ``logits`` itself for the in-place backward). Rows where both
+    grads are zero get zeros without computing exp.
+
+``ppo_loss_forward(logits, labels, old_logp, adv, ref_logp | None, mask, temperature, clip_low, clip_high,
+dual_clip, kl_kind, kl_coef, entropy_coef) -> terms``
+    float32 ``[N]`` inputs (mask 0/1 as float32), ``dual_clip`` 0.0 = off, ``kl_kind`` an index into
+    ``KL_KINDS``; returns ``terms`` float32 ``[len(PPO_TERMS), N]`` in the order of ``PPO_TERMS``, matching
+    ``fastppo.reference.losses.ppo_token_terms`` + ``kl_penalty``; masked rows (mask == 0) are skipped and
+    get zeros in every term. ``dpg`` / ``dkl`` are d(pg)/d(logp) and d(kl)/d(logp) (0 where clipped).
+    ``loss = pg + kl_coef*kl - entropy_coef*entropy`` (kl = 0 when ref_logp is None).
+
+``gae_forward(rewards, values, mask, bootstrap | None, gamma, lam) -> (advantages, returns)``
+    float32 contiguous ``[B, T]`` rewards/values, bool ``[B, T]`` mask, float32 ``[B]`` bootstrap;
+    float32 ``[B, T]`` outputs with the carry-forward semantics of ``fastppo.reference.gae``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastppo import _dispatch
+
+PPO_TERMS = ("logp", "entropy", "lse", "pg", "ratio", "kl", "dpg", "dkl", "clipped", "dual_clipped", "loss")
+KL_KINDS = ("k1", "k2", "k3", "abs")
+_T = {name: i for i, name in enumerate(PPO_TERMS)}
+
+
+def _launchers(backend: str):
+    mod = _dispatch.launcher_module(backend)
+    if mod is None:
+        raise _dispatch.BackendUnavailableError(f"backend {backend!r} has no launchers loaded")
+    return mod
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+def _opt(t: Tensor) -> Tensor | None:
+    # custom ops cannot take/return None tensors in every position; an empty tensor stands for "absent".
+    return t if t.numel() > 0 else None
+
+
+# ----------------------------------------------------------------------------------------- logprobs family
+@torch.library.custom_op("fastppo::logprobs_fwd", mutates_args=())
+def logprobs_fwd(
+    logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``[B, T, V], [N] -> (logp [N], entropy [N] or empty, lse [N])``, float32."""
+    logp, ent, lse = _launchers(backend).logprobs_forward(logits, labels, temperature, with_entropy)
+    return logp, (ent if ent is not None else _empty(logits)), lse
+
+
+@logprobs_fwd.register_fake
+def _(logits, labels, temperature, with_entropy, backend):
+    n = logits.shape[0] * logits.shape[1]
+    vec = logits.new_empty((n,), dtype=torch.float32)
+    return vec, (logits.new_empty((n,), dtype=torch.float32) if with_entropy else _empty(logits)), vec.clone()
+
+
+def _backward_into(
+    out: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor,
+    grad_entropy: Tensor,
+    temperature: float,
+    backend: str,
+) -> None:
+    _launchers(backend).logprobs_backward(
+        logits, labels, lse, _opt(entropy), _opt(grad_logp), _opt(grad_entropy), temperature, out
+    )
+
+
+@torch.library.custom_op("fastppo::logprobs_bwd", mutates_args=())
+def logprobs_bwd(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor,
+    grad_entropy: Tensor,
+    temperature: float,
+    backend: str,
+) -> Tensor:
+    """dlogits ``[B, T, V]`` in logits' dtype (a fresh contiguous buffer)."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(out, logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, backend)
+    return out
+
+
+@logprobs_bwd.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("fastppo::logprobs_bwd_", mutates_args=("logits",))
+def logprobs_bwd_(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor,
+    grad_entropy: Tensor,
+    temperature: float,
+    backend: str,
+) -> None:
+    """In-place backward: dlogits overwrite ``logits`` (memory = one logits buffer)."""
+    _backward_into(logits, logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, backend)
+
+
+@logprobs_bwd_.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, backend):
+    return None
+
+
+def _vec_grad(g: Tensor | None, ref: Tensor) -> Tensor:
+    # Upstream grads may be stride-0 expansions (from .sum()) or None; launchers take contiguous fp32 [N].
+    if g is None:
+        return _empty(ref)
+    return g.to(torch.float32).contiguous()
+
+
+def _run_backward(ctx, g_lp: Tensor, g_h: Tensor) -> Tensor:
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if ctx.inplace:
+        torch.ops.fastppo.logprobs_bwd_(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend)
+        return logits
+    return torch.ops.fastppo.logprobs_bwd(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend)
+
+
+# Autograd is attached to a thin differentiable wrapper op so that `temperature`, `backend` and `inplace`
+# travel as op arguments (register_autograd's setup_context sees them).
+@torch.library.custom_op("fastppo::logprobs", mutates_args=())
+def logprobs_op(
+    logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool, backend: str, inplace: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return logprobs_fwd(logits, labels, temperature, with_entropy, backend)
+
+
+@logprobs_op.register_fake
+def _(logits, labels, temperature, with_entropy, backend, inplace):
+    n = logits.shape[0] * logits.shape[1]
+    return (
+        logits.new_empty((n,), dtype=torch.float32),
+        logits.new_empty((n,), dtype=torch.float32) if with_entropy else _empty(logits),
+        logits.new_empty((n,), dtype=torch.float32),
+    )
+
+
+def _logprobs_setup(ctx, inputs, output):
+    logits, labels, temperature, with_entropy, backend, inplace = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature, ctx.backend, ctx.inplace = temperature, backend, inplace
+    ctx.mark_non_differentiable(lse)
+
+
+def _logprobs_backward(ctx, g_logp, g_entropy, _g_lse):
+    _, entropy = ctx.saved_tensors[0], ctx.saved_tensors[3]
+    g_lp = _vec_grad(g_logp, entropy)
+    g_h = _vec_grad(g_entropy, entropy) if entropy.numel() > 0 else _empty(entropy)
+    return _run_backward(ctx, g_lp, g_h), None, None, None, None, None
+
+
+logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
+
+
+# ----------------------------------------------------------------------------------------- fused PPO loss
+@torch.library.custom_op("fastppo::ppo_loss_terms", mutates_args=())
+def ppo_loss_terms(
+    logits: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    temperature: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float,
+    kl_kind: int,
+    kl_coef: float,
+    entropy_coef: float,
+    backend: str,
+    inplace: bool,
+) -> Tensor:
+    """Per-token PPO terms ``[len(PPO_TERMS), N]`` float32 in one pass over ``logits [B, T, V]``."""
+    return _launchers(backend).ppo_loss_forward(
+        logits,
+        labels,
+        old_logp,
+        adv,
+        _opt(ref_logp),
+        mask,
+        temperature,
+        clip_low,
+        clip_high,
+        dual_clip,
+        kl_kind,
+        kl_coef,
+        entropy_coef,
+    )
+
+
+@ppo_loss_terms.register_fake
+def _(logits, labels, old_logp, adv, ref_logp, mask, temperature, clip_low, clip_high, dual_clip, kl_kind,
+      kl_coef, entropy_coef, backend, inplace):
+    n = logits.shape[0] * logits.shape[1]
+    return logits.new_empty((len(PPO_TERMS), n), dtype=torch.float32)
+
+
+def _ppo_setup(ctx, inputs, output):
+    logits, labels = inputs[0], inputs[1]
+    ctx.temperature, ctx.kl_coef, ctx.entropy_coef = inputs[6], inputs[11], inputs[12]
+    ctx.backend, ctx.inplace = inputs[13], inputs[14]
+    ctx.save_for_backward(logits, labels, output)
+
+
+def _ppo_backward(ctx, g_terms):
+    logits, labels, terms = ctx.saved_tensors
+    # Only the per-token loss row is differentiable: the other rows are statistics (callers detach them).
+    g_loss = g_terms[_T["loss"]].to(torch.float32)
+    g_lp = (g_loss * (terms[_T["dpg"]] + ctx.kl_coef * terms[_T["dkl"]])).contiguous()
+    g_h = (g_loss * (-ctx.entropy_coef)).contiguous() if ctx.entropy_coef != 0.0 else _empty(terms)
+    lse, entropy = terms[_T["lse"]].contiguous(), terms[_T["entropy"]].contiguous()
+    if ctx.inplace:
+        torch.ops.fastppo.logprobs_bwd_(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend)
+        dlogits = logits
+    else:
+        dlogits = torch.ops.fastppo.logprobs_bwd(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature,
+                                                 ctx.backend)
+    return (dlogits,) + (None,) * 14
+
+
+ppo_loss_terms.register_autograd(_ppo_backward, setup_context=_ppo_setup)

@@ -1,0 +1,427 @@
+"""fastppo's public ops: validate inputs, pick a backend, document shapes.
+
+Every op takes any leading shape ``[...]`` (``[B, T]`` for GAE and the ``seq-*`` aggregations) and a
+``backend=`` keyword: ``"auto"`` (default; or the ``FASTPPO_BACKEND`` variable), ``"torch"``, ``"triton"``,
+``"cpp"`` or ``"cuda"``. Ops over vocabulary-sized logits and GAE run on kernels; the elementwise ops over
+``[N]`` vectors (KL, policy/value losses, masked statistics) run in PyTorch on every backend, since a kernel
+buys nothing there; naming an unavailable backend still raises.
+
+Logprob-like outputs are float32 (float64 for float64 inputs, which always take the reference path).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastppo import _dispatch
+from fastppo import _validate as V
+from fastppo import reference as ref
+from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo.reference.losses import AGG_MODES
+
+__all__ = [
+    "gae",
+    "kl_penalty",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_loss_from_logits",
+    "ppo_policy_loss",
+    "token_entropy",
+    "token_logprobs",
+    "value_loss",
+]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_T = {name: i for i, name in enumerate(PPO_TERMS)}
+
+
+def _backend_for(backend: str | None, t: Tensor, family: str | None) -> str:
+    name = _dispatch.resolve(backend, t.device, family)
+    if name != "torch" and t.dtype not in _KERNEL_DTYPES:
+        if _dispatch.requested_backend(backend) == "auto":
+            return "torch"  # float64 (tests, debugging) always takes the exact reference path
+        raise TypeError(f"backend {name!r} takes fp32/bf16/fp16 logits, got {t.dtype}; use backend='torch'")
+    return name
+
+
+def _as_3d(logits: Tensor) -> Tensor:
+    """View ``[..., V]`` as ``[B, T, V]`` with stride 1 on V, copying only when no such view exists."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()  # explicit copy: kernels need unit stride along the vocabulary
+    if logits.dim() == 1:
+        return logits.view(1, 1, -1)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+
+
+def _half_to_float(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ------------------------------------------------------------------------------------ logprobs / entropy
+def _kernel_logprobs(
+    logits: Tensor, labels: Tensor | None, temperature: float, with_entropy: bool, backend: str, inplace: bool
+) -> tuple[Tensor, Tensor]:
+    lead = logits.shape[:-1]
+    x3 = _as_3d(logits)
+    if labels is None:
+        lab = torch.zeros(lead.numel(), dtype=torch.int64, device=logits.device)
+    else:
+        lab = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, ent, _ = torch.ops.fastppo.logprobs(x3, lab, temperature, with_entropy, backend, inplace)
+    return logp.view(lead), (ent.view(lead) if with_entropy else ent)
+
+
+def _logprobs_entropy(
+    logits: object,
+    labels: object | None,
+    temperature: float,
+    backend: str | None,
+    inplace_backward: bool,
+    want_logp: bool,
+    want_entropy: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    logits, labels = V.logits_and_labels(logits, labels)
+    temperature = V.temperature(temperature)
+    name = _backend_for(backend, logits, "logprobs")
+    if logits.numel() == 0:
+        name = "torch"  # nothing to launch; the reference returns correctly shaped empty tensors
+    if name == "torch":
+        logp = ref.token_logprobs(logits, labels, temperature=temperature) if want_logp else None
+        ent = ref.token_entropy(logits, temperature=temperature) if want_entropy else None
+    else:
+        logp, ent = _kernel_logprobs(logits, labels, temperature, want_entropy, name, inplace_backward)
+        logp = logp if want_logp else None
+        ent = ent if want_entropy else None
+    for label, out in (("token_logprobs", logp), ("token_entropy", ent)):
+        if out is not None:
+            V.finite_rows(label, out.detach())
+    return logp, ent
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)``.
+
+    ``logits [..., V]`` (fp32/bf16/fp16, any strides), ``labels [...]`` integer in ``[0, V)`` -> ``[...]`` fp32.
+    ``inplace_backward=True`` (kernel backends) writes dlogits into ``logits``' buffer during backward:
+    do not read ``logits`` after calling backward.
+    """
+    return _logprobs_entropy(logits, labels, temperature, backend, inplace_backward, True, False)[0]
+
+
+def token_entropy(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per row. ``[..., V] -> [...]`` fp32."""
+    return _logprobs_entropy(logits, None, temperature, backend, inplace_backward, False, True)[1]
+
+
+def logprobs_and_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(token_logprobs, token_entropy)`` from one pass over the logits. ``[..., V], [...] -> ([...], [...])``."""
+    return _logprobs_entropy(logits, labels, temperature, backend, inplace_backward, True, True)
+
+
+# ------------------------------------------------------------------------------------------------ KL, stats
+def kl_penalty(
+    logprob: Tensor,
+    ref_logprob: Tensor,
+    kind: str = "k1",
+    *,
+    clamp: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Per-token KL estimate between policy and reference log-probs. ``[...], [...] -> [...]``.
+
+    kinds: ``k1 = lp - ref``, ``k2 = 0.5*(lp - ref)^2``, ``k3 = exp(ref - lp) - (ref - lp) - 1``,
+    ``abs = |lp - ref|``; ``clamp`` clips the result to ``[-clamp, clamp]``.
+    """
+    V.float_tensor("logprob", logprob)
+    V.float_tensor("ref_logprob", ref_logprob)
+    V.same_shape("logprob", logprob, ref_logprob=ref_logprob)
+    V.same_device(logprob=logprob, ref_logprob=ref_logprob)
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_KINDS}")
+    _dispatch.resolve(backend, logprob.device, None)
+    return ref.kl_penalty(_half_to_float(logprob), _half_to_float(ref_logprob), kind, clamp=clamp)
+
+
+def _masked_input(x: object, mask: object, name: str = "x") -> tuple[Tensor, Tensor]:
+    x = V.float_tensor(name, x)
+    mask = V.mask_tensor("mask", mask, x.shape)
+    V.same_device(**{name: x, "mask": mask})
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: a masked statistic of no elements is undefined")
+    return _half_to_float(x), mask
+
+
+def masked_mean(
+    x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None, *, backend: str | None = None
+) -> Tensor:
+    """Mean of ``x`` over valid (mask != 0) elements, over ``dim`` or all. All-masked input raises."""
+    x, mask = _masked_input(x, mask)
+    _dispatch.resolve(backend, x.device, None)
+    V.check_value(mask.bool().any(), "masked_mean: the mask has no valid element (all-masked batch)")
+    return ref.masked_mean(x, mask, dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, backend: str | None = None) -> Tensor:
+    """Variance over valid elements (Bessel-corrected when ``unbiased``; needs >= 2 valid elements)."""
+    x, mask = _masked_input(x, mask)
+    _dispatch.resolve(backend, x.device, None)
+    need = 2 if unbiased else 1
+    V.check_value(
+        mask.bool().sum() >= need,
+        f"masked_var: needs at least {need} valid element(s) (unbiased={unbiased}); the mask has fewer",
+    )
+    return ref.masked_var(x, mask, unbiased=unbiased)
+
+
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, *, eps: float = 1e-8, backend: str | None = None
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over valid elements (unbiased var); mean added back if not shift_mean."""
+    x, mask = _masked_input(x, mask)
+    _dispatch.resolve(backend, x.device, None)
+    V.check_value(mask.bool().sum() >= 2, "masked_whiten: needs at least 2 valid elements")
+    return ref.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------------------ GAE
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    bootstrap_value: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation. ``rewards, values, mask [B, T]``, ``bootstrap_value [B]`` ->
+    ``(advantages [B, T], returns [B, T])`` float32 (float64 for float64 inputs).
+
+    The recursion runs over valid tokens only: masked positions inside a sequence are skipped (carry-forward,
+    identical to the classic recursion for contiguous masks); the value after the last valid token is 0, or
+    ``bootstrap_value[b]`` for truncated sequences; outputs are 0 where mask is 0.
+    """
+    V.float_tensor("rewards", rewards)
+    V.float_tensor("values", values)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
+    V.same_shape("rewards", rewards, values=values)
+    mask = V.mask_tensor("mask", mask, rewards.shape)
+    if bootstrap_value is not None:
+        V.float_tensor("bootstrap_value", bootstrap_value)
+        if bootstrap_value.shape != rewards.shape[:1]:
+            raise ValueError(f"bootstrap_value must be [B] = [{rewards.shape[0]}], got {tuple(bootstrap_value.shape)}")
+    V.same_device(rewards=rewards, values=values, mask=mask, bootstrap_value=bootstrap_value)
+    for name, val in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= float(val) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {val}")
+    name = _backend_for(backend, rewards, "gae")
+    if rewards.numel() == 0:
+        name = "torch"
+    if name == "torch":
+        return ref.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap_value=bootstrap_value)
+    boot = None if bootstrap_value is None else bootstrap_value.float().contiguous()
+    launch = _dispatch.launcher_module(name).gae_forward
+    return launch(
+        rewards.float().contiguous(),
+        values.float().contiguous(),
+        mask.bool().contiguous(),
+        boot,
+        float(gamma),
+        float(lam),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- losses
+def _check_agg(agg: str, shape: torch.Size) -> None:
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
+    if agg != "token-mean" and len(shape) < 2:
+        raise ValueError(f"agg={agg!r} needs per-token tensors [B, T], got shape {tuple(shape)}")
+
+
+def _check_clips(clip_low: float, clip_high: float | None, dual_clip: float | None) -> float:
+    clip_high = clip_low if clip_high is None else clip_high
+    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
+    return clip_high
+
+
+def _loss_inputs(names: tuple[str, ...], tensors: tuple[object, ...], mask: object) -> tuple[list[Tensor], Tensor]:
+    first = V.float_tensor(names[0], tensors[0])
+    out = [first]
+    for name, t in zip(names[1:], tensors[1:]):
+        out.append(V.float_tensor(name, t))
+    V.same_shape(names[0], first, **dict(zip(names[1:], out[1:])))
+    mask = V.mask_tensor("mask", mask, first.shape)
+    V.same_device(mask=mask, **dict(zip(names, out)))
+    if first.numel() == 0:
+        raise ValueError("empty batch: the loss of no tokens is undefined")
+    V.check_value(mask.bool().any(), "all-masked batch: the mask has no valid token, the loss would be 0/0")
+    return [_half_to_float(t) for t in out], mask
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO surrogate from per-token log-probs ``[B, T]`` (any shape for token-mean).
+
+    ``clip_high`` defaults to ``clip_low`` (asymmetric "clip-higher" when set); ``dual_clip = c > 1`` caps the
+    loss of negative-advantage tokens at ``-A*c``. Returns ``(loss, stats)`` with detached stats
+    ``pg_loss, clipfrac, dual_clipfrac, approx_kl (k3 of old vs new), ratio_mean, ratio_max``.
+    """
+    (lp, old, adv), mask = _loss_inputs(("logprobs", "old_logprobs", "advantages"),
+                                        (logprobs, old_logprobs, advantages), mask)
+    _check_agg(agg, lp.shape)
+    _check_clips(clip_low, clip_high, dual_clip)
+    _dispatch.resolve(backend, lp.device, None)
+    return ref.ppo_policy_loss(lp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                               agg=agg)
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: float | None = None,
+    agg: str = "token-mean",
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ``0.5*max((v-R)^2, (old + clamp(v-old, ±clip) - R)^2)`` over ``[B, T]``.
+
+    Returns ``(loss, stats)`` with ``vf_loss, vf_clipfrac, value_mean``.
+    """
+    (v, old, ret), mask = _loss_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
+    _check_agg(agg, v.shape)
+    if clip is not None and clip <= 0:
+        raise ValueError(f"value clip must be > 0 or None, got {clip}")
+    _dispatch.resolve(backend, v.device, None)
+    return ref.value_loss(v, old, ret, mask, clip=clip, agg=agg)
+
+
+def ppo_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    agg: str = "token-mean",
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The full PPO objective from logits, differentiable w.r.t. ``logits``.
+
+    ``logits [B, T, V]`` (any ``[..., V]`` for token-mean), ``labels/old_logprobs/advantages/mask [B, T]``,
+    ``ref_logprobs [B, T]`` (needed when ``kl_coef != 0``). Per token:
+    ``pg + kl_coef * KL_kind(logp, ref) - entropy_coef * entropy``, aggregated with ``agg``.
+    Kernel backends do it in one pass over the logits (forward) and one read + one write (backward);
+    masked tokens cost nothing. Stats (detached): pg_loss, kl, entropy, clipfrac, dual_clipfrac, approx_kl,
+    ratio_mean, ratio_max, loss.
+    """
+    logits, labels = V.logits_and_labels(logits, labels)
+    if labels is None:
+        raise TypeError("labels are required")
+    temperature = V.temperature(temperature)
+    lead = logits.shape[:-1]
+    names = ("old_logprobs", "advantages")
+    (old, adv), mask = _loss_inputs(names, (old_logprobs, advantages), mask)
+    if old.shape != lead:
+        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(lead)} (logits[..., 0])")
+    if ref_logprobs is not None:
+        V.float_tensor("ref_logprobs", ref_logprobs)
+        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
+        V.same_device(logits=logits, ref_logprobs=ref_logprobs)
+        ref_logprobs = _half_to_float(ref_logprobs)
+    elif kl_coef != 0.0:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    V.same_device(logits=logits, old_logprobs=old)
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
+    _check_agg(agg, lead)
+    clip_high = _check_clips(clip_low, clip_high, dual_clip)
+    name = _backend_for(backend, logits, "ppo_loss")
+    if name == "torch":
+        loss, stats = ref.ppo_loss_from_logits(
+            logits, labels, old, adv, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            temperature=temperature, agg=agg,
+        )
+        V.finite_rows("ppo_loss_from_logits", stats["loss"])
+        return loss, stats
+
+    flat = lambda t: t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
+    x3 = _as_3d(logits)
+    terms = torch.ops.fastppo.ppo_loss_terms(
+        x3, labels.reshape(-1).to(torch.int64).contiguous(), flat(old), flat(adv),
+        flat(ref_logprobs) if ref_logprobs is not None else old.new_empty((0,), dtype=torch.float32),
+        flat(mask), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
+        KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), name, inplace_backward,
+    )
+    row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
+    V.finite_rows("ppo_loss_from_logits", row("logp").detach(), valid=mask)
+    loss = ref.agg_loss(row("loss"), mask, agg)
+    with torch.no_grad():
+        m = mask.bool()
+        d = row("logp") - old
+        stats = {
+            "pg_loss": ref.agg_loss(row("pg"), mask, agg),
+            "clipfrac": ref.masked_mean(row("clipped"), mask),
+            "dual_clipfrac": ref.masked_mean(row("dual_clipped"), mask),
+            "approx_kl": ref.masked_mean(torch.expm1(d) - d, mask),
+            "ratio_mean": ref.masked_mean(row("ratio"), mask),
+            "ratio_max": torch.where(m, row("ratio"), torch.full_like(row("ratio"), -torch.inf)).max(),
+        }
+        if ref_logprobs is not None:
+            stats["kl"] = ref.masked_mean(row("kl"), mask)
+        stats["entropy"] = ref.masked_mean(row("entropy"), mask)
+        stats["loss"] = loss.detach()
+    return loss, stats

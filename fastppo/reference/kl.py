@@ -1,0 +1,33 @@
+"""Reference per-token KL estimators between a policy and a reference policy.
+
+``logprob [...]``, ``ref_logprob [...]`` -> ``[...]``, with ``d = logprob - ref_logprob``:
+  k1  = d                      unbiased, high variance, can be negative
+  k2  = 0.5 * d**2             low variance, biased
+  k3  = exp(-d) + d - 1        unbiased, low variance, non-negative (Schulman's estimator)
+  abs = |d|
+``clamp`` (optional) clips the estimate to ``[-clamp, clamp]`` (verl clamps k3 at 10).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k1", *, clamp: float | None = None) -> Tensor:
+    d = logprob - ref_logprob
+    if kind == "k1":
+        kl = d
+    elif kind == "k2":
+        kl = 0.5 * d.square()
+    elif kind == "k3":
+        kl = torch.exp(-d) + d - 1.0
+    elif kind == "abs":
+        kl = d.abs()
+    else:
+        raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_KINDS}")
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    return kl

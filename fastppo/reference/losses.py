@@ -1,0 +1,190 @@
+"""Reference PPO losses: clipped policy surrogate, clipped value loss, loss aggregation and the full
+PPO objective from logits.
+
+Shapes: per-token tensors are ``[B, T]`` (any leading shape for ``token-mean``; the ``seq-*`` modes treat
+the last dim as time and flatten the rest into sequences). ``mask`` is bool or float of the same shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastppo.reference.kl import kl_penalty
+from fastppo.reference.logprobs import logprobs_and_entropy
+from fastppo.reference.stats import masked_mean
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# Log-ratios are clamped before exp so a wildly off-policy token cannot overflow to inf (verl does the same).
+LOG_RATIO_CLAMP = 20.0
+
+
+def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
+    """Aggregate per-token losses ``[..., T]`` into a scalar.
+
+    token-mean               sum(l*m) / sum(m)                                  (global token mean)
+    seq-mean-token-sum       mean over non-empty sequences of sum_t(l*m)
+    seq-mean-token-mean      mean over non-empty sequences of sum_t(l*m)/sum_t(m)
+    seq-mean-token-sum-norm  sum(l*m) / T   (Dr. GRPO: a constant divisor, T = last dim)
+    """
+    m = mask.to(loss_mat.dtype)
+    if agg == "token-mean":
+        return (loss_mat * m).sum() / m.sum()
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
+    lm = (loss_mat * m).reshape(-1, loss_mat.shape[-1])
+    m2 = m.reshape(-1, loss_mat.shape[-1])
+    seq_sum = lm.sum(-1)
+    seq_len = m2.sum(-1)
+    if agg == "seq-mean-token-sum-norm":
+        return seq_sum.sum() / loss_mat.shape[-1]
+    valid = (seq_len > 0).to(loss_mat.dtype)
+    if agg == "seq-mean-token-sum":
+        per_seq = seq_sum
+    else:
+        per_seq = seq_sum / seq_len.clamp_min(1.0)
+    return (per_seq * valid).sum() / valid.sum()
+
+
+def ppo_token_terms(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token clipped surrogate. Returns ``(pg_loss, ratio, clipped, dual_clipped)``, all ``[...]``.
+
+    ratio = exp(clamp(lp - old, ±20)); pg = max(-A*ratio, -A*clamp(ratio, 1-clip_low, 1+clip_high));
+    with ``dual_clip = c > 1`` and A < 0: pg = min(pg, -A*c) (dual-clip PPO).
+    ``clipped`` marks tokens where the clipped branch is strictly larger (no gradient flows there),
+    ``dual_clipped`` marks tokens capped by the dual clip.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    dual_clipped = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
+        pg3 = -advantages * dual_clip
+        dual_clipped = (advantages < 0) & (pg > pg3)
+        pg = torch.where(advantages < 0, torch.minimum(pg, pg3), pg)
+    return pg, ratio, clipped, dual_clipped
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO policy loss and stats (clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max).
+
+    ``approx_kl`` is the k3 estimate of KL(old || new) on the old policy's samples:
+    ``mean(exp(lp - old) - (lp - old) - 1)``.
+    """
+    pg, ratio, clipped, dual = ppo_token_terms(
+        logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
+    )
+    loss = agg_loss(pg, mask, agg)
+    with torch.no_grad():
+        m = mask.bool()
+        stats = {
+            "pg_loss": loss.detach(),
+            "clipfrac": masked_mean(clipped.to(pg.dtype), mask),
+            "dual_clipfrac": masked_mean(dual.to(pg.dtype), mask),
+            "approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": torch.where(m, ratio, torch.full_like(ratio, -torch.inf)).max(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``0.5 * max((v-R)^2, (old + clamp(v-old, ±clip) - R)^2)``, aggregated; stats: vf_clipfrac, value_mean.
+
+    Without ``clip`` the loss is ``0.5 * (v-R)^2``.
+    """
+    err = (values - returns).square()
+    if clip is None:
+        per_tok = 0.5 * err
+        clipped = torch.zeros_like(err, dtype=torch.bool)
+    else:
+        v_clip = old_values + (values - old_values).clamp(-clip, clip)
+        err_clip = (v_clip - returns).square()
+        per_tok = 0.5 * torch.maximum(err, err_clip)
+        clipped = err_clip > err
+    loss = agg_loss(per_tok, mask, agg)
+    with torch.no_grad():
+        stats = {
+            "vf_loss": loss.detach(),
+            "vf_clipfrac": masked_mean(clipped.to(err.dtype), mask),
+            "value_mean": masked_mean(values.detach(), mask),
+        }
+    return loss, stats
+
+
+def ppo_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Full PPO objective from logits ``[..., V]``: per token
+    ``pg + kl_coef * KL(lp, ref) - entropy_coef * H``, aggregated with ``agg``.
+
+    Stats: pg_loss, kl, entropy (masked means), clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max.
+    """
+    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=temperature)
+    pg_loss, stats = ppo_policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
+    )
+    loss = pg_loss
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * agg_loss(kl, mask, agg)
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * agg_loss(entropy, mask, agg)
+    stats["entropy"] = masked_mean(entropy.detach(), mask)
+    stats["loss"] = loss.detach()
+    return loss, stats
