@@ -1,0 +1,1 @@
+"""fastppo's throughput + memory benchmark suite (installed as ``fastppo.benchmarks``)."""
