@@ -87,9 +87,9 @@ def logits_and_labels(logits: object, labels: object | None) -> tuple[Tensor, Te
     return logits, labels
 
 
-def finite_rows(name: str, out: Tensor, valid: Tensor | None = None) -> None:
-    """NaN in a per-row output means a NaN/+inf logit or a row with no finite logit: never pass it on."""
-    bad = torch.isnan(out)
+def finite_rows(name: str, lse: Tensor, valid: Tensor | None = None) -> None:
+    """A non-finite per-row log-sum-exp (or max) means a NaN/+inf logit or a row with no finite logit."""
+    bad = ~torch.isfinite(lse)
     if valid is not None:
         bad = bad & valid.bool()
     check_value(

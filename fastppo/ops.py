@@ -67,15 +67,16 @@ def _half_to_float(t: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------ logprobs / entropy
 def _kernel_logprobs(
     logits: Tensor, labels: Tensor | None, temperature: float, with_entropy: bool, backend: str, inplace: bool
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel path: ``(logp [...], entropy [...] or empty, lse [N])``."""
     lead = logits.shape[:-1]
     x3 = _as_3d(logits)
     if labels is None:
         lab = torch.zeros(lead.numel(), dtype=torch.int64, device=logits.device)
     else:
         lab = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, ent, _ = torch.ops.fastppo.logprobs(x3, lab, temperature, with_entropy, backend, inplace)
-    return logp.view(lead), (ent.view(lead) if with_entropy else ent)
+    logp, ent, lse = torch.ops.fastppo.logprobs(x3, lab, temperature, with_entropy, backend, inplace)
+    return logp.view(lead), (ent.view(lead) if with_entropy else ent), lse
 
 
 def _logprobs_entropy(
@@ -93,16 +94,15 @@ def _logprobs_entropy(
     if logits.numel() == 0:
         name = "torch"  # nothing to launch; the reference returns correctly shaped empty tensors
     if name == "torch":
+        if logits.numel() > 0:
+            # One cheap reduction: NaN/+inf logits and all -inf rows make the row max non-finite.
+            V.finite_rows("logprobs", logits.detach().amax(-1))
         logp = ref.token_logprobs(logits, labels, temperature=temperature) if want_logp else None
         ent = ref.token_entropy(logits, temperature=temperature) if want_entropy else None
-    else:
-        logp, ent = _kernel_logprobs(logits, labels, temperature, want_entropy, name, inplace_backward)
-        logp = logp if want_logp else None
-        ent = ent if want_entropy else None
-    for label, out in (("token_logprobs", logp), ("token_entropy", ent)):
-        if out is not None:
-            V.finite_rows(label, out.detach())
-    return logp, ent
+        return logp, ent
+    logp, ent, lse = _kernel_logprobs(logits, labels, temperature, want_entropy, name, inplace_backward)
+    V.finite_rows("logprobs", lse.detach())
+    return (logp if want_logp else None), (ent if want_entropy else None)
 
 
 def token_logprobs(
@@ -395,7 +395,7 @@ def ppo_loss_from_logits(
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             temperature=temperature, agg=agg,
         )
-        V.finite_rows("ppo_loss_from_logits", stats["loss"])
+        V.finite_rows("ppo_loss_from_logits", logits.detach().amax(-1), valid=mask)
         return loss, stats
 
     flat = lambda t: t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
@@ -407,7 +407,7 @@ def ppo_loss_from_logits(
         KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), name, inplace_backward,
     )
     row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
-    V.finite_rows("ppo_loss_from_logits", row("logp").detach(), valid=mask)
+    V.finite_rows("ppo_loss_from_logits", row("lse").detach(), valid=mask)
     loss = ref.agg_loss(row("loss"), mask, agg)
     with torch.no_grad():
         m = mask.bool()
