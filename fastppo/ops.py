@@ -219,6 +219,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     bootstrap_value: Tensor | None = None,
+    whiten_advantages: bool = False,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation. ``rewards, values, mask [B, T]``, ``bootstrap_value [B]`` ->
@@ -227,6 +228,8 @@ def gae(
     The recursion runs over valid tokens only: masked positions inside a sequence are skipped (carry-forward,
     identical to the classic recursion for contiguous masks); the value after the last valid token is 0, or
     ``bootstrap_value[b]`` for truncated sequences; outputs are 0 where mask is 0.
+    ``whiten_advantages=True`` whitens the advantages over all valid tokens (unbiased variance, as
+    ``masked_whiten``) after the scan; returns are computed from the raw advantages.
     """
     V.float_tensor("rewards", rewards)
     V.float_tensor("values", values)
@@ -246,17 +249,22 @@ def gae(
     if rewards.numel() == 0:
         name = "torch"
     if name == "torch":
-        return ref.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap_value=bootstrap_value)
-    boot = None if bootstrap_value is None else bootstrap_value.float().contiguous()
-    launch = _dispatch.launcher_module(name).gae_forward
-    return launch(
-        rewards.float().contiguous(),
-        values.float().contiguous(),
-        mask.bool().contiguous(),
-        boot,
-        float(gamma),
-        float(lam),
-    )
+        adv, ret = ref.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap_value=bootstrap_value)
+    else:
+        boot = None if bootstrap_value is None else bootstrap_value.float().contiguous()
+        launch = _dispatch.launcher_module(name).gae_forward
+        adv, ret = launch(
+            rewards.float().contiguous(),
+            values.float().contiguous(),
+            mask.bool().contiguous(),
+            boot,
+            float(gamma),
+            float(lam),
+        )
+    if whiten_advantages:
+        V.check_value(mask.bool().sum() >= 2, "gae(whiten_advantages=True) needs at least 2 valid tokens")
+        adv = ref.masked_whiten(adv, mask) * mask.to(adv.dtype)
+    return adv, ret
 
 
 # --------------------------------------------------------------------------------------------------- losses

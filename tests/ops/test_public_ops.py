@@ -95,3 +95,14 @@ def test_stats_are_detached_tensors():
     loss, stats = fastppo.ppo_policy_loss(lp, lp.detach(), torch.randn(2, 5), torch.ones(2, 5))
     assert loss.requires_grad
     assert all(isinstance(t, torch.Tensor) and not t.requires_grad for t in stats.values())
+
+
+def test_gae_whiten_advantages_over_valid_tokens():
+    g = torch.Generator().manual_seed(11)
+    r, v = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g)
+    m = torch.rand(3, 20, generator=g) > 0.3
+    adv, ret = fastppo.gae(r, v, m, whiten_advantages=True)
+    raw, e_ret = ref.gae(r.double(), v.double(), m)
+    assert_close(adv, ref.masked_whiten(raw, m) * m, torch.float32)
+    assert_close(ret, e_ret, torch.float32)
+    assert (adv[~m] == 0).all()
