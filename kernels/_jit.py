@@ -1,0 +1,45 @@
+"""Late ``@triton.jit``: a kernel is wrapped when first launched, not when its module is imported.
+
+Triton decides at decoration time whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``). Test
+suites and users import ``fastppo`` (and so, lazily, ``fastppo.kernels``) in any order relative to setting that
+variable; wrapping at launch makes the choice follow the environment at the time of the call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class LateKernel:
+    """``kernel[grid](*args, **constexprs)`` like a ``@triton.jit`` function, wrapped at first launch."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._wrapped: dict[bool, Any] = {}
+
+    def jit(self, interpret: bool | None = None) -> Any:
+        mode = interpreting() if interpret is None else interpret
+        if mode not in self._wrapped:
+            # Both wrappers are built directly: triton.jit would consult the variable again.
+            self._wrapped[mode] = InterpretedFunction(self.fn) if mode else JITFunction(self.fn)
+        return self._wrapped[mode]
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self.jit()[grid]
+
+
+def late_jit(fn: Callable[..., Any]) -> LateKernel:
+    return LateKernel(fn)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
