@@ -10,6 +10,7 @@ from fastppo._dispatch import BackendInfo, BackendUnavailableError
 from fastppo._dispatch import backends as _backends
 from fastppo.ops import (
     gae,
+    grpo_advantages,
     kl_penalty,
     logprobs_and_entropy,
     masked_mean,
@@ -17,6 +18,8 @@ from fastppo.ops import (
     masked_whiten,
     ppo_loss_from_logits,
     ppo_policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     token_entropy,
     token_logprobs,
     value_loss,
@@ -38,6 +41,7 @@ __all__ = [
     "BackendUnavailableError",
     "backends",
     "gae",
+    "grpo_advantages",
     "kl_penalty",
     "logprobs_and_entropy",
     "masked_mean",
@@ -45,6 +49,8 @@ __all__ = [
     "masked_whiten",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "token_entropy",
     "token_logprobs",
     "value_loss",

@@ -18,10 +18,12 @@ from fastppo import _dispatch
 from fastppo import _validate as V
 from fastppo import reference as ref
 from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo.reference import advantages as ref_adv
 from fastppo.reference.losses import AGG_MODES
 
 __all__ = [
     "gae",
+    "grpo_advantages",
     "kl_penalty",
     "logprobs_and_entropy",
     "masked_mean",
@@ -29,6 +31,8 @@ __all__ = [
     "masked_whiten",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "token_entropy",
     "token_logprobs",
     "value_loss",
@@ -433,3 +437,95 @@ def ppo_loss_from_logits(
         stats["entropy"] = ref.masked_mean(row("entropy"), mask)
         stats["loss"] = loss.detach()
     return loss, stats
+
+
+# ------------------------------------------------------------------------------- outcome advantage estimators
+def _outcome_inputs(scores: object, group_index: object, mask: object) -> tuple[Tensor, Tensor, Tensor]:
+    scores = V.float_tensor("scores", scores)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be [B] (one outcome per response), got shape {tuple(scores.shape)}")
+    if not isinstance(group_index, Tensor):
+        raise TypeError(f"group_index must be an integer torch.Tensor [B], got {type(group_index).__name__}")
+    if group_index.dtype.is_floating_point or group_index.dtype.is_complex or group_index.dtype == torch.bool:
+        raise TypeError(f"group_index must be an integer tensor of group ids, got {group_index.dtype}")
+    if group_index.shape != scores.shape:
+        raise ValueError(f"group_index has shape {tuple(group_index.shape)} but scores has {tuple(scores.shape)}")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be [B, T] with B = {scores.shape[0]}, got {shape}")
+    mask = V.mask_tensor("mask", mask, mask.shape)
+    V.same_device(scores=scores, group_index=group_index, mask=mask)
+    return _half_to_float(scores), group_index, mask
+
+
+def grpo_advantages(
+    scores: Tensor,
+    group_index: Tensor,
+    mask: Tensor,
+    *,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> Tensor:
+    """GRPO advantages: ``(score - group mean) / (group std + eps)`` on every valid token of the response.
+
+    ``scores [B]``, ``group_index [B]`` integer group ids (any values), ``mask [B, T]`` -> ``[B, T]``.
+    Unbiased group std; ``norm_by_std=False`` gives ``score - group mean`` (Dr. GRPO). A group of one has
+    mean 0 and std 1 (verl's convention). Vectorised (``index_add``), no host synchronisation.
+    """
+    s, gid, mask = _outcome_inputs(scores, group_index, mask)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _dispatch.resolve(backend, s.device, None)
+    return ref_adv.grpo_advantages(s, gid, mask, norm_by_std=norm_by_std, eps=eps)
+
+
+def rloo_advantages(scores: Tensor, group_index: Tensor, mask: Tensor, *, backend: str | None = None) -> Tensor:
+    """RLOO advantages: ``score - mean of the other responses in the group`` on every valid token.
+
+    ``scores [B]``, ``group_index [B]`` integer ids, ``mask [B, T]`` -> ``[B, T]``. A group of one has no
+    baseline and keeps its raw score (verl's ``rloo``).
+    """
+    s, gid, mask = _outcome_inputs(scores, group_index, mask)
+    _dispatch.resolve(backend, s.device, None)
+    return ref_adv.rloo_advantages(s, gid, mask)
+
+
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    mask: Tensor,
+    *,
+    gamma: float = 1.0,
+    whiten: bool = True,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ ``(advantages, returns)``, both ``[B, T]``.
+
+    ``rewards [B, T]`` token rewards, or ``[B]`` scores placed on each row's last valid token; ``mask [B, T]``.
+    ``returns``: discounted return over valid tokens (masked positions skipped, 0 where mask is 0);
+    ``advantages``: returns whitened over all valid tokens of the batch (unbiased var, ``rsqrt(var + eps)``),
+    0 where mask is 0. The scan runs on the GAE kernel on kernel backends (values 0, lam 1).
+    """
+    rewards = V.float_tensor("rewards", rewards)
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError("mask must be a [B, T] tensor")
+    if rewards.dim() == 1:
+        if rewards.shape[0] != mask.shape[0]:
+            raise ValueError(f"scores [B] = {tuple(rewards.shape)} do not match mask {tuple(mask.shape)}")
+        V.same_device(rewards=rewards, mask=mask)
+        rewards = ref_adv.place_on_last_token(_half_to_float(rewards), mask)
+    mask = V.mask_tensor("mask", mask, rewards.shape)
+    V.same_device(rewards=rewards, mask=mask)
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if whiten:
+        V.check_value(mask.bool().sum() >= 2, "reinforce_pp_advantages(whiten=True) needs at least 2 valid tokens")
+    name = _backend_for(backend, rewards, "gae")
+    if name == "torch" or rewards.numel() == 0:
+        return ref_adv.reinforce_pp_advantages(_half_to_float(rewards), mask, gamma=float(gamma), whiten=whiten,
+                                               eps=eps)
+    ret, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=float(gamma), lam=1.0, backend=name)
+    if not whiten:
+        return ret.clone(), ret
+    return ref.masked_whiten(ret, mask, eps=eps) * mask.to(ret.dtype), ret
