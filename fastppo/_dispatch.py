@@ -100,12 +100,13 @@ def backends() -> dict[str, BackendInfo]:
     return {name: _probe(name) for name in BACKENDS}
 
 
-def launcher_module(backend: str) -> ModuleType | None:
-    """The module holding the launchers of ``backend`` (None for torch)."""
+def launcher_module(backend: str) -> object | None:
+    """The object holding the launchers of ``backend`` (None for torch): the ``fastppo.kernels`` module, or
+    for cpp/cuda the Python launcher layer over the compiled module (``_native.launchers``)."""
     if backend == "triton":
         return _triton_import()[0]
     if backend in ("cpp", "cuda"):
-        return _native.module(backend)
+        return _native.launchers(backend)
     return None
 
 

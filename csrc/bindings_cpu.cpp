@@ -1,0 +1,136 @@
+// pybind11 module fastppo._C_cpu: the CPU kernels over raw pointers (Python ints), sizes and strides.
+//
+// No libtorch: fastppo/_native_launchers.py allocates the torch tensors and passes data_ptr()s, so the
+// module builds without torch and works with any installed torch version. The GIL is released while the
+// kernels run. Pointers of absent optional inputs are 0.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/dtypes.h"
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using fastppo::cpu::LogitsView;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+LogitsView logits_view(uintptr_t data, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT) {
+  if (dtype < fastppo::kFloat32 || dtype > fastppo::kFloat16) {
+    throw std::invalid_argument("fastppo._C_cpu: unknown logits dtype code " + std::to_string(dtype));
+  }
+  if (B < 0 || T < 0 || V < 1) throw std::invalid_argument("fastppo._C_cpu: need B, T >= 0 and V >= 1");
+  if (data == 0 && B * T > 0) throw std::invalid_argument("fastppo._C_cpu: null logits pointer");
+  return LogitsView{ptr<const void>(data), dtype, B, T, V, sB, sT};
+}
+
+int threads_or_default(int threads) { return threads > 0 ? threads : 1; }
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, m) {
+  m.doc() = "fastppo C++/OpenMP CPU kernels (raw-pointer launchers; see fastppo/_native_launchers.py)";
+
+  m.def(
+      "logprobs_forward",
+      [](uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT, uintptr_t labels,
+         double inv_temp, uintptr_t logp, uintptr_t entropy, uintptr_t lse, int threads) {
+        fastppo::cpu::LogprobsFwdArgs a{logits_view(logits, dtype, B, T, V, sB, sT),
+                                        ptr<const int64_t>(labels),
+                                        static_cast<float>(inv_temp),
+                                        ptr<float>(logp),
+                                        ptr<float>(entropy),
+                                        ptr<float>(lse),
+                                        threads_or_default(threads)};
+        fastppo::cpu::logprobs_forward(a);
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sB"), py::arg("sT"),
+      py::arg("labels"), py::arg("inv_temp"), py::arg("logp"), py::arg("entropy"), py::arg("lse"),
+      py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+      "Per row: logp [N], entropy [N] (pointer 0 = skip), lse [N] from logits [B, T, V].");
+
+  m.def(
+      "logprobs_backward",
+      [](uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT, uintptr_t labels,
+         uintptr_t lse, uintptr_t entropy, uintptr_t g_logp, uintptr_t g_entropy, double inv_temp, uintptr_t out,
+         int64_t out_sB, int64_t out_sT, int threads) {
+        if (g_entropy != 0 && entropy == 0) {
+          throw std::invalid_argument("fastppo._C_cpu.logprobs_backward: grad_entropy needs the entropy");
+        }
+        fastppo::cpu::LogprobsBwdArgs a{logits_view(logits, dtype, B, T, V, sB, sT),
+                                        ptr<const int64_t>(labels),
+                                        ptr<const float>(lse),
+                                        ptr<const float>(entropy),
+                                        ptr<const float>(g_logp),
+                                        ptr<const float>(g_entropy),
+                                        static_cast<float>(inv_temp),
+                                        ptr<void>(out),
+                                        out_sB,
+                                        out_sT,
+                                        threads_or_default(threads)};
+        fastppo::cpu::logprobs_backward(a);
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sB"), py::arg("sT"),
+      py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"), py::arg("g_entropy"),
+      py::arg("inv_temp"), py::arg("out"), py::arg("out_sB"), py::arg("out_sT"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "dlogits into out [B, T, V] (logits' dtype; out may be logits itself).");
+
+  m.def(
+      "ppo_loss_forward",
+      [](uintptr_t logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT, uintptr_t labels,
+         uintptr_t old_logp, uintptr_t adv, uintptr_t ref_logp, uintptr_t mask, double inv_temp, double clip_low,
+         double clip_high, double dual_clip, int kl_kind, double kl_coef, double entropy_coef, uintptr_t terms,
+         int threads) {
+        if (kl_kind < 0 || kl_kind > 3) {
+          throw std::invalid_argument("fastppo._C_cpu.ppo_loss_forward: kl_kind must be in [0, 4)");
+        }
+        fastppo::cpu::PpoFwdArgs a{logits_view(logits, dtype, B, T, V, sB, sT),
+                                   ptr<const int64_t>(labels),
+                                   ptr<const float>(old_logp),
+                                   ptr<const float>(adv),
+                                   ptr<const float>(ref_logp),
+                                   ptr<const float>(mask),
+                                   static_cast<float>(inv_temp),
+                                   static_cast<float>(clip_low),
+                                   static_cast<float>(clip_high),
+                                   static_cast<float>(dual_clip),
+                                   kl_kind,
+                                   static_cast<float>(kl_coef),
+                                   static_cast<float>(entropy_coef),
+                                   ptr<float>(terms),
+                                   threads_or_default(threads)};
+        fastppo::cpu::ppo_loss_forward(a);
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("sB"), py::arg("sT"),
+      py::arg("labels"), py::arg("old_logp"), py::arg("adv"), py::arg("ref_logp"), py::arg("mask"),
+      py::arg("inv_temp"), py::arg("clip_low"), py::arg("clip_high"), py::arg("dual_clip"), py::arg("kl_kind"),
+      py::arg("kl_coef"), py::arg("entropy_coef"), py::arg("terms"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(), "Per-token PPO terms [NUM_TERMS, N] in PPO_TERMS order.");
+
+  m.def(
+      "gae_forward",
+      [](uintptr_t rewards, uintptr_t values, uintptr_t mask, uintptr_t bootstrap, int64_t B, int64_t T,
+         double gamma, double lam, uintptr_t advantages, uintptr_t returns, int threads) {
+        if (B < 0 || T < 0) throw std::invalid_argument("fastppo._C_cpu.gae_forward: need B, T >= 0");
+        fastppo::cpu::GaeArgs a{ptr<const float>(rewards), ptr<const float>(values), ptr<const uint8_t>(mask),
+                                ptr<const float>(bootstrap), B, T, gamma, lam, ptr<float>(advantages),
+                                ptr<float>(returns), threads_or_default(threads)};
+        fastppo::cpu::gae_forward(a);
+      },
+      py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("bootstrap"), py::arg("B"), py::arg("T"),
+      py::arg("gamma"), py::arg("lam"), py::arg("advantages"), py::arg("returns"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(), "GAE reverse scan: advantages, returns [B, T] (float32).");
+
+  m.def("simd_level", &fastppo::cpu::simd_level, "'avx2' or 'scalar': the row kernels that run.");
+  m.def("set_simd_enabled", &fastppo::cpu::set_simd_enabled, py::arg("enabled"),
+        "False forces the portable scalar kernels (tests); True uses the best the CPU supports.");
+  m.attr("NUM_TERMS") = static_cast<int>(fastppo::cpu::kNumTerms);
+  m.attr("DTYPES") = py::make_tuple("float32", "bfloat16", "float16");
+}

@@ -1,0 +1,99 @@
+// Entry points of the CPU kernels (fastppo._C_cpu). Raw pointers, sizes and strides only: no libtorch.
+//
+// Logits are a [B, T, V] view: element (b, t, j) lives at data + b*sB + t*sT + j (element strides, 64-bit),
+// so any row stride works (e.g. logits[:, :-1, :] of a bigger buffer). Per-row vectors are contiguous
+// float32 [N], N = B*T, row r = b*T + t. See fastppo/autograd.py for the launcher contract.
+#pragma once
+
+#include <stdint.h>
+
+#include <string>
+
+namespace fastppo {
+namespace cpu {
+
+struct LogitsView {
+  const void* data;
+  int dtype;  // DType (dtypes.h)
+  int64_t B, T, V;
+  int64_t sB, sT;
+};
+
+struct LogprobsFwdArgs {
+  LogitsView x;
+  const int64_t* labels;  // [N]
+  float inv_temp;
+  float* logp;     // [N]
+  float* entropy;  // [N] or nullptr
+  float* lse;      // [N]
+  int threads;
+};
+
+struct LogprobsBwdArgs {
+  LogitsView x;
+  const int64_t* labels;    // [N]
+  const float* lse;         // [N]
+  const float* entropy;     // [N] or nullptr (then g_entropy must be nullptr)
+  const float* g_logp;      // [N] or nullptr (= zeros)
+  const float* g_entropy;   // [N] or nullptr (= zeros)
+  float inv_temp;
+  void* out;                // [B, T, V] in x's dtype; may equal x.data (in-place)
+  int64_t out_sB, out_sT;
+  int threads;
+};
+
+struct PpoFwdArgs {
+  LogitsView x;
+  const int64_t* labels;    // [N]
+  const float* old_logp;    // [N]
+  const float* adv;         // [N]
+  const float* ref_logp;    // [N] or nullptr (kl = 0)
+  const float* mask;        // [N], 0/1
+  float inv_temp;
+  float clip_low, clip_high;
+  float dual_clip;          // 0 = off
+  int kl_kind;              // index into KL_KINDS = (k1, k2, k3, abs)
+  float kl_coef, entropy_coef;
+  float* terms;             // [NUM_TERMS, N]
+  int threads;
+};
+
+// Row order of `terms`, = fastppo.autograd.PPO_TERMS.
+enum Term : int { kLogp, kEntropy, kLse, kPg, kRatio, kKl, kDpg, kDkl, kClipped, kDualClipped, kLoss, kNumTerms };
+
+struct GaeArgs {
+  const float* rewards;    // [B, T]
+  const float* values;     // [B, T]
+  const uint8_t* mask;     // [B, T] (bool)
+  const float* bootstrap;  // [B] or nullptr (= zeros)
+  int64_t B, T;
+  double gamma, lam;
+  float* advantages;       // [B, T]
+  float* returns;          // [B, T]
+  int threads;
+};
+
+void logprobs_forward(const LogprobsFwdArgs& a);
+void logprobs_backward(const LogprobsBwdArgs& a);
+void ppo_loss_forward(const PpoFwdArgs& a);
+void gae_forward(const GaeArgs& a);
+
+// Which row-kernel instruction set runs: "avx2" (AVX2+FMA+F16C, checked at run time) or "scalar".
+std::string simd_level();
+// Force the portable scalar path (tests), or go back to the best the CPU supports.
+void set_simd_enabled(bool enabled);
+
+// One instruction set's row kernels (logprobs_avx2.cpp, logprobs_scalar.cpp).
+namespace avx2 {
+void logprobs_forward(const LogprobsFwdArgs& a);
+void logprobs_backward(const LogprobsBwdArgs& a);
+void ppo_loss_forward(const PpoFwdArgs& a);
+}  // namespace avx2
+namespace scalar {
+void logprobs_forward(const LogprobsFwdArgs& a);
+void logprobs_backward(const LogprobsBwdArgs& a);
+void ppo_loss_forward(const PpoFwdArgs& a);
+}  // namespace scalar
+
+}  // namespace cpu
+}  // namespace fastppo

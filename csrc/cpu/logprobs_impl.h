@@ -1,0 +1,300 @@
+// Row kernels of the fused logprobs / entropy / PPO-loss op, written once over an instruction-set struct
+// `Isa` (simd_scalar.h or simd_avx2.h) and compiled once per instruction set (logprobs_<isa>.cpp, which
+// defines FASTPPO_ISA to the namespace name and includes this file after its Isa header).
+//
+// Forward of a row x[0..V) at temperature T (y = x / T), all accumulation in fp32/fp64:
+//   m = max y, s = sum exp(y - m), w = sum exp(y - m) * (y - m)
+//   lse = m + log s,  logp = y_label - lse,  entropy = log s - w / s
+// The row is walked in L1-sized blocks: a max pass over the block (no exp), then one exp per element;
+// s and w are rescaled only when a block raises the max ("online" softmax at block granularity), so each
+// element costs one exp and the row is read from memory once.
+// -inf logits contribute exactly 0 (their p*log p term is masked, not 0*-inf = NaN); a NaN logit makes
+// the row's lse/logp/entropy NaN and +inf makes lse NaN, which the ops layer turns into a ValueError.
+#pragma once
+
+#ifndef FASTPPO_ISA
+#error "define FASTPPO_ISA (the instruction-set namespace) before including logprobs_impl.h"
+#endif
+
+#include <math.h>
+#include <stdint.h>
+
+#include "dtypes.h"
+#include "kernels.h"
+
+namespace fastppo {
+namespace cpu {
+namespace FASTPPO_ISA {
+
+namespace {
+
+constexpr int64_t kBlock = 2048;  // elements per block: 8 KiB of fp32 stays in L1 between the two passes
+
+struct RowStats {
+  float lse, logp, entropy;
+};
+
+template <class E>
+inline const E* row_ptr(const void* base, int64_t sB, int64_t sT, int64_t T, int64_t r) {
+  const int64_t b = r / T, t = r - (r / T) * T;
+  return static_cast<const E*>(base) + b * sB + t * sT;  // 64-bit offsets
+}
+
+template <class E>
+RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool want_entropy) {
+  using V8 = typename Isa::vec;
+  constexpr int64_t W = Isa::W;
+  const V8 vit = Isa::set1(inv_t);
+  float m = -INFINITY;
+  double s = 0.0, w = 0.0;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t n = V - b0 < kBlock ? V - b0 : kBlock;
+    const E* xb = x + b0;
+    // pass 1: block max (and NaN, which max would drop)
+    V8 vmax = Isa::set1(-INFINITY);
+    typename Isa::mask vnan = Isa::mask_none();
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const V8 y = Isa::mul(Isa::load(xb + j), vit);
+      vmax = Isa::max(vmax, y);
+      vnan = Isa::mask_or(vnan, Isa::isnan(y));
+    }
+    if (j < n) {
+      const V8 y = Isa::mul(Isa::load_tail(xb + j, n - j, -INFINITY), vit);
+      vmax = Isa::max(vmax, y);
+      vnan = Isa::mask_or(vnan, Isa::isnan(y));
+    }
+    if (Isa::any(vnan)) return RowStats{NAN, NAN, NAN};
+    const float bm = Isa::hmax(vmax);
+    if (bm == -INFINITY) continue;  // an all -inf block adds nothing (and must not meet -inf - -inf)
+    if (bm > m) {
+      if (s > 0.0) {  // rescale the sums to the new max: e' = e*c, d' = d + delta
+        const double delta = static_cast<double>(m) - static_cast<double>(bm);
+        const double c = exp(delta);
+        w = c * (w + delta * s);
+        s *= c;
+      }
+      m = bm;
+    }
+    // pass 2: one exp per element; two accumulators per sum for instruction-level parallelism
+    const V8 vm = Isa::set1(m);
+    V8 s0 = Isa::zero(), s1 = Isa::zero(), w0 = Isa::zero(), w1 = Isa::zero();
+    j = 0;
+    if (want_entropy) {
+      for (; j + 2 * W <= n; j += 2 * W) {
+        const V8 d0 = Isa::sub(Isa::mul(Isa::load(xb + j), vit), vm);
+        const V8 d1 = Isa::sub(Isa::mul(Isa::load(xb + j + W), vit), vm);
+        const V8 e0 = Isa::exp(d0), e1 = Isa::exp(d1);
+        s0 = Isa::add(s0, e0);
+        s1 = Isa::add(s1, e1);
+        w0 = Isa::add(w0, Isa::zero_where_zero(e0, Isa::mul(e0, d0)));
+        w1 = Isa::add(w1, Isa::zero_where_zero(e1, Isa::mul(e1, d1)));
+      }
+    } else {
+      for (; j + 2 * W <= n; j += 2 * W) {
+        s0 = Isa::add(s0, Isa::exp(Isa::sub(Isa::mul(Isa::load(xb + j), vit), vm)));
+        s1 = Isa::add(s1, Isa::exp(Isa::sub(Isa::mul(Isa::load(xb + j + W), vit), vm)));
+      }
+    }
+    for (; j < n; j += W) {
+      const V8 x8 = j + W <= n ? Isa::load(xb + j) : Isa::load_tail(xb + j, n - j, -INFINITY);
+      const V8 d = Isa::sub(Isa::mul(x8, vit), vm);
+      const V8 e = Isa::exp(d);
+      s0 = Isa::add(s0, e);
+      if (want_entropy) w0 = Isa::add(w0, Isa::zero_where_zero(e, Isa::mul(e, d)));
+    }
+    s += static_cast<double>(Isa::hsum(Isa::add(s0, s1)));
+    if (want_entropy) w += static_cast<double>(Isa::hsum(Isa::add(w0, w1)));
+  }
+  // all -inf row: m = -inf, s = 0 -> lse = -inf (non-finite, reported by the ops layer)
+  const double log_s = log(s);
+  const double lse = static_cast<double>(m) + log_s;
+  RowStats out;
+  out.lse = static_cast<float>(lse);
+  out.entropy = want_entropy ? static_cast<float>(log_s - w / s) : 0.0f;
+  if (label >= 0 && label < V) {
+    const float y_t = conv::to_float(x[label]) * inv_t;
+    out.logp = static_cast<float>(static_cast<double>(y_t) - lse);
+  } else {
+    out.logp = NAN;  // unchecked out-of-range label (FASTPPO_CHECKS=0): never read out of bounds
+  }
+  return out;
+}
+
+// dx_j = [g*(1[j=t] - p_j) - h*p_j*(log p_j + H)] / T, p_j = exp(y_j - lse); `out` may alias `x`.
+template <class E>
+void row_backward(const E* x, E* out, int64_t V, int64_t label, float inv_t, float lse, float H, float g, float h) {
+  using V8 = typename Isa::vec;
+  constexpr int64_t W = Isa::W;
+  int64_t j = 0;
+  if (g == 0.0f && h == 0.0f) {  // masked / unused rows: zeros, no exp
+    const V8 z = Isa::zero();
+    for (; j + W <= V; j += W) Isa::store(out + j, z);
+    if (j < V) Isa::store_tail(out + j, z, V - j);
+    return;
+  }
+  const bool has_label = label >= 0 && label < V;
+  const float x_t = has_label ? conv::to_float(x[label]) : 0.0f;  // read before an in-place overwrite
+  const V8 vit = Isa::set1(inv_t), vlse = Isa::set1(lse), vh = Isa::set1(h);
+  const V8 vgh = Isa::set1(g + h * H), vneg = Isa::set1(-inv_t);
+  for (; j < V; j += W) {
+    const bool full = j + W <= V;
+    const V8 x8 = full ? Isa::load(x + j) : Isa::load_tail(x + j, V - j, -INFINITY);
+    const V8 lp = Isa::sub(Isa::mul(x8, vit), vlse);
+    const V8 p = Isa::exp(lp);
+    // p*(g + h*(lp + H)); where p == 0 (masked vocabulary, lp = -inf) the term is 0, not 0*inf
+    const V8 t = Isa::zero_where_zero(p, Isa::mul(p, Isa::fmadd(vh, lp, vgh)));
+    const V8 dx = Isa::mul(t, vneg);
+    if (full) {
+      Isa::store(out + j, dx);
+    } else {
+      Isa::store_tail(out + j, dx, V - j);
+    }
+  }
+  if (has_label) {
+    const float lp_t = x_t * inv_t - lse;
+    const float p_t = expf(lp_t);
+    const float ent_term = p_t > 0.0f ? h * p_t * (lp_t + H) : 0.0f;
+    conv::put(out + label, (g * (1.0f - p_t) - ent_term) * inv_t);
+  }
+}
+
+// The per-token PPO terms of one valid row from its logp / entropy / lse (see fastppo.reference.losses).
+inline void ppo_terms(const PpoFwdArgs& a, int64_t r, int64_t N, const RowStats& st) {
+  const float lp = st.logp, A = a.adv[r];
+  float d = lp - a.old_logp[r];
+  const bool in_range = d >= -20.0f && d <= 20.0f;  // torch.clamp passes the gradient on the closed range
+  d = d < -20.0f ? -20.0f : (d > 20.0f ? 20.0f : d);
+  const float ratio = expf(d);
+  const float lo = 1.0f - a.clip_low, hi = 1.0f + a.clip_high;
+  const float ratio_c = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+  const float pg1 = -A * ratio, pg2 = -A * ratio_c;
+  float pg = pg1 > pg2 ? pg1 : pg2;
+  const bool clipped = pg2 > pg1;
+  float dpg = (clipped || !in_range) ? 0.0f : -A * ratio;
+  bool dual = false;
+  if (a.dual_clip > 0.0f && A < 0.0f) {
+    const float pg3 = -A * a.dual_clip;
+    if (pg > pg3) {
+      dual = true;
+      pg = pg3;
+      dpg = 0.0f;
+    }
+  }
+  float kl = 0.0f, dkl = 0.0f;
+  if (a.ref_logp != nullptr) {
+    const float dk = lp - a.ref_logp[r];
+    switch (a.kl_kind) {
+      case 0:  // k1
+        kl = dk;
+        dkl = 1.0f;
+        break;
+      case 1:  // k2
+        kl = 0.5f * dk * dk;
+        dkl = dk;
+        break;
+      case 2: {  // k3 = exp(-d) + d - 1
+        const float e = expf(-dk);
+        kl = e + dk - 1.0f;
+        dkl = 1.0f - e;
+        break;
+      }
+      default:  // abs
+        kl = fabsf(dk);
+        dkl = dk > 0.0f ? 1.0f : (dk < 0.0f ? -1.0f : 0.0f);
+        break;
+    }
+  }
+  float* T_ = a.terms;
+  T_[kLogp * N + r] = lp;
+  T_[kEntropy * N + r] = st.entropy;
+  T_[kLse * N + r] = st.lse;
+  T_[kPg * N + r] = pg;
+  T_[kRatio * N + r] = ratio;
+  T_[kKl * N + r] = kl;
+  T_[kDpg * N + r] = dpg;
+  T_[kDkl * N + r] = dkl;
+  T_[kClipped * N + r] = clipped ? 1.0f : 0.0f;
+  T_[kDualClipped * N + r] = dual ? 1.0f : 0.0f;
+  T_[kLoss * N + r] = pg + a.kl_coef * kl - a.entropy_coef * st.entropy;
+}
+
+// Rows per OpenMP work item: enough elements per item that scheduling costs nothing next to the exps.
+inline int64_t chunk_rows(int64_t V) { return V >= 4096 ? 1 : 4096 / (V > 0 ? V : 1); }
+
+template <class E>
+void forward_rows(const LogprobsFwdArgs& a) {
+  const LogitsView& x = a.x;
+  const int64_t N = x.B * x.T;
+  const int64_t chunk = chunk_rows(x.V);
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk)
+  for (int64_t r = 0; r < N; ++r) {
+    const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
+    const RowStats st = row_forward(row, x.V, a.labels[r], a.inv_temp, a.entropy != nullptr);
+    a.logp[r] = st.logp;
+    a.lse[r] = st.lse;
+    if (a.entropy != nullptr) a.entropy[r] = st.entropy;
+  }
+}
+
+template <class E>
+void backward_rows(const LogprobsBwdArgs& a) {
+  const LogitsView& x = a.x;
+  const int64_t N = x.B * x.T;
+  const int64_t chunk = chunk_rows(x.V);
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk)
+  for (int64_t r = 0; r < N; ++r) {
+    const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
+    E* orow = const_cast<E*>(row_ptr<E>(a.out, a.out_sB, a.out_sT, x.T, r));
+    const float g = a.g_logp != nullptr ? a.g_logp[r] : 0.0f;
+    const float h = a.g_entropy != nullptr ? a.g_entropy[r] : 0.0f;
+    const float H = a.entropy != nullptr ? a.entropy[r] : 0.0f;
+    row_backward(row, orow, x.V, a.labels[r], a.inv_temp, a.lse[r], H, g, h);
+  }
+}
+
+template <class E>
+void ppo_rows(const PpoFwdArgs& a) {
+  const LogitsView& x = a.x;
+  const int64_t N = x.B * x.T;
+  const int64_t chunk = chunk_rows(x.V);
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk)
+  for (int64_t r = 0; r < N; ++r) {
+    if (a.mask[r] == 0.0f) {  // masked tokens cost nothing and get zeros in every term
+      for (int k = 0; k < kNumTerms; ++k) a.terms[k * N + r] = 0.0f;
+      continue;
+    }
+    const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
+    ppo_terms(a, r, N, row_forward(row, x.V, a.labels[r], a.inv_temp, true));
+  }
+}
+
+}  // namespace
+
+void logprobs_forward(const LogprobsFwdArgs& a) {
+  switch (a.x.dtype) {
+    case kFloat32: return forward_rows<float>(a);
+    case kBFloat16: return forward_rows<BF16>(a);
+    default: return forward_rows<F16>(a);
+  }
+}
+
+void logprobs_backward(const LogprobsBwdArgs& a) {
+  switch (a.x.dtype) {
+    case kFloat32: return backward_rows<float>(a);
+    case kBFloat16: return backward_rows<BF16>(a);
+    default: return backward_rows<F16>(a);
+  }
+}
+
+void ppo_loss_forward(const PpoFwdArgs& a) {
+  switch (a.x.dtype) {
+    case kFloat32: return ppo_rows<float>(a);
+    case kBFloat16: return ppo_rows<BF16>(a);
+    default: return ppo_rows<F16>(a);
+  }
+}
+
+}  // namespace FASTPPO_ISA
+}  // namespace cpu
+}  // namespace fastppo

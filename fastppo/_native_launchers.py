@@ -1,0 +1,167 @@
+"""The launcher contract of ``fastppo/autograd.py`` for the compiled csrc modules (backends cpp and cuda).
+
+``fastppo._C_cpu`` / ``fastppo._C_cuda`` are plain pybind11 modules that take raw data pointers, sizes,
+element strides and dtype codes (no libtorch linkage). This layer allocates the torch outputs, checks the
+layouts the kernels rely on and passes ``data_ptr()``s: CPU calls get ``torch.get_num_threads()`` OpenMP
+threads, CUDA calls the tensor's device index and the current stream (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+# Must match csrc/cpu/dtypes.h (DType) and csrc/cuda/kernels.cuh.
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NUM_TERMS = 11  # len(fastppo.autograd.PPO_TERMS); checked against the module's NUM_TERMS at load
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class NativeLaunchers:
+    """``logprobs_forward``, ``logprobs_backward``, ``ppo_loss_forward``, ``gae_forward`` over ``mod``."""
+
+    def __init__(self, kind: str, mod: ModuleType) -> None:
+        if int(getattr(mod, "NUM_TERMS", -1)) != NUM_TERMS:
+            raise ImportError(f"{mod.__name__} was built for a different PPO_TERMS layout; rebuild the extension")
+        self.kind = kind
+        self.device_type = "cpu" if kind == "cpp" else "cuda"
+        self.module = mod
+
+    def __repr__(self) -> str:
+        return f"NativeLaunchers({self.kind!r}, {self.module.__name__})"
+
+    # --------------------------------------------------------------------------------------- helpers
+    def _tail(self, t: Tensor) -> tuple[int, ...]:
+        """Trailing execution arguments: OpenMP threads (cpp) or (device index, stream handle) (cuda)."""
+        if self.kind == "cpp":
+            return (torch.get_num_threads(),)
+        return (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+
+    def _check_device(self, name: str, t: Tensor) -> None:
+        if t.device.type != self.device_type:
+            raise ValueError(f"backend {self.kind!r} needs {self.device_type} tensors; {name} is on {t.device}")
+
+    def _logits(self, logits: Tensor) -> tuple[int, ...]:
+        """``(ptr, dtype code, B, T, V, sB, sT)`` of a ``[B, T, V]`` view with unit stride on V."""
+        self._check_device("logits", logits)
+        if logits.dim() != 3:
+            raise ValueError(f"launchers take logits as [B, T, V], got shape {tuple(logits.shape)}")
+        code = _DTYPE_CODES.get(logits.dtype)
+        if code is None:
+            raise TypeError(f"backend {self.kind!r} takes fp32/bf16/fp16 logits, got {logits.dtype}")
+        B, T, V = logits.shape
+        if logits.stride(2) != 1 and V > 1:
+            raise ValueError("launchers need unit stride along the vocabulary (logits.stride(-1) == 1)")
+        return (logits.data_ptr(), code, B, T, V, logits.stride(0), logits.stride(1))
+
+    def _vec(self, name: str, t: Tensor | None, n: int, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        if t is None:
+            return None
+        self._check_device(name, t)
+        if t.numel() != n:
+            raise ValueError(f"{name} must have {n} elements (one per row), got shape {tuple(t.shape)}")
+        return t.reshape(-1).to(dtype).contiguous()  # no copy when already flat, typed and contiguous
+
+    # ------------------------------------------------------------------------------------- launchers
+    def logprobs_forward(
+        self, logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``logits [B, T, V]``, ``labels [N]`` -> ``(logp [N], entropy [N] | None, lse [N])`` float32."""
+        view = self._logits(logits)
+        n = view[2] * view[3]
+        labels = self._vec("labels", labels, n, torch.int64)
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if with_entropy else None
+        if n > 0:
+            self.module.logprobs_forward(*view, _ptr(labels), 1.0 / float(temperature), _ptr(logp), _ptr(ent),
+                                         _ptr(lse), *self._tail(logits))
+        return logp, ent, lse
+
+    def logprobs_backward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        lse: Tensor,
+        entropy: Tensor | None,
+        grad_logp: Tensor | None,
+        grad_entropy: Tensor | None,
+        temperature: float,
+        out: Tensor,
+    ) -> Tensor:
+        """dlogits into ``out [B, T, V]`` (logits' dtype, unit stride on V; may be ``logits`` itself)."""
+        view = self._logits(logits)
+        n = view[2] * view[3]
+        self._check_device("out", out)
+        if out.shape != logits.shape or out.dtype != logits.dtype or (out.stride(2) != 1 and out.shape[2] > 1):
+            raise ValueError("out must be [B, T, V] like logits, in logits' dtype, with unit stride on V")
+        if grad_entropy is not None and entropy is None:
+            raise ValueError("grad_entropy needs the forward entropy")
+        labels = self._vec("labels", labels, n, torch.int64)
+        lse = self._vec("lse", lse, n)
+        entropy = self._vec("entropy", entropy, n)
+        g_lp = self._vec("grad_logp", grad_logp, n)
+        g_h = self._vec("grad_entropy", grad_entropy, n)
+        if n > 0:
+            self.module.logprobs_backward(*view, _ptr(labels), _ptr(lse), _ptr(entropy), _ptr(g_lp), _ptr(g_h),
+                                          1.0 / float(temperature), out.data_ptr(), out.stride(0), out.stride(1),
+                                          *self._tail(logits))
+        return out
+
+    def ppo_loss_forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        old_logp: Tensor,
+        adv: Tensor,
+        ref_logp: Tensor | None,
+        mask: Tensor,
+        temperature: float,
+        clip_low: float,
+        clip_high: float,
+        dual_clip: float,
+        kl_kind: int,
+        kl_coef: float,
+        entropy_coef: float,
+    ) -> Tensor:
+        """Per-token PPO terms ``[len(PPO_TERMS), N]`` float32 (masked rows: zeros)."""
+        view = self._logits(logits)
+        n = view[2] * view[3]
+        if not 0 <= int(kl_kind) < 4:
+            raise ValueError(f"kl_kind must index KL_KINDS (0..3), got {kl_kind}")
+        labels = self._vec("labels", labels, n, torch.int64)
+        old = self._vec("old_logp", old_logp, n)
+        adv = self._vec("adv", adv, n)
+        ref = self._vec("ref_logp", ref_logp, n)
+        mask = self._vec("mask", mask, n)
+        terms = torch.empty((NUM_TERMS, n), dtype=torch.float32, device=logits.device)
+        if n > 0:
+            self.module.ppo_loss_forward(*view, _ptr(labels), _ptr(old), _ptr(adv), _ptr(ref), _ptr(mask),
+                                         1.0 / float(temperature), float(clip_low), float(clip_high),
+                                         float(dual_clip), int(kl_kind), float(kl_coef), float(entropy_coef),
+                                         terms.data_ptr(), *self._tail(logits))
+        return terms
+
+    def gae_forward(
+        self, rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float
+    ) -> tuple[Tensor, Tensor]:
+        """``rewards, values [B, T]`` float32, ``mask [B, T]`` bool, ``bootstrap [B]`` -> ``(adv, returns) [B, T]``."""
+        self._check_device("rewards", rewards)
+        if rewards.dim() != 2 or values.shape != rewards.shape or mask.shape != rewards.shape:
+            raise ValueError("gae_forward takes rewards, values and mask of one shape [B, T]")
+        B, T = rewards.shape
+        r = self._vec("rewards", rewards, B * T)
+        v = self._vec("values", values, B * T)
+        m = self._vec("mask", mask, B * T, torch.bool)
+        boot = self._vec("bootstrap", bootstrap, B)
+        adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
+        ret = torch.empty_like(adv)
+        if B * T > 0:
+            self.module.gae_forward(_ptr(r), _ptr(v), _ptr(m), _ptr(boot), B, T, float(gamma), float(lam),
+                                    adv.data_ptr(), ret.data_ptr(), *self._tail(rewards))
+        return adv, ret
