@@ -10,28 +10,28 @@ say why. ``launchers(kind)`` wraps a loaded module in the Python launcher layer
 from __future__ import annotations
 
 import importlib
-from functools import cache
 from types import ModuleType
 
 _MODULES = {"cpp": "fastppo._C_cpu", "cuda": "fastppo._C_cuda"}
+_STATE: dict[str, tuple[ModuleType | None, str | None, object | None]] = {}
 
 
-@cache
-def _load(kind: str) -> tuple[ModuleType | None, str | None]:
+def _load(kind: str) -> tuple[ModuleType | None, str | None, object | None]:
+    """``(module, import error, launchers)`` of ``kind``, loaded once. A plain dict (not functools caching) so
+    that ``torch.compile`` traces the dispatch through it as constant lookups."""
+    state = _STATE.get(kind)
+    if state is not None:
+        return state
     name = _MODULES[kind]
     try:
+        from fastppo._native_launchers import NativeLaunchers
+
         mod = importlib.import_module(name)
-        _launchers_for(kind, mod)  # a module of another build's layout counts as not loaded
-        return mod, None
+        state = (mod, None, NativeLaunchers(kind, mod))  # a module of another build's layout counts as missing
     except Exception as exc:  # ImportError, or an OSError from a missing shared library
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-@cache
-def _launchers_for(kind: str, mod: ModuleType):
-    from fastppo._native_launchers import NativeLaunchers
-
-    return NativeLaunchers(kind, mod)
+        state = (None, f"{type(exc).__name__}: {exc}", None)
+    _STATE[kind] = state
+    return state
 
 
 def module(kind: str) -> ModuleType | None:
@@ -39,13 +39,17 @@ def module(kind: str) -> ModuleType | None:
     return _load(kind)[0]
 
 
-def launchers(kind: str):
+def launchers(kind: str) -> object | None:
     """The contract launchers (``fastppo._native_launchers.NativeLaunchers``) of ``kind``, or None when the
     compiled module is not loaded."""
-    mod = module(kind)
-    return None if mod is None else _launchers_for(kind, mod)
+    return _load(kind)[2]
 
 
 def import_error(kind: str) -> str | None:
     """Why the compiled module for ``kind`` could not be loaded (None when it loaded)."""
     return _load(kind)[1]
+
+
+# Load at import, outside any traced region (importing inside torch.compile's tracing is not supported).
+for _kind in _MODULES:
+    _load(_kind)
