@@ -24,11 +24,11 @@ def device() -> torch.device:
 
 @pytest.fixture
 def small_block(monkeypatch: pytest.MonkeyPatch):
-    """Force 128-wide vocabulary chunks so small V takes many chunks (online rescaling, all -inf chunks)."""
+    """Force 256-wide vocabulary chunks so small V takes many chunks (online rescaling, all -inf chunks)."""
     import fastppo.kernels.logprobs as kl
 
-    monkeypatch.setattr(kl, "BLOCK_OVERRIDE", 128)
-    return 128
+    monkeypatch.setattr(kl, "BLOCK_OVERRIDE", 256)
+    return 256
 
 
 @pytest.fixture
