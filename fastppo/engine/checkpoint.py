@@ -1,0 +1,247 @@
+"""Atomic checkpoints: everything a run needs to continue exactly.
+
+Layout: ``RUN_DIR/checkpoints/step_000050/`` holding
+
+  policy.safetensors      policy LM + value head (safetensors)
+  critic.safetensors      separate critic, when critic=separate
+  optimizer.pt            AdamW state (tensors only: loads with weights_only=True)
+  scheduler.pt            LR scheduler state
+  rng.safetensors         torch CPU (and CUDA) generator states
+  state.json              step, data position, KL controller, python/numpy RNG states
+  metrics.jsonl           every step's metrics so far
+  manifest.json           sha256 + size of every file above; written last
+
+A checkpoint is written into ``.tmp-step_N`` next to the others, every file fsynced, the manifest last, then the
+directory is renamed into place (``os.replace``) and its parent fsynced. A crash at any moment leaves either the
+complete new checkpoint or none; older checkpoints are pruned (keep the last K) only after the new one is in
+place. Loading verifies the manifest, so a truncated or edited file is a clear error, never a silent resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------------------------------------ RNG states
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(json-able python/numpy states, tensors for torch generators)``."""
+    py = random.getstate()
+    npy = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = meta["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoints (renamed into place), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    policy: torch.nn.Module,
+    critic: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    keep: int,
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a leftover of a crash during an earlier attempt at this step
+    tmp.mkdir()
+    save_model(policy, str(tmp / "policy.safetensors"))
+    if critic is not None:
+        save_model(critic, str(tmp / "critic.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng_meta, rng_tensors = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_meta}))
+    (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync_file(tmp / name)
+    manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump({"step": step, "files": manifest}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        # Re-saving a step (e.g. the final save after a periodic one): move the old copy aside first, so the
+        # rename below never targets a non-empty directory, and delete it only once the new one is in place.
+        old = root / f".old-step_{step:06d}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for _, path in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def verify(ckpt: Path) -> dict[str, Any]:
+    """Check the manifest and every file's size and hash; raise ``CheckpointError`` naming what is wrong."""
+    man_path = ckpt / MANIFEST
+    if not man_path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(man_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({exc})") from None
+    for name, info in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing {name}")
+        if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is corrupt (size/sha256 differ from {MANIFEST})")
+    for need in ("policy.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "state.json"):
+        if need not in files:
+            raise CheckpointError(f"checkpoint {ckpt} does not list {need} in its manifest")
+    return manifest
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+    ckpts = checkpoint_dirs(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint (checkpoints/step_*/); nothing to resume")
+    return ckpts[-1][1]
+
+
+def load_checkpoint(
+    ckpt: Path,
+    *,
+    policy: torch.nn.Module,
+    critic: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Restore modules, optimizer, scheduler and RNG states in place; returns ``(state, metrics)``."""
+    verify(ckpt)
+    _load_module(policy, ckpt / "policy.safetensors")
+    if critic is not None:
+        if not (ckpt / "critic.safetensors").is_file():
+            raise CheckpointError(f"checkpoint {ckpt} has no critic.safetensors but the config uses a separate critic")
+        _load_module(critic, ckpt / "critic.safetensors")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    state = json.loads((ckpt / "state.json").read_text())
+    set_rng_state(state.pop("rng"), load_file(str(ckpt / "rng.safetensors")))
+    metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return state, metrics
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> None:
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except Exception as exc:  # safetensors raises several types for damaged headers
+        raise CheckpointError(f"cannot load {path}: {exc}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    """Write one module's weights atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_model(module, str(tmp))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_module(module: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    _load_module(module, path)

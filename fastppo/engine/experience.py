@@ -1,0 +1,135 @@
+"""Turning rollouts into PPO experience: old / reference logprobs and values (one forward each, through the fused
+ops), scores, per-token rewards with the KL penalty, advantages (GAE, or GRPO / RLOO when fastppo has them).
+
+Shapes: ``B`` sequences, ``P`` prompt width (left-padded), ``R`` response width, ``L = P + R``.
+The logits that predict response token ``t`` sit at sequence position ``P - 1 + t``, hence the ``[P-1 : L-1]``
+slices below; values are read at the same positions (the state before the token is chosen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+import fastppo
+from fastppo.engine.config import PPOConfig
+from fastppo.engine.models import position_ids_from_mask
+from fastppo.engine.rollout import Rollout
+
+
+@dataclass
+class Experience:
+    input_ids: Tensor  # [B, L]
+    attention_mask: Tensor  # [B, L]
+    position_ids: Tensor  # [B, L]
+    labels: Tensor  # [B, R] response tokens
+    mask: Tensor  # [B, R] float32, 1 = valid response token
+    old_logprobs: Tensor  # [B, R]
+    ref_logprobs: Tensor  # [B, R]
+    values: Tensor  # [B, R]
+    rewards: Tensor  # [B, R] per-token reward (score on the last valid token, minus the KL penalty if in reward)
+    advantages: Tensor  # [B, R]
+    returns: Tensor  # [B, R]
+    scores: Tensor  # [B]
+    kl: Tensor  # [B, R] per-token KL estimate (kl_kind) of policy vs reference
+    entropy: Tensor  # [B, R]
+    prompt_width: int
+
+    def select(self, idx: Tensor) -> Experience:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx] if isinstance(v, Tensor) else v
+        return Experience(**out)
+
+
+def response_slice(t: Tensor, prompt_width: int) -> Tensor:
+    """Positions predicting the response tokens: ``[B, L, ...] -> [B, R, ...]`` (a view)."""
+    return t[:, prompt_width - 1: t.shape[1] - 1]
+
+
+@torch.no_grad()
+def score_rollout(rollout: Rollout, tokenizer, reward_fn, cfg: PPOConfig) -> tuple[Tensor, list[str], list[str]]:
+    """Decode prompts/responses and score them. Returns ``(scores [B] float32, prompts, responses)``."""
+    prompts = tokenizer.batch_decode(rollout.prompt_ids.cpu().tolist(), skip_special_tokens=True)
+    resp_ids = rollout.response_ids.cpu()
+    resp_mask = rollout.response_mask.cpu().bool()
+    responses = [tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+                 for ids, m in zip(resp_ids, resp_mask, strict=True)]
+    scores = torch.tensor(reward_fn(prompts, responses), dtype=torch.float32)
+    if scores.shape != (len(prompts),):
+        raise ValueError(f"the reward returned {tuple(scores.shape)} scores for {len(prompts)} responses")
+    if not torch.isfinite(scores).all():
+        raise ValueError("the reward returned NaN/Inf scores")
+    if cfg.missing_eos_penalty:
+        lengths = resp_mask.sum(1)
+        last = resp_ids.gather(1, (lengths - 1).clamp_min(0)[:, None]).squeeze(1)
+        scores = scores - cfg.missing_eos_penalty * (last != tokenizer.eos_token_id).float()
+    return scores.to(rollout.prompt_ids.device), prompts, responses
+
+
+@torch.no_grad()
+def make_experience(
+    rollout: Rollout,
+    scores: Tensor,
+    policy: torch.nn.Module,
+    ref_lm: torch.nn.Module,
+    critic: torch.nn.Module | None,
+    cfg: PPOConfig,
+    kl_coef: float,
+) -> Experience:
+    """One no-grad forward each through policy (+ value head), reference and (separate) critic."""
+    ids, attn = rollout.input_ids, rollout.attention_mask
+    pos = position_ids_from_mask(attn)
+    labels, mask = rollout.response_ids, rollout.response_mask.float()
+    p = rollout.prompt_ids.shape[1]
+    old_lp, ent, ref_lp, values = [], [], [], []
+    fb = cfg.forward_batch_size
+    for s in range(0, ids.shape[0], fb):
+        sl = slice(s, s + fb)
+        logits, vals = policy(ids[sl], attn[sl], pos[sl])
+        lp, h = fastppo.logprobs_and_entropy(response_slice(logits, p), labels[sl], temperature=cfg.temperature,
+                                             backend=cfg.backend)
+        old_lp.append(lp)
+        ent.append(h)
+        ref_logits = ref_lm(input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl], use_cache=False).logits
+        ref_lp.append(fastppo.token_logprobs(response_slice(ref_logits, p), labels[sl], temperature=cfg.temperature,
+                                             backend=cfg.backend))
+        if critic is not None:
+            _, vals = critic(ids[sl], attn[sl], pos[sl])
+        values.append(response_slice(vals, p))
+    old_logprobs = torch.cat(old_lp) * mask
+    ref_logprobs = torch.cat(ref_lp) * mask
+    entropy = torch.cat(ent) * mask
+    values_t = torch.cat(values).float() * mask
+
+    kl = fastppo.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_kind) * mask
+    rewards = torch.zeros_like(old_logprobs)
+    if not cfg.kl_in_loss:
+        rewards = rewards - kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp_min(0)  # responses are contiguous: the last valid token
+    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].float())
+
+    if cfg.advantage_estimator == "gae":
+        adv, returns = fastppo.gae(rewards, values_t, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend)
+    else:
+        adv, returns = _group_advantages(rewards, mask, cfg)
+    if cfg.whiten_advantages:
+        adv = fastppo.masked_whiten(adv, mask) * mask
+    return Experience(ids, attn, pos, labels, mask, old_logprobs, ref_logprobs, values_t, rewards, adv, returns,
+                      scores, kl, entropy, p)
+
+
+def _group_advantages(rewards: Tensor, mask: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
+    """Critic-free advantages: each sequence's total reward compared within its group of samples_per_prompt.
+
+    Rows of one prompt are adjacent (the trainer repeats each prompt ``samples_per_prompt`` times).
+    """
+    fn = getattr(fastppo, f"{cfg.advantage_estimator}_advantages")
+    seq_reward = (rewards * mask).sum(1)
+    group = torch.arange(seq_reward.shape[0], device=rewards.device) // cfg.samples_per_prompt
+    adv_seq = fn(seq_reward, group)
+    adv = adv_seq[:, None].float() * mask
+    return adv, adv.clone()

@@ -1,0 +1,363 @@
+"""The PPO loop: rollout -> experience -> ``ppo_epochs`` x shuffled minibatches of updates, with checkpoints.
+
+One ``PPOTrainer`` owns the models, optimizer, scheduler, KL controller and prompt stream. Everything stateful is
+in the checkpoint, so ``PPOTrainer(cfg, run_dir, resume=True)`` continues a killed run exactly (on CPU,
+bitwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import fastppo
+from fastppo.engine import checkpoint as ckpt_io
+from fastppo.engine import task as task_mod
+from fastppo.engine.config import PPOConfig
+from fastppo.engine.experience import Experience, make_experience, response_slice, score_rollout
+from fastppo.engine.models import (
+    ValueModel,
+    build_causal_lm,
+    build_reward,
+    build_tokenizer,
+    frozen_copy,
+    resolve_device,
+)
+from fastppo.engine.rollout import Rollout, generate
+from fastppo.engine.tracking import MetricsLog, plot_curves
+
+# Crash tests set this to stretch each step so a SIGKILL reliably lands mid-run; never needed otherwise.
+_STEP_DELAY_ENV = "FASTPPO_TEST_STEP_DELAY"
+_EVAL_PROMPTS = 256
+
+
+class KLController:
+    """Fixed, or adaptive (Ziegler et al. 2019): ``coef *= 1 + clip(kl/target - 1, ±0.2) * n / horizon``."""
+
+    def __init__(self, coef: float, adaptive: bool, target: float, horizon: int) -> None:
+        self.value = coef
+        self.adaptive = adaptive
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_sequences: int) -> None:
+        if self.adaptive:
+            err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + err * n_sequences / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def _lr_lambda(cfg: PPOConfig, total_updates: int):
+    def f(i: int) -> float:
+        if cfg.warmup_steps and i < cfg.warmup_steps:
+            return (i + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min((i - cfg.warmup_steps) / max(total_updates - cfg.warmup_steps, 1), 1.0)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig, run_dir: str | Path, *, resume: bool = False, echo=print) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        threads = cfg.torch_threads or (1 if not cfg.model else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = build_tokenizer(cfg)
+        self.reward_fn = build_reward(cfg, self.device)
+        self._setup_prompts()
+
+        lm = build_causal_lm(cfg, self.tokenizer, cfg.model).to(self.device)
+        ref_path = self.run_dir / "reference.safetensors"
+        if not resume:
+            self._warmup(lm)
+            ckpt_io.save_module(lm, ref_path)  # the reference is fixed for the whole run; resume reloads it
+        self.ref_lm = frozen_copy(lm)
+        if resume:
+            ckpt_io.load_module(self.ref_lm, ref_path)
+        self.policy = ValueModel(lm).to(self.device)
+        self.critic: ValueModel | None = None
+        if cfg.critic == "separate":
+            trunk = build_causal_lm(cfg, self.tokenizer, cfg.critic_model).to(self.device) if cfg.critic_model \
+                else frozen_copy(lm).requires_grad_(True)
+            self.critic = ValueModel(trunk).to(self.device)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.critic is not None:
+            params += [p for p in self.critic.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        updates = cfg.total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, updates))
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+        self.stream = task_mod.PromptStream(self.train_prompts, cfg.seed)
+        self.step = 0
+        history: list[dict[str, Any]] = []
+        if resume:
+            path = ckpt_io.latest_checkpoint(self.run_dir)
+            state, history = ckpt_io.load_checkpoint(path, policy=self.policy, critic=self.critic,
+                                                     optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step = int(state["step"])
+            self.stream.position = int(state["data_position"])
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.echo(f"resumed from {path} at step {self.step}/{cfg.total_steps}")
+        self.metrics = MetricsLog(self.run_dir, cfg.tensorboard, history)
+
+    # --------------------------------------------------------------------------------------------- set-up
+    def _setup_prompts(self) -> None:
+        cfg = self.cfg
+        if cfg.task == "reverse":
+            pool = task_mod.make_prompts(cfg.task_num_prompts + _EVAL_PROMPTS, cfg.task_min_digits,
+                                         cfg.task_max_digits, cfg.seed)
+            self.train_prompts, self.eval_prompts = pool[:-_EVAL_PROMPTS], pool[-_EVAL_PROMPTS:]
+        else:
+            self.train_prompts = task_mod.load_prompts_file(cfg.prompts_file)
+            self.eval_prompts = self.train_prompts[: max(cfg.num_samples, 1)]
+
+    def _warmup(self, lm: torch.nn.Module) -> None:
+        cfg = self.cfg
+        if cfg.task != "reverse" or cfg.sft_steps == 0:
+            return
+        demos = task_mod.make_demonstrations(self.train_prompts, cfg.demo_noise, cfg.seed)
+        t0 = time.perf_counter()
+        losses = task_mod.sft_warmup(lm, self.tokenizer, self.train_prompts, demos, cfg.sft_steps,
+                                     cfg.sft_batch_size, cfg.sft_lr, cfg.seed, self.device)
+        self.echo(f"warm-up: {cfg.sft_steps} supervised steps on noisy demonstrations (noise {cfg.demo_noise}) "
+                  f"in {time.perf_counter() - t0:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _generate(self, prompts: list[str], greedy: bool) -> Rollout:
+        ids, mask = self._encode(prompts)
+        cfg = self.cfg
+        self.policy.eval()
+        return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy)
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str]) -> tuple[float, list[str], list[str], list[float]]:
+        """Greedy generations on ``prompts``: ``(mean score, prompts, responses, scores)``. Uses no RNG."""
+        out = []
+        for s in range(0, len(prompts), self.cfg.forward_batch_size):
+            ro = self._generate(prompts[s: s + self.cfg.forward_batch_size], greedy=True)
+            scores, ps, rs = score_rollout(ro, self.tokenizer, self.reward_fn, self.cfg)
+            out += list(zip(ps, rs, scores.cpu().tolist(), strict=False))
+        ps, rs, ss = (list(x) for x in zip(*out, strict=False))
+        return sum(ss) / len(ss), ps, rs, ss
+
+    def write_samples(self, name: str) -> float:
+        mean, ps, rs, ss = self.evaluate(self.eval_prompts)
+        n = self.cfg.num_samples
+        lines = [f"# greedy generations ({name}); mean score over {len(ps)} held-out prompts: {mean:.4f}"]
+        lines += [f"{p!r} -> {r!r}  score={s:.3f}" for p, r, s in zip(ps[:n], rs[:n], ss[:n], strict=False)]
+        ckpt_io.write_text_atomic(self.run_dir / f"samples_{name}.txt", "\n".join(lines) + "\n")
+        return mean
+
+    # ------------------------------------------------------------------------------------------------- update
+    def _forward_train(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        logits, values = self.policy(exp.input_ids, exp.attention_mask, exp.position_ids)
+        if self.critic is not None:
+            _, values = self.critic(exp.input_ids, exp.attention_mask, exp.position_ids)
+        p = exp.prompt_width
+        return response_slice(logits, p), response_slice(values, p)
+
+    def update(self, exp: Experience) -> dict[str, Tensor]:
+        """``ppo_epochs`` x shuffled minibatches (gradient accumulation over micro-batches). Stats stay on device."""
+        cfg = self.cfg
+        n = exp.labels.shape[0]
+        accum = cfg.grad_accum_steps
+        self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
+        keys = ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac", "grad_norm")
+        acc: dict[str, list[Tensor]] = {k: [] for k in keys}
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, device=exp.labels.device)
+            for mb in perm.split(cfg.mini_batch_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in mb.split(cfg.micro_batch_size):
+                    e = exp.select(micro)
+                    logits, values = self._forward_train(e)
+                    pg, st = fastppo.ppo_loss_from_logits(
+                        logits, e.labels, e.old_logprobs, e.advantages, e.mask,
+                        ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
+                        kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
+                        entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+                        dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend,
+                    )
+                    if cfg.advantage_estimator == "gae":
+                        vl, vst = fastppo.value_loss(values, e.values, e.returns, e.mask, clip=cfg.value_clip,
+                                                     agg=cfg.loss_agg, backend=cfg.backend)
+                    else:  # critic-free estimators: the value head is not trained
+                        vl, vst = values.sum() * 0.0, {"vf_loss": torch.zeros(()), "vf_clipfrac": torch.zeros(())}
+                    ((pg + cfg.vf_coef * vl) / accum).backward()
+                    for k, v in (("loss", st["loss"]), ("pg_loss", st["pg_loss"]), ("clipfrac", st["clipfrac"]),
+                                 ("approx_kl", st["approx_kl"]), ("value_loss", vst["vf_loss"]),
+                                 ("vf_clipfrac", vst["vf_clipfrac"])):
+                        acc[k].append(v.detach().float().to(exp.labels.device))
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                acc["grad_norm"].append(torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach())
+                self.optimizer.step()
+                self.scheduler.step()
+        self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        return {k: torch.stack(v).float().mean() for k, v in acc.items()}
+
+    # --------------------------------------------------------------------------------------------------- step
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts = self.stream.take(cfg.batch_size // cfg.samples_per_prompt)
+        prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # group members adjacent
+        rollout = self._generate(prompts, greedy=False)
+        scores, _, _ = score_rollout(rollout, self.tokenizer, self.reward_fn, cfg)
+        self._sync()
+        t1 = time.perf_counter()
+        kl_coef = self.kl_ctl.value
+        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef)
+        self._sync()
+        t2 = time.perf_counter()
+        up = self.update(exp)
+        self._sync()
+        t3 = time.perf_counter()
+
+        m = exp.mask
+        with torch.no_grad():
+            seq_kl = exp.kl.sum(1)
+            vm = m.bool()
+            resid_var = fastppo.masked_var(exp.returns - exp.values, m)
+            ret_var = fastppo.masked_var(exp.returns, m)
+            stats = {
+                "reward_mean": exp.scores.mean(),
+                "reward_std": exp.scores.std() if exp.scores.numel() > 1 else torch.zeros(()),
+                "kl": seq_kl.mean(),
+                "entropy": fastppo.masked_mean(exp.entropy, m),
+                "explained_variance": 1.0 - resid_var / ret_var.clamp_min(1e-8),
+                "value_mean": fastppo.masked_mean(exp.values, m),
+                "return_mean": fastppo.masked_mean(exp.returns, m),
+                "response_length": m.sum(1).mean(),
+                "response_tokens": m.sum(),
+                "advantage_abs_mean": exp.advantages.abs()[vm].mean(),
+                **up,
+            }
+        values = torch.stack([v.float() for v in stats.values()]).cpu().tolist()  # the one host sync per step
+        host = dict(zip(stats, values, strict=True))
+        n_tokens = host.pop("response_tokens")
+        self.kl_ctl.update(host["kl"], cfg.batch_size)
+        self.step += 1
+        return {
+            "step": self.step,
+            **host,
+            "kl_coef": kl_coef,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": n_tokens / (t3 - t0),
+            "time_generation": t1 - t0,
+            "time_experience": t2 - t1,
+            "time_update": t3 - t2,
+            "time_step": t3 - t0,
+        }
+
+    # ------------------------------------------------------------------------------------------------- train
+    def save(self) -> Path:
+        state = {"data_position": self.stream.position, "kl_controller": self.kl_ctl.state_dict(),
+                 "config": self.cfg.to_dict()}
+        return ckpt_io.save_checkpoint(self.run_dir, self.step, policy=self.policy, critic=self.critic,
+                                       optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                                       metrics=self.metrics.history, keep=self.cfg.keep_checkpoints)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if self.step == 0:
+            before = self.write_samples("before")
+            self.echo(f"greedy score before PPO (held-out prompts): {before:.3f}")
+        delay = float(os.environ.get(_STEP_DELAY_ENV, "0") or 0)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=self.step, desc="PPO", unit="step", dynamic_ncols=True)
+        last_saved = self.step if self.step else -1
+        while self.step < cfg.total_steps:
+            m = self.train_step()
+            self.metrics.log(m)
+            if bar is not None:
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.3f}", ent=f"{m['entropy']:.2f}",
+                                refresh=False)
+                bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+                last_saved = self.step
+            if delay:
+                time.sleep(delay)
+        if bar is not None:
+            bar.close()
+        if last_saved != self.step:
+            self.save()
+        return self.finish(time.perf_counter() - t_start)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        cfg = self.cfg
+        self.metrics.close()
+        after = self.write_samples("after")
+        before_line = (self.run_dir / "samples_before.txt").read_text().splitlines()[0]
+        before = float(before_line.rsplit(":", 1)[1])
+        final = self.run_dir / "final"
+        final.mkdir(exist_ok=True)
+        self.policy.lm.save_pretrained(final)
+        self.tokenizer.save_pretrained(final)
+        ckpt_io.save_module(self.policy.v_head, final / "value_head.safetensors")
+        hist = self.metrics.history
+        k = max(len(hist) // 10, 1)
+        first = sum(h["reward_mean"] for h in hist[:k]) / k
+        last = sum(h["reward_mean"] for h in hist[-k:]) / k
+        kl_last = sum(h["kl"] for h in hist[-k:]) / k
+        kl_max = max(h["kl"] for h in hist)
+        if cfg.plot and hist:
+            plot_curves(hist, self.run_dir / "curves.png",
+                        title=f"fastppo train ({cfg.task}): reward {first:.3f} -> {last:.3f}")
+        summary = {
+            "steps": self.step, "reward_first_10pct": first, "reward_last_10pct": last, "kl_last_10pct": kl_last,
+            "kl_max": kl_max, "greedy_score_before": before, "greedy_score_after": after,
+            "train_seconds_this_process": seconds, "run_dir": str(self.run_dir),
+        }
+        ckpt_io.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        return summary
