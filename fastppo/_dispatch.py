@@ -160,3 +160,9 @@ def resolve(backend: str | None, device: torch.device, family: str | None) -> st
     if family is not None and not implements(name, family):
         raise BackendUnavailableError(f"backend {name!r} does not implement the {family!r} kernels in this build")
     return name if family is not None else "torch"
+
+
+# The backend choice is host-side configuration: under torch.compile it is evaluated once at trace time and
+# baked into the graph as a constant (tracing into it would reach importlib and break fullgraph=True). This is
+# what torch.compiler.assume_constant_result(resolve) does, without importing torch._dynamo with fastppo.
+resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
