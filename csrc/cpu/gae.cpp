@@ -12,7 +12,7 @@ void gae_forward(const GaeArgs& a) {
   const float gamma = static_cast<float>(a.gamma);
   const float gl = static_cast<float>(a.gamma * a.lam);
   const int64_t T = a.T;
-#pragma omp parallel for num_threads(a.threads) schedule(static)
+#pragma omp parallel for num_threads(a.threads) schedule(static) if (a.B * T >= (int64_t(1) << 16))
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t o = b * T;  // 64-bit row offset
     const float* r = a.rewards + o;

@@ -222,12 +222,16 @@ inline void ppo_terms(const PpoFwdArgs& a, int64_t r, int64_t N, const RowStats&
 // Rows per OpenMP work item: enough elements per item that scheduling costs nothing next to the exps.
 inline int64_t chunk_rows(int64_t V) { return V >= 4096 ? 1 : 4096 / (V > 0 ? V : 1); }
 
+// Below this many logits a parallel region costs more than it saves (waking threads, and on a loaded
+// machine waiting for a descheduled one), so small calls run on the calling thread.
+constexpr int64_t kParallelMin = int64_t(1) << 18;
+
 template <class E>
 void forward_rows(const LogprobsFwdArgs& a) {
   const LogitsView& x = a.x;
   const int64_t N = x.B * x.T;
   const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
     const RowStats st = row_forward(row, x.V, a.labels[r], a.inv_temp, a.entropy != nullptr);
@@ -242,7 +246,7 @@ void backward_rows(const LogprobsBwdArgs& a) {
   const LogitsView& x = a.x;
   const int64_t N = x.B * x.T;
   const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
     E* orow = const_cast<E*>(row_ptr<E>(a.out, a.out_sB, a.out_sT, x.T, r));
@@ -258,7 +262,7 @@ void ppo_rows(const PpoFwdArgs& a) {
   const LogitsView& x = a.x;
   const int64_t N = x.B * x.T;
   const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
   for (int64_t r = 0; r < N; ++r) {
     if (a.mask[r] == 0.0f) {  // masked tokens cost nothing and get zeros in every term
       for (int k = 0; k < kNumTerms; ++k) a.terms[k * N + r] = 0.0f;
