@@ -1,0 +1,137 @@
+"""Compilation: ``torch.compile(fullgraph=True)`` of callers of the kernel ops, and ahead-of-time compilation of
+every Triton kernel variant the launchers use for a Hopper GPU (sm_90), which needs no GPU: it proves on the
+CPU-only CI that the kernels get through Triton's real compiler and ptxas, not only the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastppo
+from fastppo import kernels as fk
+from tests.tolerances import assert_close
+
+F32 = torch.float32
+
+
+def _inputs(device, b=2, t=5, v=257, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, v, generator=g).to(device)
+    lab = torch.randint(0, v, (b, t), generator=g).to(device)
+    return x, lab
+
+
+def test_compile_fullgraph_logprobs_and_entropy(device):
+    def step(x, lab):
+        lp, h = fastppo.logprobs_and_entropy(x, lab, temperature=0.9, backend="triton")
+        return (lp * 2.0).sum() + h.mean()
+
+    x, lab = _inputs(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    xc = x.clone().requires_grad_()
+    out = compiled(xc, lab)
+    out.backward()
+    xe = x.clone().requires_grad_()
+    expected = step(xe, lab)
+    expected.backward()
+    assert_close(out, expected.double(), F32)
+    assert_close(xc.grad, xe.grad.double(), F32, "grad")
+
+
+def test_compile_fullgraph_ppo_loss(device):
+    def step(x, lab, old, adv, mask):
+        loss, stats = fastppo.ppo_loss_from_logits(x, lab, old, adv, mask, entropy_coef=0.01, backend="triton")
+        return loss, stats["clipfrac"]
+
+    x, lab = _inputs(device, seed=1)
+    g = torch.Generator().manual_seed(2)
+    old = (torch.randn(2, 5, generator=g) * 0.3 - 5.5).to(device)
+    adv = torch.randn(2, 5, generator=g).to(device)
+    mask = (torch.rand(2, 5, generator=g) > 0.3).to(device)
+    mask[0, 0] = True
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xc = x.clone().requires_grad_()
+    loss, clipfrac = compiled(xc, lab, old, adv, mask)
+    loss.backward()
+    xe = x.clone().requires_grad_()
+    e_loss, e_clipfrac = step(xe, lab, old, adv, mask)
+    e_loss.backward()
+    assert_close(loss, e_loss.double(), F32)
+    assert_close(clipfrac, e_clipfrac.double(), F32)
+    assert_close(xc.grad, xe.grad.double(), F32, "grad")
+
+
+# ---------------------------------------------------------------------------------- ahead-of-time (sm_90)
+_ROW_FWD = {
+    "x_ptr": "*bf16", "stride_xb": "i64", "stride_xt": "i64", "n_t": "i32", "labels_ptr": "*i64", "V": "i32",
+    "inv_temp": "fp32", "logp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", "old_ptr": "*fp32",
+    "adv_ptr": "*fp32", "ref_ptr": "*fp32", "mask_ptr": "*fp32", "terms_ptr": "*fp32", "N": "i32",
+    "clip_low": "fp32", "clip_high": "fp32", "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32",
+}
+_ROW_BWD = {
+    "x_ptr": "*bf16", "stride_xb": "i64", "stride_xt": "i64", "n_t": "i32", "labels_ptr": "*i64", "V": "i32",
+    "inv_temp": "fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gh_ptr": "*fp32",
+    "out_ptr": "*bf16", "stride_ob": "i64", "stride_ot": "i64",
+}
+_GAE = {
+    "r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "boot_ptr": "*fp32", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
+    "summ_ptr": "*fp32", "B": "i32", "T": "i32", "NC": "i32", "gamma": "fp32", "gl": "fp32",
+}
+
+
+def _variants():
+    lp, gae = fk.logprobs, fk.gae
+    out = []
+    for dtype in ("bf16", "fp32"):
+        fwd = {**_ROW_FWD, "x_ptr": f"*{dtype}"}
+        bwd = {**_ROW_BWD, "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+        block = 8192 if dtype == "bf16" else 4096
+        out.append((lp._row_forward_kernel, fwd, dict(BLOCK=block, WITH_ENTROPY=True, PPO=False, HAS_REF=False,
+                                                      DUAL=False, KL_KIND=0), 16))
+        for kl_kind in range(4):
+            out.append((lp._row_forward_kernel, fwd, dict(BLOCK=block, WITH_ENTROPY=True, PPO=True, HAS_REF=True,
+                                                          DUAL=kl_kind % 2 == 0, KL_KIND=kl_kind), 16))
+        for glp, gh in ((True, True), (True, False), (False, True)):
+            out.append((lp._row_backward_kernel, bwd, dict(BLOCK=block, HAS_GLP=glp, HAS_GH=gh), 16))
+    out.append((lp._row_forward_kernel, {**_ROW_FWD, "x_ptr": "*fp16"},
+                dict(BLOCK=1024, WITH_ENTROPY=False, PPO=False, HAS_REF=False, DUAL=False, KL_KIND=0), 4))
+    for phase in (0, 1):
+        out.append((gae._gae_kernel, _GAE, dict(CHUNK=256, NC_P2=64, PHASE=phase, HAS_BOOT=phase == 1), 4))
+    return out
+
+
+def aot_compile_all() -> int:
+    """Compile every variant for sm_90; returns how many. Must run in a process where Triton was imported
+    without TRITON_INTERPRET (the interpreter replaces Triton's own library functions at import)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    target = GPUTarget("cuda", 90, 32)
+    count = 0
+    for fn, sig, const, warps in _variants():
+        src = ASTSource(fn=JITFunction(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+        kernel = triton.compile(src, target=target, options={"num_warps": warps})
+        assert kernel.asm["cubin"], f"{fn.__name__} {const}: no cubin"
+        count += 1
+    return count
+
+
+def test_triton_kernels_compile_for_hopper():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    code = "from tests.kernels.test_compile import aot_compile_all; print('compiled', aot_compile_all())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"compiled {len(_variants())}" in proc.stdout
