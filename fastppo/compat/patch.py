@@ -1,0 +1,225 @@
+"""Swap fastppo's adapters into an installed TRL / verl / OpenRLHF, and restore the originals.
+
+``patch("verl")`` imports the framework modules that define the functions fastppo replaces (and a few modules
+that import them by name), then scans every loaded module of the framework for references to the original
+objects -- module attributes under any name, values of module-level dicts (registries such as verl's
+``POLICY_LOSS_REGISTRY``) and attributes of the framework's classes -- and points them at the adapter.
+``unpatch("verl")`` scans again and puts the originals back everywhere a replacement is found, including in
+modules imported after the patch. Patching twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+__all__ = ["FRAMEWORKS", "is_patched", "patch", "unpatch"]
+
+
+@dataclass(frozen=True)
+class _Target:
+    module: str  # where the original is defined
+    attr: str  # "name" or "Class.name"
+    replacement: str  # "fastppo.compat.<adapter>:<name>"
+    required: bool = True  # a missing optional module or attribute is skipped (older/newer peer versions)
+
+
+@dataclass(frozen=True)
+class _Framework:
+    package: str  # import name
+    pip: str  # what to install
+    targets: tuple[_Target, ...]
+    consumers: tuple[str, ...] = ()  # modules that import targets by name; imported when possible
+
+
+def _targets(module: str, adapter: str, names: str, required: bool = True) -> tuple[_Target, ...]:
+    out = []
+    for name in names.split():
+        attr, _, repl = name.partition("=")
+        out.append(_Target(module, attr, f"fastppo.compat.{adapter}:{repl or attr.split('.')[-1]}", required))
+    return tuple(out)
+
+
+FRAMEWORKS: dict[str, _Framework] = {
+    "trl": _Framework(
+        package="trl",
+        pip="trl==1.16.0",
+        targets=(
+            *_targets("trl.trainer.utils", "trl",
+                      "selective_log_softmax entropy_from_logits selective_log_softmax_and_entropy"),
+            # TRL v0.x helpers, and their later home in the experimental PPO trainer.
+            *_targets("trl.core", "trl", "logprobs_from_logits masked_mean masked_var masked_whiten", False),
+            *_targets("trl.experimental.ppo.ppo_trainer", "trl", "masked_mean masked_var masked_whiten", False),
+        ),
+        consumers=("trl.experimental.sdpo.loss_utils",),
+    ),
+    "verl": _Framework(
+        package="verl",
+        pip="verl==0.9.1 (see .ci/install-peers.sh for the few modules its imported code needs)",
+        targets=(
+            *_targets("verl.utils.torch_functional", "verl",
+                      "logprobs_from_logits entropy_from_logits entropy_from_logits_with_chunking "
+                      "masked_mean masked_var masked_whiten"),
+            *_targets("verl.trainer.ppo.core_algos", "verl",
+                      "compute_gae_advantage_return compute_grpo_outcome_advantage "
+                      "compute_rloo_outcome_advantage compute_reinforce_plus_plus_outcome_advantage "
+                      "compute_policy_loss compute_policy_loss_vanilla compute_value_loss kl_penalty "
+                      "kl_penalty_forward agg_loss"),
+            *_targets("verl.trainer.ppo.core_algos", "verl",
+                      "compute_grpo_vectorized_outcome_advantage compute_rloo_vectorized_outcome_advantage", False),
+        ),
+        consumers=("verl.workers.utils.losses", "verl.trainer.ppo.ray_trainer"),
+    ),
+    "openrlhf": _Framework(
+        package="openrlhf",
+        pip="openrlhf==0.11.2 (see .ci/install-peers.sh for the few modules its imported code needs)",
+        targets=(
+            *_targets("openrlhf.models.utils", "openrlhf", "log_probs_from_logits compute_approx_kl"),
+            *_targets("openrlhf.models.loss", "openrlhf", "PolicyLoss ValueLoss"),
+            *_targets("openrlhf.trainer.ppo_utils.experience_maker", "openrlhf",
+                      "RemoteExperienceMaker.get_advantages_and_returns=_get_advantages_and_returns_method "
+                      "RemoteExperienceMaker.get_cumulative_returns=_get_cumulative_returns_method", False),
+        ),
+        consumers=("openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.ppo_critic"),
+    ),
+}
+
+
+@dataclass
+class _State:
+    pairs: list[tuple[Any, Any]] = field(default_factory=list)  # (original, replacement)
+    records: list[tuple[Any, Any, str, Any]] = field(default_factory=list)  # where each replacement went
+
+
+_PATCHED: dict[str, _State] = {}
+
+
+def _framework(name: str) -> _Framework:
+    if name not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {name!r}; choose from {sorted(FRAMEWORKS)}")
+    fw = FRAMEWORKS[name]
+    if importlib.util.find_spec(fw.package) is None:
+        raise ModuleNotFoundError(
+            f"fastppo.compat.patch({name!r}): {fw.package} is not installed; install it with: pip install {fw.pip}",
+            name=fw.package,
+        )
+    return fw
+
+
+def _resolve(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _lookup(module: ModuleType, attr: str) -> Any:
+    owner: Any = module
+    *path, last = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return vars(owner)[last] if isinstance(owner, type) else getattr(owner, last)
+
+
+def _framework_modules(package: str) -> list[ModuleType]:
+    prefix = package + "."
+    return [m for n, m in list(sys.modules.items()) if m is not None and (n == package or n.startswith(prefix))]
+
+
+_Record = tuple[Any, Any, str, Any]  # (container, key, "attr" | "item", original)
+
+
+def _swap_everywhere(package: str, mapping: dict[int, tuple[Any, Any]]) -> list[_Record]:
+    """Replace every reference to ``mapping``'s keys (by identity) inside the framework's modules; return where."""
+    done: list[_Record] = []
+
+    def hit(value: Any) -> Any:
+        h = mapping.get(id(value))
+        return h if h is not None and h[0] is value else None
+
+    for module in _framework_modules(package):
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for key, value in list(namespace.items()):
+            if (h := hit(value)) is not None:
+                setattr(module, key, h[1])
+                done.append((module, key, "attr", h[0]))
+            elif type(value) is dict:  # registries: name -> function
+                for k, v in list(value.items()):
+                    if (h := hit(v)) is not None:
+                        value[k] = h[1]
+                        done.append((value, k, "item", h[0]))
+            elif isinstance(value, type) and getattr(value, "__module__", "").startswith(package):
+                for k, v in list(vars(value).items()):
+                    if (h := hit(v)) is not None:
+                        setattr(value, k, h[1])
+                        done.append((value, k, "attr", h[0]))
+    return done
+
+
+def patch(name: str) -> dict[str, int]:
+    """Swap fastppo's adapters into the installed framework ``name`` ("trl", "verl" or "openrlhf").
+
+    Returns ``{"targets": n_functions_replaced, "references": n_references_rewritten}``. Raises
+    ``ModuleNotFoundError`` (with a pip hint) when the framework is not installed, ``ImportError`` when a
+    module that defines a required target cannot be imported. Idempotent.
+    """
+    fw = _framework(name)
+    if name in _PATCHED:
+        return {"targets": len(_PATCHED[name].pairs), "references": 0}
+    pairs: list[tuple[Any, Any]] = []
+    for t in fw.targets:
+        try:
+            module = importlib.import_module(t.module)
+            original = _lookup(module, t.attr)
+        except (ImportError, AttributeError, KeyError) as e:
+            if t.required:
+                raise ImportError(
+                    f"fastppo.compat.patch({name!r}): cannot import {t.module}.{t.attr} ({e}); the installed "
+                    f"{fw.package} is not a supported version or misses a dependency (pip install {fw.pip})"
+                ) from e
+            continue
+        pairs.append((original, _resolve(t.replacement)))
+    for consumer in fw.consumers:
+        try:
+            importlib.import_module(consumer)
+        except Exception:  # noqa: BLE001 - optional: a consumer needing an absent extra (ray, vllm) is skipped
+            pass
+    mapping = {id(orig): (orig, repl) for orig, repl in pairs}
+    records = _swap_everywhere(fw.package, mapping)
+    _PATCHED[name] = _State(pairs, records)
+    return {"targets": len(pairs), "references": len(records)}
+
+
+def unpatch(name: str) -> int:
+    """Restore every original that ``patch(name)`` replaced (also in modules imported since). Returns the
+    number of references restored; 0 when ``name`` was not patched."""
+    if name not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {name!r}; choose from {sorted(FRAMEWORKS)}")
+    state = _PATCHED.pop(name, None)
+    if state is None:
+        return 0
+    restored = 0
+    replacements = {id(repl) for _, repl in state.pairs}
+    for container, key, kind, original in state.records:
+        current = container.get(key) if kind == "item" else vars(container).get(key)
+        if current is not None and id(current) in replacements:
+            if kind == "item":
+                container[key] = original
+            else:
+                setattr(container, key, original)
+            restored += 1
+    # Modules imported after the patch copied replacements by name: restore those whose original is unambiguous.
+    by_repl: dict[int, list[tuple[Any, Any]]] = {}
+    for orig, repl in state.pairs:
+        by_repl.setdefault(id(repl), []).append((repl, orig))
+    mapping = {k: v[0] for k, v in by_repl.items() if len(v) == 1}
+    return restored + len(_swap_everywhere(FRAMEWORKS[name].package, mapping))
+
+
+def is_patched(name: str) -> bool:
+    return name in _PATCHED

@@ -1,0 +1,134 @@
+"""TRL's names and signatures, backed by fastppo's ops.
+
+Covers TRL 1.x ``trl.trainer.utils`` (``selective_log_softmax``, ``entropy_from_logits``,
+``selective_log_softmax_and_entropy``) and the v0.x ``trl.core`` helpers still used by PPO code
+(``logprobs_from_logits(logits, labels, gather=True)``, ``masked_mean``, ``masked_var``, ``masked_whiten``),
+plus a GAE with TRL's PPOTrainer conventions (``compute_gae``).
+
+Conventions kept from TRL: ``masked_mean`` divides by the plain mask sum (no epsilon); ``masked_var`` is
+Bessel-corrected when ``unbiased`` and raises on an all-zero mask; ``masked_whiten`` uses the unbiased variance
+and ``rsqrt(var + 1e-8)``; ``row_mask`` rows return 0. Deliberate difference: log-probs and entropies of
+bf16/fp16 logits come back in float32 (fastppo accumulates in fp32 and never rounds them to bf16); torch's
+type promotion makes them drop-in wherever TRL's bf16 results were used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import fastppo
+
+__all__ = [
+    "compute_gae",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
+]
+
+
+def _row_mask_fill(x: Tensor, row_mask: Tensor | None) -> Tensor:
+    return x if row_mask is None else x.masked_fill(row_mask == 0, 0.0)
+
+
+def selective_log_softmax(
+    logits: Tensor, index: Tensor, temperature: float = 1.0, row_mask: Tensor | None = None
+) -> Tensor:
+    """``log_softmax(logits / temperature)`` gathered at ``index``.
+
+    ``logits [..., V]``; ``index [...]`` (one label per row) or ``[..., K]`` (K labels per row, e.g. top-K);
+    ``row_mask`` (same shape as ``index``): rows where it is 0 return 0.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if index.dim() == logits.dim() - 1:
+        return _row_mask_fill(fastppo.token_logprobs(logits, index, temperature=temperature), row_mask)
+    if index.dim() != logits.dim() or index.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(f"index must be [...] or [..., K] for logits {tuple(logits.shape)}, got {tuple(index.shape)}")
+    # K labels per row: one fused pass gives logp of the first label, i.e. x0/T - lse; every other label is
+    # x_k/T - lse = x_k/T - x0/T + logp0. Gradients are exact: d/dx = (e_k - softmax)/T.
+    first = fastppo.token_logprobs(logits, index[..., 0], temperature=temperature)
+    picked = torch.gather(logits, -1, index.long()).to(first.dtype) / temperature
+    out = picked - picked[..., :1] + first.unsqueeze(-1)
+    return _row_mask_fill(out, row_mask)
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """Entropy of ``softmax(logits)`` per row, ``[..., V] -> [...]`` (``chunk_size`` is accepted for signature
+    compatibility; fastppo's kernels never materialise the softmax, so there is nothing to chunk)."""
+    return fastppo.token_entropy(logits)
+
+
+def selective_log_softmax_and_entropy(
+    logits: Tensor,
+    index: Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(selective_log_softmax, entropy)`` of ``logits / temperature`` in one pass. ``[..., V], [...]``."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    logp, ent = fastppo.logprobs_and_entropy(logits, index, temperature=temperature)
+    if not entropy_requires_grad:
+        ent = ent.detach()
+    return _row_mask_fill(logp, row_mask), _row_mask_fill(ent, row_mask)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, gather: bool = True) -> Tensor:
+    """TRL v0.x ``trl.core.logprobs_from_logits``: ``logits [B, T, V]``; with ``gather`` the log-prob of
+    ``labels [B, T]`` -> ``[B, T]``, otherwise the full ``log_softmax`` over dim 2 -> ``[B, T, V]``."""
+    if not gather:
+        return torch.log_softmax(logits, dim=2)
+    if logits.dim() != 3:
+        raise ValueError(f"logprobs_from_logits takes logits [B, T, V], got {tuple(logits.shape)}")
+    return fastppo.token_logprobs(logits, labels)
+
+
+def masked_mean(values: Tensor, mask: Tensor, axis: int | None = None) -> Tensor:
+    """``sum(values * mask) / sum(mask)`` over ``axis`` (all elements when None); no epsilon, as TRL."""
+    if axis is not None:
+        return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    return fastppo.masked_mean(values, mask)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the valid elements; Bessel-corrected when ``unbiased``. An all-zero mask raises."""
+    if unbiased and bool(mask.sum() == 0):
+        raise ValueError(
+            "The sum of the mask is zero, which can happen when `mini_batch_size=1`;"
+            "try increase the `mini_batch_size` or `gradient_accumulation_steps`"
+        )
+    return fastppo.masked_var(values, mask, unbiased=unbiased)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """``(values - mean) * rsqrt(var + 1e-8)`` over the valid elements (unbiased var); mean re-added when not
+    ``shift_mean``."""
+    return fastppo.masked_whiten(values, mask, shift_mean=shift_mean, eps=1e-8)
+
+
+def compute_gae(
+    values: Tensor,
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """GAE as TRL's PPOTrainer computes it: ``(advantages, returns)`` ``[B, T]`` from ``values, rewards``
+    whose padded positions are already 0 (TRL zeroes them), the classic recursion over every position
+    (value after the end 0), ``returns = advantages + values``, then advantages whitened over ``mask``
+    (unbiased var, ``rsqrt(var + 1e-8)``) and zeroed where ``mask`` is 0. Backed by ``fastppo.gae``.
+    """
+    with torch.no_grad():
+        every = torch.ones(values.shape, dtype=torch.bool, device=values.device)
+        adv, ret = fastppo.gae(rewards, values, every, gamma=float(gamma), lam=float(lam))
+        if whiten_advantages:
+            adv = masked_whiten(adv, mask)
+            adv = torch.masked_fill(adv, ~mask.bool(), 0)
+    return adv, ret
