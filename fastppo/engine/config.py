@@ -35,7 +35,7 @@ class PPOConfig:
     # --- run --------------------------------------------------------------------------------------------------
     seed: int = _f(0, "random seed (python, numpy, torch); runs on CPU are deterministic for a given seed")
     output_dir: str = _f("", "run directory; empty = runs/<timestamp>")
-    total_steps: int = _f(150, "number of PPO steps (rollout + experience + update)")
+    total_steps: int = _f(600, "number of PPO steps (rollout + experience + update)")
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     dtype: str = _f("float32", "model parameter dtype", ("float32", "bfloat16", "float16"))
     backend: str = _f("auto", "fastppo kernel backend for the fused ops", ("auto", "torch", "triton", "cpp", "cuda"))
@@ -63,7 +63,7 @@ class PPOConfig:
     reward_model: str = _f("", "reward=model: path of an AutoModelForSequenceClassification (num_labels=1)")
     missing_eos_penalty: float = _f(0.0, "subtracted from the score of responses that hit max_new_tokens")
     task_min_digits: int = _f(3, "reverse task: shortest digit string")
-    task_max_digits: int = _f(6, "reverse task: longest digit string")
+    task_max_digits: int = _f(8, "reverse task: longest digit string")
     task_num_prompts: int = _f(4096, "reverse task: size of the prompt pool")
     sft_steps: int = _f(300, "supervised warm-up steps on (noisy) demonstrations before PPO; 0 = none")
     sft_batch_size: int = _f(64, "warm-up batch size")
@@ -72,7 +72,7 @@ class PPOConfig:
     # --- rollout ----------------------------------------------------------------------------------------------
     batch_size: int = _f(64, "rollouts (sequences) per PPO step")
     samples_per_prompt: int = _f(1, "responses sampled per prompt (group size for grpo/rloo)")
-    max_new_tokens: int = _f(8, "generation length limit")
+    max_new_tokens: int = _f(10, "generation length limit")
     temperature: float = _f(1.0, "sampling temperature (logprobs use the same temperature)")
     top_k: int = _f(0, "top-k sampling; 0 = off")
     top_p: float = _f(1.0, "nucleus sampling; 1.0 = off")
@@ -101,16 +101,17 @@ class PPOConfig:
                                   ADVANTAGE_ESTIMATORS)
     whiten_advantages: bool = _f(True, "normalise advantages over the batch's valid tokens")
     # --- KL -----------------------------------------------------------------------------------------------------
-    kl_coef: float = _f(0.05, "initial KL coefficient (to the reference model)")
+    kl_coef: float = _f(0.03, "initial KL coefficient (to the reference model)")
     kl_kind: str = _f("k1", "KL estimator per token", ("k1", "k2", "k3", "abs"))
     kl_in_loss: bool = _f(False, "put the KL term in the loss (GRPO style) instead of the per-token reward")
     adaptive_kl: bool = _f(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = _f(0.5, "adaptive KL: target sequence KL")
     kl_horizon: int = _f(10000, "adaptive KL: horizon in sequences")
     # --- logging / checkpoints --------------------------------------------------------------------------------
-    save_every: int = _f(50, "checkpoint every N PPO steps (and at the end); 0 = only at the end")
+    save_every: int = _f(100, "checkpoint every N PPO steps (and at the end); 0 = only at the end")
     keep_checkpoints: int = _f(2, "how many complete checkpoints to keep")
     num_samples: int = _f(8, "sample generations written before and after training")
+    eval_prompts: int = _f(256, "reverse task: held-out prompts scored greedily before and after training")
     progress: bool = _f(True, "show a progress bar")
     tensorboard: bool = _f(True, "write TensorBoard event files")
     plot: bool = _f(True, "write curves.png at the end")
@@ -138,7 +139,8 @@ class PPOConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("sft_steps", "warmup_steps", "top_k", "save_every", "num_samples", "torch_threads"):
+        for name in ("sft_steps", "warmup_steps", "top_k", "save_every", "num_samples", "eval_prompts",
+                     "torch_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.mini_batch_size:

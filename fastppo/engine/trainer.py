@@ -37,7 +37,6 @@ from fastppo.engine.tracking import MetricsLog, plot_curves
 
 # Crash tests set this to stretch each step so a SIGKILL reliably lands mid-run; never needed otherwise.
 _STEP_DELAY_ENV = "FASTPPO_TEST_STEP_DELAY"
-_EVAL_PROMPTS = 256
 
 
 class KLController:
@@ -136,9 +135,10 @@ class PPOTrainer:
     def _setup_prompts(self) -> None:
         cfg = self.cfg
         if cfg.task == "reverse":
-            pool = task_mod.make_prompts(cfg.task_num_prompts + _EVAL_PROMPTS, cfg.task_min_digits,
-                                         cfg.task_max_digits, cfg.seed)
-            self.train_prompts, self.eval_prompts = pool[:-_EVAL_PROMPTS], pool[-_EVAL_PROMPTS:]
+            n_eval = max(cfg.eval_prompts, cfg.num_samples, 1)
+            pool = task_mod.make_prompts(cfg.task_num_prompts + n_eval, cfg.task_min_digits, cfg.task_max_digits,
+                                         cfg.seed)
+            self.train_prompts, self.eval_prompts = pool[:-n_eval], pool[-n_eval:]
         else:
             self.train_prompts = task_mod.load_prompts_file(cfg.prompts_file)
             self.eval_prompts = self.train_prompts[: max(cfg.num_samples, 1)]
@@ -194,6 +194,26 @@ class PPOTrainer:
         p = exp.prompt_width
         return response_slice(logits, p), response_slice(values, p)
 
+    def micro_loss(self, e: Experience) -> tuple[Tensor, dict[str, Tensor]]:
+        """PPO loss (fused ``ppo_loss_from_logits``) + ``vf_coef`` x value loss on one micro-batch."""
+        cfg = self.cfg
+        logits, values = self._forward_train(e)
+        pg, st = fastppo.ppo_loss_from_logits(
+            logits, e.labels, e.old_logprobs, e.advantages, e.mask,
+            ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
+            kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
+            entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+            dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend,
+        )
+        if cfg.advantage_estimator == "gae":
+            vl, vst = fastppo.value_loss(values, e.values, e.returns, e.mask, clip=cfg.value_clip, agg=cfg.loss_agg,
+                                         backend=cfg.backend)
+        else:  # critic-free estimators: the value head is not trained
+            zero = values.new_zeros(())
+            vl, vst = values.sum() * 0.0, {"vf_loss": zero, "vf_clipfrac": zero}
+        stats = {**st, "value_loss": vst["vf_loss"].detach(), "vf_clipfrac": vst["vf_clipfrac"].detach()}
+        return pg + cfg.vf_coef * vl, stats
+
     def update(self, exp: Experience) -> dict[str, Tensor]:
         """``ppo_epochs`` x shuffled minibatches (gradient accumulation over micro-batches). Stats stay on device."""
         cfg = self.cfg
@@ -209,25 +229,10 @@ class PPOTrainer:
             for mb in perm.split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mb.split(cfg.micro_batch_size):
-                    e = exp.select(micro)
-                    logits, values = self._forward_train(e)
-                    pg, st = fastppo.ppo_loss_from_logits(
-                        logits, e.labels, e.old_logprobs, e.advantages, e.mask,
-                        ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
-                        kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
-                        entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
-                        dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend,
-                    )
-                    if cfg.advantage_estimator == "gae":
-                        vl, vst = fastppo.value_loss(values, e.values, e.returns, e.mask, clip=cfg.value_clip,
-                                                     agg=cfg.loss_agg, backend=cfg.backend)
-                    else:  # critic-free estimators: the value head is not trained
-                        vl, vst = values.sum() * 0.0, {"vf_loss": torch.zeros(()), "vf_clipfrac": torch.zeros(())}
-                    ((pg + cfg.vf_coef * vl) / accum).backward()
-                    for k, v in (("loss", st["loss"]), ("pg_loss", st["pg_loss"]), ("clipfrac", st["clipfrac"]),
-                                 ("approx_kl", st["approx_kl"]), ("value_loss", vst["vf_loss"]),
-                                 ("vf_clipfrac", vst["vf_clipfrac"])):
-                        acc[k].append(v.detach().float().to(exp.labels.device))
+                    loss, st = self.micro_loss(exp.select(micro))
+                    (loss / accum).backward()
+                    for k in ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac"):
+                        acc[k].append(st[k].detach().float())
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 acc["grad_norm"].append(torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach())
                 self.optimizer.step()

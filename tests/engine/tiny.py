@@ -1,0 +1,16 @@
+"""A tiny engine configuration for tests: a 1-layer 16-wide Llama, 8 rollouts per step, seconds per run."""
+
+from __future__ import annotations
+
+from fastppo.engine.config import PPOConfig
+
+TINY = dict(
+    total_steps=3, batch_size=8, mini_batch_size=4, micro_batch_size=2, forward_batch_size=8, max_new_tokens=4,
+    tiny_hidden_size=16, tiny_layers=1, tiny_heads=2, tiny_intermediate_size=32, task_num_prompts=64,
+    task_min_digits=2, task_max_digits=4, sft_steps=5, sft_batch_size=8, eval_prompts=8, num_samples=2,
+    save_every=0, progress=False, tensorboard=False, plot=False, torch_threads=1, device="cpu",
+)
+
+
+def tiny_config(**overrides) -> PPOConfig:
+    return PPOConfig(**{**TINY, **overrides}).validate()
