@@ -531,3 +531,15 @@ def test_gpu_real_size_fp32_and_ppo(v, mark):
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(xr.grad.float()).all()
     assert torch.all(xr.grad[~mask] == 0)
+
+
+def test_kernels_follow_triton_interpret_at_launch_time(monkeypatch: pytest.MonkeyPatch):
+    """The @triton.jit wrapping happens at launch, so the variable counts whenever fastppo was imported."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert isinstance(K._row_forward.jit(), JITFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(K._row_forward.jit(), InterpretedFunction)
+    assert isinstance(fk.gae._gae.jit(), InterpretedFunction)
