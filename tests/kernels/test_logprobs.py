@@ -474,6 +474,32 @@ def test_ppo_loss_no_kl_no_entropy_and_masked_rows_cost_nothing(device):
     assert "kl" not in stats
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ppo_loss_low_precision_no_worse_than_pytorch(dtype, device):
+    b, t, v = 2, 7, 515
+    x32, lab, old, adv, ref_lp, mask = _ppo_inputs(b, t, v, seed=40, device=device)
+    x = x32.to(dtype)
+    kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_high=0.28)
+    xr = x.clone().requires_grad_()
+    loss, _ = fastppo.ppo_loss_from_logits(xr, lab, old, adv, mask, backend="triton", **kw)
+    loss.backward()
+    x64 = x.double().requires_grad_()
+    e_loss, _ = ref.ppo_loss_from_logits(x64, lab, old.double(), adv.double(), mask,
+                                         **{**kw, "ref_logprobs": ref_lp.double()})
+    e_loss.backward()
+    # Eager PyTorch in the low-precision dtype end to end (the reference formulas on dtype tensors).
+    xe = x.clone().requires_grad_()
+    logp_all = torch.log_softmax(xe, -1)
+    t_lp = logp_all.gather(-1, lab[..., None]).squeeze(-1)
+    t_h = -(torch.softmax(xe, -1) * logp_all).sum(-1)
+    pg, _ = ref.ppo_policy_loss(t_lp, old.to(dtype), adv.to(dtype), mask, clip_high=0.28)
+    t_loss = pg + 0.05 * ref.agg_loss(ref.kl_penalty(t_lp, ref_lp.to(dtype), "k3"), mask) \
+        - 0.01 * ref.agg_loss(t_h, mask)
+    t_loss.backward()
+    assert_no_worse_than_torch(loss, e_loss, t_loss)
+    assert_no_worse_than_torch(xr.grad, x64.grad, xe.grad)
+
+
 # ------------------------------------------------------------------------------------------- GPU, real size
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
