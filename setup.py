@@ -197,7 +197,6 @@ class NinjaBuildExt(build_ext):
             "  description = CXX $in",
         ]
         if nvcc is not None:
-            cuda_home = Path(nvcc).resolve().parent.parent
             nvccflags = [*inc, *macros, *NVCC_FLAGS, *cuda_arch_flags(), f"-ccbin={cxx[0]}"]
             lines += [
                 f"nvcc = {shlex.quote(nvcc)}",
@@ -206,10 +205,12 @@ class NinjaBuildExt(build_ext):
                 "  command = $nvcc $nvccflags -c $in -o $out",
                 "  description = NVCC $in",
             ]
-            libdirs = [d for d in (cuda_home / "lib64", cuda_home / "targets" / "x86_64-linux" / "lib") if d.exists()]
-            # static cudart: the module needs only the driver at run time, whatever CUDA torch ships with
-            ldflags += [f"-L{d}" for d in libdirs] + ["-lcudart_static", "-ldl", "-lrt", "-lpthread"]
-        lines += ["rule link", "  command = $cxx -shared $in -o $out $ldflags", "  description = LINK $out"]
+            # nvcc links (it knows its own library directory, even behind a wrapper script); static cudart:
+            # the module needs only the driver at run time, whatever CUDA runtime torch ships with
+            linker = "$nvcc -shared --cudart=static"
+        else:
+            linker = "$cxx -shared"
+        lines += ["rule link", f"  command = {linker} $in -o $out $ldflags", "  description = LINK $out"]
         objects = []
         for src in ext.sources:
             src_abs = (ROOT / src).resolve()
