@@ -98,18 +98,28 @@ def masked_mean(values: Tensor, mask: Tensor, axis: int | None = None) -> Tensor
 
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of the valid elements; Bessel-corrected when ``unbiased``. An all-zero mask raises."""
-    if unbiased and bool(mask.sum() == 0):
+    if not unbiased:
+        return fastppo.masked_var(values, mask, unbiased=False)
+    n = mask.sum()
+    if bool(n == 0):
         raise ValueError(
             "The sum of the mask is zero, which can happen when `mini_batch_size=1`;"
             "try increase the `mini_batch_size` or `gradient_accumulation_steps`"
         )
-    return fastppo.masked_var(values, mask, unbiased=unbiased)
+    if mask.is_floating_point():
+        return fastppo.masked_var(values, mask, unbiased=True)
+    # TRL divides the integer mask sums, which torch does in the default float32: keep that rounding.
+    return fastppo.masked_var(values, mask, unbiased=False) * (n / (n - 1))
 
 
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """``(values - mean) * rsqrt(var + 1e-8)`` over the valid elements (unbiased var); mean re-added when not
     ``shift_mean``."""
-    return fastppo.masked_whiten(values, mask, shift_mean=shift_mean, eps=1e-8)
+    if mask.is_floating_point():
+        return fastppo.masked_whiten(values, mask, shift_mean=shift_mean, eps=1e-8)
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
 
 
 def compute_gae(
