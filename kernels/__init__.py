@@ -7,7 +7,14 @@ allocate outputs and launch; kernels are wrapped with ``@triton.jit`` at first l
 
 import triton  # noqa: F401  (a missing Triton makes this package, and so the backend, unavailable)
 
-from .gae import gae_forward
+from .gae import gae_forward, gae_whiten_forward
 from .logprobs import PPO_TERMS, logprobs_backward, logprobs_forward, ppo_loss_forward
 
-__all__ = ["PPO_TERMS", "gae_forward", "logprobs_backward", "logprobs_forward", "ppo_loss_forward"]
+__all__ = [
+    "PPO_TERMS",
+    "gae_forward",
+    "gae_whiten_forward",
+    "logprobs_backward",
+    "logprobs_forward",
+    "ppo_loss_forward",
+]

@@ -1,4 +1,4 @@
-"""Late ``@triton.jit``: a kernel is wrapped when first launched, not when its module is imported.
+"""Launch helpers. Late ``@triton.jit``: a kernel is wrapped when first launched, not when its module is imported.
 
 Triton decides at decoration time whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``). Test
 suites and users import ``fastppo`` (and so, lazily, ``fastppo.kernels``) in any order relative to setting that
@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -43,3 +44,18 @@ def late_jit(fn: Callable[..., Any]) -> LateKernel:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+class on_device:
+    """Launch on the tensor's GPU rather than the current one; a no-op on CPU (interpreter)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from ._jit import late_jit, next_pow2
+from ._jit import late_jit, next_pow2, on_device
 
 # Tests set this to force many chunks on short sequences (exercises the cross-chunk carry).
 CHUNK_OVERRIDE: int | None = None
@@ -51,8 +51,8 @@ _compose = JITFunction(_compose_fn)
 
 
 def _gae_kernel(
-    r_ptr, v_ptr, m_ptr, boot_ptr, adv_ptr, ret_ptr, summ_ptr, B, T, NC, gamma, gl,
-    CHUNK: tl.constexpr, NC_P2: tl.constexpr, PHASE: tl.constexpr, HAS_BOOT: tl.constexpr,
+    r_ptr, v_ptr, m_ptr, boot_ptr, adv_ptr, ret_ptr, summ_ptr, stats_ptr, B, T, NC, gamma, gl,
+    CHUNK: tl.constexpr, NC_P2: tl.constexpr, PHASE: tl.constexpr, HAS_BOOT: tl.constexpr, STATS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
@@ -102,19 +102,77 @@ def _gae_kernel(
             boot = 0.0
         a_in = fc + fh * boot  # the advantage after the sequence's end is 0
         v_in = tl.where(fhas > 0, fvf, boot)
-        adv = C + G * a_in + H * v_in
-        tl.store(adv_ptr + off, tl.where(valid, adv, 0.0), mask=inb)
+        adv = tl.where(valid, C + G * a_in + H * v_in, 0.0)
+        tl.store(adv_ptr + off, adv, mask=inb)
         tl.store(ret_ptr + off, tl.where(valid, adv + v, 0.0), mask=inb)
+        if STATS:
+            # This chunk's (count, mean, M2) of the valid advantages, two-pass in registers; merged in order later.
+            cnt = tl.sum(valid.to(tl.float32), 0)
+            mean = tl.sum(adv, 0) / tl.maximum(cnt, 1.0)
+            dev = tl.where(valid, adv - mean, 0.0)
+            p = b * NC + k
+            tl.store(stats_ptr + p, cnt)
+            tl.store(stats_ptr + B * NC + p, mean)
+            tl.store(stats_ptr + 2 * B * NC + p, tl.sum(dev * dev, 0))
+
+
+def _merge_fn(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    # Chan et al.'s pairwise merge of (count, mean, sum of squared deviations); empty parts are neutral.
+    n = n_a + n_b
+    frac = tl.where(n > 0, n_b / n, 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac
+    m2 = m2_a + m2_b + delta * delta * n_a * frac
+    return n, mean, m2
+
+
+_merge = JITFunction(_merge_fn)
+
+
+def _moments_kernel(stats_ptr, out_ptr, P, eps, RB: tl.constexpr):
+    """One program: merge the P per-chunk moments in a fixed order -> (mean, 1/sqrt(var_unbiased + eps))."""
+    q = tl.arange(0, RB)
+    n = tl.sum(tl.zeros([RB], tl.float32), 0)
+    mean = n
+    m2 = n
+    for start in range(0, P, RB):
+        idx = start + q
+        ok = idx < P
+        bn = tl.load(stats_ptr + idx, mask=ok, other=0.0)
+        bmean = tl.load(stats_ptr + P + idx, mask=ok, other=0.0)
+        bm2 = tl.load(stats_ptr + 2 * P + idx, mask=ok, other=0.0)
+        cn, cmean, cm2 = tl.reduce((bn, bmean, bm2), 0, _merge)
+        # the same merge, inline (a helper call would need a jit function in one mode and not the other)
+        tot = n + cn
+        frac = tl.where(tot > 0, cn / tot, 0.0)
+        delta = cmean - mean
+        m2 = m2 + cm2 + delta * delta * n * frac
+        mean = mean + delta * frac
+        n = tot
+    var = m2 / (n - 1.0)  # unbiased, as masked_whiten; fewer than 2 valid tokens give inf/NaN (callers check)
+    tl.store(out_ptr, mean)
+    tl.store(out_ptr + 1, 1.0 / tl.sqrt(var + eps))
+
+
+def _whiten_kernel(adv_ptr, m_ptr, mom_ptr, N, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    valid = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+    a = tl.load(adv_ptr + offs, mask=inb, other=0.0)
+    mean = tl.load(mom_ptr)
+    rstd = tl.load(mom_ptr + 1)
+    w = (a - mean) * rstd
+    if not SHIFT_MEAN:
+        w = w + mean
+    tl.store(adv_ptr + offs, tl.where(valid, w, 0.0), mask=inb)
 
 
 _gae = late_jit(_gae_kernel)
+_moments = late_jit(_moments_kernel)
+_whiten = late_jit(_whiten_kernel)
 
 
-def gae_forward(
-    rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
-    """``rewards, values`` float32 ``[B, T]``, ``mask`` bool ``[B, T]``, ``bootstrap`` float32 ``[B]`` or None
-    -> ``(advantages, returns)`` float32 ``[B, T]`` (0 where mask is 0)."""
+def _check_inputs(rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None) -> None:
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
     n_b, n_t = rewards.shape
@@ -126,27 +184,66 @@ def gae_forward(
         raise ValueError(f"mask must be [{n_b}, {n_t}] on {dev}, got {tuple(mask.shape)} on {mask.device}")
     if bootstrap is not None and (bootstrap.shape != (n_b,) or bootstrap.device != dev):
         raise ValueError(f"bootstrap must be [{n_b}] on {dev}, got {tuple(bootstrap.shape)}")
+
+
+def _scan(rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float,
+          stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    _check_inputs(rewards, values, mask, bootstrap)
+    n_b, n_t = rewards.shape
+    dev = rewards.device
     m8 = mask.to(torch.bool).contiguous().view(torch.uint8)  # bytes: bool pointers are awkward in kernels
     boot = None if bootstrap is None else bootstrap.to(torch.float32).contiguous()
     adv = torch.empty((n_b, n_t), dtype=torch.float32, device=dev)
     ret = torch.empty((n_b, n_t), dtype=torch.float32, device=dev)
     if adv.numel() == 0:
-        return adv, ret
+        return adv, ret, m8, None
     chunk = gae_chunk(n_t)
     nc = -(-n_t // chunk)
     nc_p2 = max(2, next_pow2(nc))
     summ = torch.empty((5, n_b, nc), dtype=torch.float32, device=dev)
-    args = (rewards, values, m8, boot if boot is not None else rewards, adv, ret, summ, n_b, n_t, nc,
+    moments = torch.empty((3, n_b, nc), dtype=torch.float32, device=dev) if stats else summ
+    args = (rewards, values, m8, boot if boot is not None else rewards, adv, ret, summ, moments, n_b, n_t, nc,
             float(gamma), float(gamma) * float(lam))
     meta = dict(CHUNK=chunk, NC_P2=nc_p2, HAS_BOOT=boot is not None, num_warps=4)
-    ctx = torch.cuda.device(dev) if dev.type == "cuda" else None
-    if ctx is not None:
-        ctx.__enter__()
-    try:
+    with on_device(rewards):
         if nc > 1:
-            _gae[(n_b, nc)](*args, PHASE=0, **meta)
-        _gae[(n_b, nc)](*args, PHASE=1, **meta)
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+            _gae[(n_b, nc)](*args, PHASE=0, STATS=False, **meta)
+        _gae[(n_b, nc)](*args, PHASE=1, STATS=stats, **meta)
+    return adv, ret, m8, (moments if stats else None)
+
+
+def gae_forward(
+    rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """``rewards, values`` float32 ``[B, T]``, ``mask`` bool ``[B, T]``, ``bootstrap`` float32 ``[B]`` or None
+    -> ``(advantages, returns)`` float32 ``[B, T]`` (0 where mask is 0)."""
+    adv, ret, _, _ = _scan(rewards, values, mask, bootstrap, gamma, lam, stats=False)
     return adv, ret
+
+
+def gae_whiten_forward(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    bootstrap: Tensor | None,
+    gamma: float,
+    lam: float,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """GAE with the advantages whitened over all valid tokens (as ``masked_whiten``: unbiased variance), fused:
+    the scan also emits per-chunk (count, mean, M2); one program merges them in a fixed order (deterministic);
+    a last pass normalises in place. Returns ``(whitened advantages, returns)``, returns from the raw advantages;
+    0 where mask is 0. Needs at least 2 valid tokens (else NaN/inf: the caller validates)."""
+    adv, ret, m8, moments = _scan(rewards, values, mask, bootstrap, gamma, lam, stats=True)
+    if moments is None:
+        return adv, ret
+    p = moments.shape[1] * moments.shape[2]
+    mom = torch.empty(2, dtype=torch.float32, device=adv.device)
+    n = adv.numel()
+    block = 1024
+    with on_device(adv):
+        _moments[(1,)](moments, mom, p, float(eps), RB=min(1024, max(16, next_pow2(p))), num_warps=4)
+        _whiten[(-(-n // block),)](adv, m8, mom, n, SHIFT_MEAN=bool(shift_mean), BLOCK=block, num_warps=4)
+    return adv, ret
+

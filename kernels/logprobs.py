@@ -14,7 +14,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ._jit import interpreting, late_jit, next_pow2
+from ._jit import interpreting, late_jit, next_pow2, on_device
 
 # Row order of the ``terms`` output of ``ppo_loss_forward``. It must equal ``fastppo.autograd.PPO_TERMS``
 # (kernels do not import the autograd layer; a test asserts the two agree).
@@ -220,21 +220,6 @@ def _labels(labels: Tensor, n: int, device: torch.device) -> Tensor:
     return labels.to(torch.int64).contiguous()
 
 
-class _on_device:
-    """Launch on the tensor's GPU (not the current one); a no-op on CPU (interpreter)."""
-
-    def __init__(self, t: Tensor) -> None:
-        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def logprobs_forward(
     logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -249,7 +234,7 @@ def logprobs_forward(
     if n == 0:
         return logp, ent, lse
     block, warps = row_config(v, x.dtype)
-    with _on_device(x):
+    with on_device(x):
         _row_forward[(n,)](
             x, x.stride(0), x.stride(1), n_t, lab, v, 1.0 / float(temperature),
             logp, ent if ent is not None else logp, lse,
@@ -295,7 +280,7 @@ def logprobs_backward(
     if n == 0:
         return out
     block, warps = row_config(v, x.dtype)
-    with _on_device(x):
+    with on_device(x):
         _row_backward[(n,)](
             x, x.stride(0), x.stride(1), n_t, lab, v, 1.0 / float(temperature), lse,
             entropy if grad_entropy is not None else lse,
@@ -340,7 +325,7 @@ def ppo_loss_forward(
     if n == 0:
         return terms
     block, warps = row_config(v, x.dtype)
-    with _on_device(x):
+    with on_device(x):
         _row_forward[(n,)](
             x, x.stride(0), x.stride(1), n_t, lab, v, 1.0 / float(temperature),
             terms, terms, terms,

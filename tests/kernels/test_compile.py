@@ -83,7 +83,7 @@ _ROW_BWD = {
 }
 _GAE = {
     "r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "boot_ptr": "*fp32", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
-    "summ_ptr": "*fp32", "B": "i32", "T": "i32", "NC": "i32", "gamma": "fp32", "gl": "fp32",
+    "summ_ptr": "*fp32", "stats_ptr": "*fp32", "B": "i32", "T": "i32", "NC": "i32", "gamma": "fp32", "gl": "fp32",
 }
 
 
@@ -103,8 +103,13 @@ def _variants():
             out.append((lp._row_backward_kernel, bwd, dict(BLOCK=block, HAS_GLP=glp, HAS_GH=gh), 16))
     out.append((lp._row_forward_kernel, {**_ROW_FWD, "x_ptr": "*fp16"},
                 dict(BLOCK=1024, WITH_ENTROPY=False, PPO=False, HAS_REF=False, DUAL=False, KL_KIND=0), 4))
-    for phase in (0, 1):
-        out.append((gae._gae_kernel, _GAE, dict(CHUNK=256, NC_P2=64, PHASE=phase, HAS_BOOT=phase == 1), 4))
+    for phase, stats in ((0, False), (1, False), (1, True)):
+        out.append((gae._gae_kernel, _GAE, dict(CHUNK=256, NC_P2=64, PHASE=phase, HAS_BOOT=phase == 1,
+                                                 STATS=stats), 4))
+    out.append((gae._moments_kernel, {"stats_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "eps": "fp32"},
+                dict(RB=1024), 4))
+    out.append((gae._whiten_kernel, {"adv_ptr": "*fp32", "m_ptr": "*u8", "mom_ptr": "*fp32", "N": "i32"},
+                dict(SHIFT_MEAN=True, BLOCK=1024), 4))
     return out
 
 

@@ -106,6 +106,22 @@ def test_public_gae_triton_backend(device):
     assert torch.all(w_adv[~m] == 0)
 
 
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fused_whitening_matches_reference(shift_mean, chunked, request, device):
+    if chunked:
+        request.getfixturevalue("small_chunk")
+    r, v, m, boot = _inputs(4, 45, seed=11, device=device)
+    r = r + 3.0  # a mean far from 0: the merge of per-chunk moments must not lose the variance
+    m[1] = False
+    adv, ret = fk.gae_whiten_forward(r, v, m, boot, 0.99, 0.95, shift_mean=shift_mean)
+    e_adv, e_ret = _ref(r, v, m, boot, 0.99, 0.95)
+    e_w = ref.masked_whiten(e_adv, m, shift_mean=shift_mean) * m
+    _check(adv, e_w)
+    _check(ret, e_ret)
+    assert torch.all(adv[~m] == 0)
+
+
 def test_launcher_rejects_bad_inputs(device):
     r, v, m, boot = _inputs(2, 5, seed=10, device=device)
     with pytest.raises(ValueError):
@@ -128,3 +144,6 @@ def test_gpu_real_size(b, t):
         e_adv, e_ret = _ref(r, v, m, boot, gamma, lam)
         _check(adv, e_adv)
         _check(ret, e_ret)
+    w_adv, _ = fk.gae_whiten_forward(r, v, m, boot, 0.99, 0.95)
+    e_adv, _ = _ref(r, v, m, boot, 0.99, 0.95)
+    _check(w_adv, ref.masked_whiten(e_adv, m) * m)
