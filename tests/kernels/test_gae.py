@@ -132,11 +132,12 @@ def test_launcher_rejects_bad_inputs(device):
         gae_forward(r, v, m, boot[:1], 1.0, 0.95)
 
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("b,t", [pytest.param(1, 16384, marks=gpu), pytest.param(4, 16384, marks=gpu),
-                                 pytest.param(256, 1024, marks=gpu), pytest.param(64, 4096, marks=gpu)])
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("b,t", [(1, 16384), (4, 16384), (256, 1024), (64, 4096)])
 def test_gpu_real_size(b, t):
     r, v, m, boot = _inputs(b, t, seed=b + t, p_valid=0.9, device="cuda")
     for gamma, lam in ((1.0, 1.0), (0.99, 0.95), (0.0, 0.0)):

@@ -14,6 +14,7 @@ import fastppo
 import fastppo.autograd as fa
 from fastppo import kernels as fk
 from fastppo import reference as ref
+from fastppo.reference.losses import LOG_RATIO_CLAMP
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 K = fk.logprobs
@@ -58,7 +59,7 @@ def _flat3(x: torch.Tensor) -> torch.Tensor:
 def test_ppo_terms_order_matches_autograd():
     assert K.PPO_TERMS == fa.PPO_TERMS
     assert K.KL_KINDS == fa.KL_KINDS
-    assert K.LOG_RATIO_CLAMP == 20.0
+    assert K.LOG_RATIO_CLAMP == LOG_RATIO_CLAMP
 
 
 def test_block_config_depends_on_vocab_and_dtype_only():
@@ -501,7 +502,7 @@ def test_ppo_loss_low_precision_no_worse_than_pytorch(dtype, device):
 
 
 # ------------------------------------------------------------------------------------------- GPU, real size
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _ref_rows(x: torch.Tensor, lab: torch.Tensor, rows: torch.Tensor, temperature: float):
@@ -511,8 +512,9 @@ def _ref_rows(x: torch.Tensor, lab: torch.Tensor, rows: torch.Tensor, temperatur
 
 @pytest.mark.parametrize("v", [32000, 128256, 151936])
 @pytest.mark.parametrize("n", [1, 4097, 16384])
-@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
-def test_gpu_real_size_bf16(n, v, mark):
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_real_size_bf16(n, v):
     torch.manual_seed(n + v)
     x = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)
     lab = torch.randint(0, v, (n,), device="cuda")
@@ -536,8 +538,9 @@ def test_gpu_real_size_bf16(n, v, mark):
 
 
 @pytest.mark.parametrize("v", [32000, 151936])
-@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
-def test_gpu_real_size_fp32_and_ppo(v, mark):
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_real_size_fp32_and_ppo(v):
     n = 4096
     torch.manual_seed(v)
     x = torch.randn(2, n // 2, v, device="cuda") * 2
