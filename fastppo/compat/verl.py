@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 import fastppo
+from fastppo.reference.advantages import dense_group_ids, group_stats
 from fastppo.reference.losses import ppo_token_terms
 
 __all__ = [
@@ -140,6 +141,11 @@ def _group_ids(index: Any, device: torch.device) -> Tensor:
     return torch.as_tensor(inverse, dtype=torch.int64, device=device)
 
 
+def _singletons(gid: Tensor) -> Tensor:
+    ones = torch.ones(gid.shape, dtype=torch.float32, device=gid.device)
+    return torch.zeros_like(ones).index_add_(0, gid, ones)[gid] < 2
+
+
 def compute_grpo_outcome_advantage(
     token_level_rewards: Tensor,
     response_mask: Tensor,
@@ -151,10 +157,15 @@ def compute_grpo_outcome_advantage(
     """GRPO on ``fastppo.grpo_advantages``: score = sum of token rewards; ``(advantages, advantages)``."""
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
+        gid = _group_ids(index, scores.device)
         adv = fastppo.grpo_advantages(
-            scores, _group_ids(index, scores.device), response_mask, norm_by_std=norm_adv_by_std_in_grpo,
-            eps=epsilon,
+            scores, gid, response_mask, norm_by_std=norm_adv_by_std_in_grpo, eps=epsilon
         ).to(torch.promote_types(scores.dtype, torch.float32))
+        if norm_adv_by_std_in_grpo:
+            # verl keeps a group of one's std as a float32 tensor(1.0), so its divisor 1 + eps is float32-rounded.
+            div = float(torch.tensor(1.0) + epsilon)
+            single = (scores.to(adv.dtype) / div).unsqueeze(-1) * response_mask
+            adv = torch.where(_singletons(gid).unsqueeze(-1), single.to(adv.dtype), adv)
     return adv, adv
 
 
@@ -166,11 +177,18 @@ def compute_grpo_vectorized_outcome_advantage(
     norm_adv_by_std_in_grpo: bool = True,
     config: Any = None,
 ) -> tuple[Tensor, Tensor]:
-    """verl's vectorised GRPO: the same estimator with the group statistics taken in float32."""
-    scores = token_level_rewards.sum(dim=-1).float()
-    return compute_grpo_outcome_advantage(
-        scores.unsqueeze(-1), response_mask, index, epsilon=epsilon, norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo
-    )
+    """verl's vectorised GRPO: group mean/std in float32 (fastppo's ``index_add`` group statistics, a group of
+    one has mean 0 / std 1), applied to the scores in their own dtype."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        gid = dense_group_ids(_group_ids(index, scores.device))
+        n, mean, std = group_stats(scores.float(), gid)
+        single = n < 2
+        mean = torch.where(single, torch.zeros_like(mean), mean)
+        std = torch.where(single, torch.ones_like(std), std)
+        scalars = (scores - mean) / (std + epsilon) if norm_adv_by_std_in_grpo else scores - mean
+        adv = scalars.unsqueeze(-1) * response_mask
+    return adv, adv
 
 
 def compute_rloo_outcome_advantage(
