@@ -52,6 +52,12 @@ class PPOConfig:
                      ("shared", "separate"))
     critic_model: str = _f("", "separate critic: path of a causal LM used as the value trunk; empty = copy of policy")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    lora_r: int = _f(0, "LoRA rank (needs peft); > 0 trains a LoRA adapter on the policy and the reference model is "
+                     "the base weights with the adapter disabled (no second copy); 0 = full fine-tuning")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj",
+                                  "comma-separated module names to adapt, or all-linear")
     # --- task / reward ----------------------------------------------------------------------------------------
     task: str = _f("reverse", "prompts: the embedded digit-reversal task, or prompts from prompts_file",
                    ("reverse", "prompts_file"))
@@ -104,9 +110,9 @@ class PPOConfig:
     kl_coef: float = _f(0.03, "initial KL coefficient (to the reference model)")
     kl_kind: str = _f("k1", "KL estimator per token", ("k1", "k2", "k3", "abs"))
     kl_in_loss: bool = _f(False, "put the KL term in the loss (GRPO style) instead of the per-token reward")
-    adaptive_kl: bool = _f(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = _f(0.5, "adaptive KL: target sequence KL")
-    kl_horizon: int = _f(10000, "adaptive KL: horizon in sequences")
+    adaptive_kl: bool = _f(True, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = _f(3.0, "adaptive KL: target KL per sequence (sum over tokens of kl_kind)")
+    kl_horizon: int = _f(2000, "adaptive KL: horizon in sequences")
     # --- logging / checkpoints --------------------------------------------------------------------------------
     save_every: int = _f(100, "checkpoint every N PPO steps (and at the end); 0 = only at the end")
     keep_checkpoints: int = _f(2, "how many complete checkpoints to keep")
@@ -189,6 +195,15 @@ class PPOConfig:
             # The tiny model is built for the embedded task's vocabulary; other prompts need a real tokenizer.
             if not self.tokenizer:
                 raise ConfigError("task=prompts_file with the tiny built-in model needs tokenizer (a path)")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.lora_r:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError("lora_r > 0 needs the peft package (pip install peft)")
+            if self.gradient_checkpointing:
+                raise ConfigError("gradient_checkpointing with a LoRA adapter is not supported by the engine yet")
         if self.advantage_estimator in ("grpo", "rloo"):
             import fastppo
 

@@ -100,6 +100,37 @@ def build_causal_lm(cfg: PPOConfig, tokenizer, path: str = "") -> nn.Module:
     return lm
 
 
+def apply_lora(lm: nn.Module, cfg: PPOConfig) -> nn.Module:
+    """Wrap ``lm`` in a peft LoRA adapter; only the adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules.strip()
+    conf = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                      task_type="CAUSAL_LM")
+    return get_peft_model(lm, conf)
+
+
+class AdapterDisabledReference(nn.Module):
+    """The reference model of a LoRA policy: the same module with its adapter switched off (the base weights).
+
+    The policy is held outside the module tree so ``.to()`` / ``state_dict()`` do not see its weights twice.
+    """
+
+    def __init__(self, peft_lm: nn.Module) -> None:
+        super().__init__()
+        self._policy = [peft_lm]
+
+    @property
+    def config(self):
+        return self._policy[0].config
+
+    def forward(self, **kw):
+        lm = self._policy[0]
+        with lm.disable_adapter():
+            return lm(**kw)
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     ref = copy.deepcopy(module)
     ref.eval()

@@ -76,6 +76,11 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "fastppo
             smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
             ax.plot(steps, smooth, lw=2.0, color="tab:red", label=f"moving mean ({w})")
             ax.legend(fontsize=8)
+        if key == "kl" and any("kl_coef" in m for m in history):
+            twin = ax.twinx()  # the (adaptive) coefficient that holds the KL in check
+            twin.plot(steps, [m.get("kl_coef", float("nan")) for m in history], lw=1.2, ls="--", color="tab:green")
+            twin.set_ylabel("kl_coef (dashed)", color="tab:green", fontsize=8)
+            twin.tick_params(axis="y", labelsize=7, colors="tab:green")
         ax.set_title(label)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)

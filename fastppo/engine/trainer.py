@@ -25,7 +25,9 @@ from fastppo.engine import task as task_mod
 from fastppo.engine.config import PPOConfig
 from fastppo.engine.experience import Experience, make_experience, response_slice, score_rollout
 from fastppo.engine.models import (
+    AdapterDisabledReference,
     ValueModel,
+    apply_lora,
     build_causal_lm,
     build_reward,
     build_tokenizer,
@@ -101,9 +103,15 @@ class PPOTrainer:
         if not resume:
             self._warmup(lm)
             ckpt_io.save_module(lm, ref_path)  # the reference is fixed for the whole run; resume reloads it
-        self.ref_lm = frozen_copy(lm)
-        if resume:
-            ckpt_io.load_module(self.ref_lm, ref_path)
+        if cfg.lora_r:
+            # the base weights (after warm-up) stay frozen under the adapter and are the reference; they travel in
+            # the policy checkpoint, so resume needs nothing else
+            lm = apply_lora(lm, cfg)
+            self.ref_lm: torch.nn.Module = AdapterDisabledReference(lm)
+        else:
+            self.ref_lm = frozen_copy(lm)
+            if resume:
+                ckpt_io.load_module(self.ref_lm, ref_path)
         self.policy = ValueModel(lm).to(self.device)
         self.critic: ValueModel | None = None
         if cfg.critic == "separate":
@@ -347,7 +355,15 @@ class PPOTrainer:
         before = float(before_line.rsplit(":", 1)[1])
         final = self.run_dir / "final"
         final.mkdir(exist_ok=True)
-        self.policy.lm.save_pretrained(final)
+        from transformers.utils import logging as hf_logging
+
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise under our own bar
+        try:
+            self.policy.lm.save_pretrained(final)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(final)
         ckpt_io.save_module(self.policy.v_head, final / "value_head.safetensors")
         hist = self.metrics.history
