@@ -12,6 +12,10 @@ Every composition of such maps has the form ``(A, V) -> (C + G*A + H*V, vf if ha
 ``tl.associative_scan``. Phase 0 stores each chunk's total map; phase 1 folds the totals of the later chunks
 into the chunk's incoming carry ``(A_in, V_in)`` (starting from ``(0, bootstrap)``) and writes
 ``adv_t = C_t + G_t*A_in + H_t*V_in`` for the token's suffix map. Two launches, no host sync, fp32 math.
+
+``gae_whiten_forward`` also whitens the advantages over all valid tokens: phase 1 emits each chunk's
+(count, mean, M2), one program merges them in a fixed order (Chan's pairwise formula: no sum-of-squares
+cancellation, deterministic), and a last elementwise pass normalises in place.
 """
 
 from __future__ import annotations
