@@ -27,7 +27,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any: 
     return field(default=default, metadata=meta)
 
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+_ESTIMATOR_OPS = {"grpo": "grpo_advantages", "rloo": "rloo_advantages", "reinforce_pp": "reinforce_pp_advantages"}
 
 
 @dataclass
@@ -102,9 +103,9 @@ class PPOConfig:
                        ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
-    advantage_estimator: str = _f("gae", "advantages: GAE with the critic, or critic-free GRPO / RLOO (needs "
-                                  "samples_per_prompt > 1 and fastppo.grpo_advantages / rloo_advantages)",
-                                  ADVANTAGE_ESTIMATORS)
+    advantage_estimator: str = _f("gae", "advantages: GAE with the critic, or critic-free GRPO / RLOO (need "
+                                  "samples_per_prompt >= 2) / REINFORCE++; critic-free ones do not train the value "
+                                  "head (pair them with kl_in_loss for GRPO-style KL)", ADVANTAGE_ESTIMATORS)
     whiten_advantages: bool = _f(True, "normalise advantages over the batch's valid tokens")
     # --- KL -----------------------------------------------------------------------------------------------------
     kl_coef: float = _f(0.03, "initial KL coefficient (to the reference model)")
@@ -204,14 +205,14 @@ class PPOConfig:
                 raise ConfigError("lora_r > 0 needs the peft package (pip install peft)")
             if self.gradient_checkpointing:
                 raise ConfigError("gradient_checkpointing with a LoRA adapter is not supported by the engine yet")
-        if self.advantage_estimator in ("grpo", "rloo"):
+        if self.advantage_estimator != "gae":
             import fastppo
 
-            fn = f"{self.advantage_estimator}_advantages"
+            fn = _ESTIMATOR_OPS[self.advantage_estimator]
             if not hasattr(fastppo, fn):
                 raise ConfigError(f"advantage_estimator={self.advantage_estimator!r} needs fastppo.{fn}, which this "
                                   "build of fastppo does not provide")
-            if self.samples_per_prompt < 2:
+            if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
                 raise ConfigError(f"advantage_estimator={self.advantage_estimator!r} needs samples_per_prompt >= 2")
         return self
 

@@ -113,23 +113,28 @@ def make_experience(
     rewards = rewards.scatter_add(1, last[:, None], scores[:, None].float())
 
     if cfg.advantage_estimator == "gae":
-        adv, returns = fastppo.gae(rewards, values_t, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.backend)
+        # whitening happens inside the scan's launcher on kernel backends (one pass, no extra kernel)
+        adv, returns = fastppo.gae(rewards, values_t, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                   whiten_advantages=cfg.whiten_advantages, backend=cfg.backend)
     else:
-        adv, returns = _group_advantages(rewards, mask, cfg)
-    if cfg.whiten_advantages:
-        adv = fastppo.masked_whiten(adv, mask) * mask
+        adv, returns = critic_free_advantages(rewards, mask, cfg)
     return Experience(ids, attn, pos, labels, mask, old_logprobs, ref_logprobs, values_t, rewards, adv, returns,
                       scores, kl, entropy, p)
 
 
-def _group_advantages(rewards: Tensor, mask: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
-    """Critic-free advantages: each sequence's total reward compared within its group of samples_per_prompt.
-
-    Rows of one prompt are adjacent (the trainer repeats each prompt ``samples_per_prompt`` times).
-    """
-    fn = getattr(fastppo, f"{cfg.advantage_estimator}_advantages")
+def critic_free_advantages(rewards: Tensor, mask: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:
+    """GRPO / RLOO (each sequence's total reward against its group of ``samples_per_prompt``; rows of one prompt
+    are adjacent) or REINFORCE++ (whitened discounted returns). ``[B, T] -> ([B, T], [B, T])``."""
+    est = cfg.advantage_estimator
+    if est == "reinforce_pp":
+        return fastppo.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma, whiten=cfg.whiten_advantages,
+                                               backend=cfg.backend)
     seq_reward = (rewards * mask).sum(1)
     group = torch.arange(seq_reward.shape[0], device=rewards.device) // cfg.samples_per_prompt
-    adv_seq = fn(seq_reward, group)
-    adv = adv_seq[:, None].float() * mask
-    return adv, adv.clone()
+    if est == "grpo":  # already normalised per group: no batch whitening on top
+        adv = fastppo.grpo_advantages(seq_reward, group, mask, backend=cfg.backend)
+    else:
+        adv = fastppo.rloo_advantages(seq_reward, group, mask, backend=cfg.backend)
+        if cfg.whiten_advantages:
+            adv = fastppo.masked_whiten(adv, mask) * mask
+    return adv, adv

@@ -96,7 +96,9 @@ def build_causal_lm(cfg: PPOConfig, tokenizer, path: str = "") -> nn.Module:
         )
         lm = LlamaForCausalLM(conf).to(dtype)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+        # transformers 5 renamed it; keep working with both spellings
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable()
     return lm
 
 

@@ -58,8 +58,12 @@ def test_a_few_ppo_steps_write_the_run_directory(tmp_path):
         dict(gradient_checkpointing=True, loss_agg="seq-mean-token-mean", value_clip=None, dual_clip=3.0),
         dict(top_k=5, top_p=0.9, temperature=0.8, clip_range_high=0.28, missing_eos_penalty=0.5,
              whiten_advantages=False),
+        dict(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True),
+        dict(advantage_estimator="rloo", samples_per_prompt=2),
+        dict(advantage_estimator="reinforce_pp"),
     ],
-    ids=["separate-critic", "kl-in-loss-k3", "adaptive-kl-cosine", "grad-ckpt-seq-agg", "sampling-knobs"],
+    ids=["separate-critic", "kl-in-loss-k3", "adaptive-kl-cosine", "grad-ckpt-seq-agg", "sampling-knobs", "grpo",
+         "rloo", "reinforce-pp"],
 )
 def test_variants_train(tmp_path, overrides):
     cfg = tiny_config(total_steps=2, **overrides)
@@ -74,6 +78,22 @@ def test_variants_train(tmp_path, overrides):
         assert tr.kl_ctl.value != cfg.kl_coef
     if cfg.critic == "separate":
         assert any(not torch.equal(critic_before[k], v) for k, v in tr.critic.state_dict().items())
+
+
+def test_grpo_advantages_are_per_prompt_group(tmp_path):
+    cfg = tiny_config(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True, sft_steps=0)
+    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    torch.manual_seed(0)
+    prompts = [p for p in tr.train_prompts[:2] for _ in range(4)]
+    ro = tr._generate(prompts, greedy=False)
+    scores = torch.arange(8, dtype=torch.float32)  # distinct scores: every group has spread
+    e = make_experience(ro, scores, tr.policy, tr.ref_lm, tr.critic, cfg, 0.0)
+    m = e.mask
+    seq_adv = (e.advantages * m).sum(1) / m.sum(1)  # constant over a sequence's valid tokens
+    torch.testing.assert_close(e.advantages, seq_adv[:, None] * m)
+    for g in range(2):
+        s = scores[4 * g: 4 * g + 4]
+        torch.testing.assert_close(seq_adv[4 * g: 4 * g + 4], (s - s.mean()) / (s.std() + 1e-6))
 
 
 def test_kl_controller():
