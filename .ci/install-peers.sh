@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Install the peer frameworks the compat tests compare against (tests/compat), into the active Python, fast and
+# without touching torch: run after torch==2.13.0 (CPU) and fastppo are installed.
+#
+# - TRL 1.16.0 with its own (light) dependencies, plus TRL 0.11.4's trl/core.py (the v0.x logprobs_from_logits /
+#   masked_* helpers) unpacked under $FASTPPO_PEERS_DIR (default ~/.cache/fastppo-peers) for the tests to load.
+# - verl 0.9.1 and OpenRLHF 0.11.2 with --no-deps (they pin vLLM, flash-attn, ray[default], older transformers),
+#   plus exactly what the modules the tests import need: verl.utils.torch_functional, verl.trainer.ppo.core_algos,
+#   verl.workers.utils.losses; openrlhf.models.utils / loss (deepspeed, built from source without its ops).
+#   flash-attn has no CPU build, so openrlhf.models/__init__ (the actor) cannot load here; the tests load the
+#   installed utils.py / loss.py directly (tests/compat/conftest.py).
+# At the end torch must still be 2.13.0 and every peer module the tests use must import.
+set -euo pipefail
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python}
+pip_install() { "$PY" -m pip install -q "$@"; }
+
+torch_version() { "$PY" -c "import torch; print(torch.__version__)"; }
+TORCH_BEFORE=$(torch_version)
+case "$TORCH_BEFORE" in 2.13.0*) ;; *) echo "install-peers: expected torch 2.13.0 first, found $TORCH_BEFORE" >&2; exit 1;; esac
+# Anything that asks for torch must be satisfied by the installed build, never replace it.
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+echo "torch==$TORCH_BEFORE" > "$CONSTRAINTS"
+
+# --- TRL ---------------------------------------------------------------------------------------------------
+pip_install -c "$CONSTRAINTS" "trl==1.16.0"
+
+PEERS_DIR=${FASTPPO_PEERS_DIR:-$HOME/.cache/fastppo-peers}
+if [ ! -f "$PEERS_DIR/trl-0.11.4/trl/core.py" ]; then
+  TMP=$(mktemp -d)
+  "$PY" -m pip download -q --no-deps "trl==0.11.4" -d "$TMP"
+  mkdir -p "$PEERS_DIR/trl-0.11.4/trl"
+  "$PY" - "$TMP" "$PEERS_DIR/trl-0.11.4/trl/core.py" <<'EOF'
+import glob, sys, zipfile
+wheel = glob.glob(f"{sys.argv[1]}/trl-0.11.4-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("trl/core.py"))
+EOF
+  rm -rf "$TMP"
+fi
+
+# --- verl (its imported modules need omegaconf, codetiming, ray core, tensordict, PIL) ----------------------
+pip_install --no-deps "verl==0.9.1" "tensordict==0.15.3" "pyvers==0.2.3" "cloudpickle==3.1.2" "orjson==3.13.0" \
+  "codetiming==1.4.0"
+pip_install -c "$CONSTRAINTS" "omegaconf==2.3.0" "ray==2.60.0" "pillow" "numpy"
+
+# --- OpenRLHF (models.utils imports deepspeed) ---------------------------------------------------------------
+pip_install --no-deps "openrlhf==0.11.2"
+pip_install -c "$CONSTRAINTS" setuptools wheel "hjson==3.1.0" "py-cpuinfo==9.0.0" "ninja==1.13.2" "pydantic>=2" \
+  "msgpack==1.2.4" "einops==0.8.2" "nvidia-ml-py==13.615.71" psutil packaging
+DS_BUILD_OPS=0 pip_install --no-deps --no-build-isolation "deepspeed==0.19.6"
+# The OpenRLHF wheel also installs its own test suite as a top-level `tests` package; drop it so it can never
+# shadow this repository's tests/.
+"$PY" - <<'EOF'
+import importlib.metadata as md, pathlib, shutil
+dist = md.distribution("openrlhf")
+stray = {pathlib.Path(dist.locate_file(f)).parent for f in dist.files or [] if str(f).startswith("tests/")}
+for d in sorted(stray, key=lambda p: len(p.parts)):
+    if d.name == "tests" and d.is_dir():
+        shutil.rmtree(d, ignore_errors=True)
+EOF
+
+# --- checks ----------------------------------------------------------------------------------------------
+TORCH_AFTER=$(torch_version)
+if [ "$TORCH_AFTER" != "$TORCH_BEFORE" ]; then
+  echo "install-peers: torch changed from $TORCH_BEFORE to $TORCH_AFTER" >&2
+  exit 1
+fi
+"$PY" - <<'EOF'
+import importlib, importlib.util, sys, types, pathlib
+for name in ("trl.trainer.utils", "verl.utils.torch_functional", "verl.trainer.ppo.core_algos",
+             "verl.workers.utils.losses", "deepspeed"):
+    importlib.import_module(name)
+spec = importlib.util.find_spec("openrlhf")
+pkg = types.ModuleType("openrlhf.models")
+pkg.__path__ = [str(pathlib.Path(spec.origin).parent / "models")]
+sys.modules["openrlhf.models"] = pkg
+importlib.import_module("openrlhf.models.utils")
+importlib.import_module("openrlhf.models.loss")
+print("install-peers: trl, verl, openrlhf ready; torch", __import__("torch").__version__)
+EOF
