@@ -252,21 +252,19 @@ def gae(
     name = _backend_for(backend, rewards, "gae")
     if rewards.numel() == 0:
         name = "torch"
+    if whiten_advantages:
+        V.check_value(mask.bool().sum() >= 2, "gae(whiten_advantages=True) needs at least 2 valid tokens")
     if name == "torch":
         adv, ret = ref.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap_value=bootstrap_value)
     else:
+        mod = _dispatch.launcher_module(name)
         boot = None if bootstrap_value is None else bootstrap_value.float().contiguous()
-        launch = _dispatch.launcher_module(name).gae_forward
-        adv, ret = launch(
-            rewards.float().contiguous(),
-            values.float().contiguous(),
-            mask.bool().contiguous(),
-            boot,
-            float(gamma),
-            float(lam),
-        )
+        args = (rewards.float().contiguous(), values.float().contiguous(), mask.bool().contiguous(), boot,
+                float(gamma), float(lam))
+        if whiten_advantages and hasattr(mod, "gae_whiten_forward"):
+            return mod.gae_whiten_forward(*args)  # scan + moments + normalise, fused (two-phase) in the backend
+        adv, ret = mod.gae_forward(*args)
     if whiten_advantages:
-        V.check_value(mask.bool().sum() >= 2, "gae(whiten_advantages=True) needs at least 2 valid tokens")
         adv = ref.masked_whiten(adv, mask) * mask.to(adv.dtype)
     return adv, ret
 
@@ -289,13 +287,12 @@ def _check_clips(clip_low: float, clip_high: float | None, dual_clip: float | No
 
 
 def _loss_inputs(names: tuple[str, ...], tensors: tuple[object, ...], mask: object) -> tuple[list[Tensor], Tensor]:
-    first = V.float_tensor(names[0], tensors[0])
-    out = [first]
-    for name, t in zip(names[1:], tensors[1:]):
-        out.append(V.float_tensor(name, t))
-    V.same_shape(names[0], first, **dict(zip(names[1:], out[1:])))
+    named = {name: V.float_tensor(name, t) for name, t in zip(names, tensors, strict=True)}
+    out = list(named.values())
+    first = out[0]
+    V.same_shape(names[0], first, **named)
     mask = V.mask_tensor("mask", mask, first.shape)
-    V.same_device(mask=mask, **dict(zip(names, out)))
+    V.same_device(mask=mask, **named)
     if first.numel() == 0:
         raise ValueError("empty batch: the loss of no tokens is undefined")
     V.check_value(mask.bool().any(), "all-masked batch: the mask has no valid token, the loss would be 0/0")

@@ -148,3 +148,15 @@ def test_gpu_real_size(b, t):
     w_adv, _ = fk.gae_whiten_forward(r, v, m, boot, 0.99, 0.95)
     e_adv, _ = _ref(r, v, m, boot, 0.99, 0.95)
     _check(w_adv, ref.masked_whiten(e_adv, m) * m)
+
+
+def test_public_gae_whiten_uses_the_fused_triton_path():
+    from tests.tolerances import assert_close
+
+    g = torch.Generator().manual_seed(21)
+    r, v = torch.randn(3, 70, generator=g), torch.randn(3, 70, generator=g)
+    m = torch.rand(3, 70, generator=g) > 0.3
+    adv, ret = fastppo.gae(r, v, m, gamma=0.99, lam=0.95, whiten_advantages=True, backend="triton")
+    raw, e_ret = ref.gae(r.double(), v.double(), m, gamma=0.99, lam=0.95)
+    assert_close(adv, ref.masked_whiten(raw, m) * m, torch.float32)
+    assert_close(ret, e_ret, torch.float32)
