@@ -235,3 +235,23 @@ def test_lora_policy_reference_is_the_base_and_resume_is_exact(tmp_path):
         assert torch.equal(v, tb.policy.state_dict()[k]), k
     strip = lambda h: [{k: v for k, v in m.items() if not k.startswith("time") and k != "tokens_per_s"} for m in h]
     assert strip(tr.metrics.history) == strip(tb.metrics.history)
+
+
+def test_hf_model_path_prompts_file_and_bf16(tmp_path):
+    from fastppo.engine.models import build_causal_lm
+    from fastppo.engine.task import make_tokenizer
+
+    # a local Hugging Face checkpoint (model + tokenizer) and a jsonl prompts file, as a user would bring them
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    build_causal_lm(tiny_config(), tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["1 2 =", "3 4 5 =", "6 =", "7 8 9 0 ="]))
+    cfg = tiny_config(model=str(tmp_path / "model"), task="prompts_file", prompts_file=str(prompts), total_steps=2,
+                      dtype="bfloat16")
+    tr = PPOTrainer(cfg, tmp_path / "run", echo=_quiet)
+    assert next(tr.policy.lm.parameters()).dtype == torch.bfloat16
+    tr.train()
+    assert all(math.isfinite(m["loss"]) for m in tr.metrics.history)
+    assert (tmp_path / "run" / "samples_after.txt").read_text().count("->") == 2
