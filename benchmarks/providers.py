@@ -25,6 +25,10 @@ class Missing(Exception):
     """The provider cannot run here; the message says why (becomes the row's ``missing: ...`` status)."""
 
 
+class Skipped(Exception):
+    """The provider could run but is deliberately not timed; the message says why (``skipped: ...``)."""
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.providers import Missing, Outputs, Provider
+from benchmarks.providers import Missing, Outputs, Provider, Skipped
 from benchmarks.timing import TimingConfig, peak_extra_bytes, time_call
 
 EAGER = "eager"  # the provider every speed-up is measured against
@@ -70,7 +70,7 @@ class Row:
     err_flag: str = ""  # "ok" | "WRONG" | "" (not measured)
     speedup_vs_eager: float | None = None
     repeats: int | None = None
-    status: str = "ok"  # "ok" | "missing: ..." | "error: ..."
+    status: str = "ok"  # "ok" | "missing: ..." | "skipped: ..." | "error: ..."
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,6 +131,8 @@ def run_case(
             row.peak_extra_mib = None if peak is None else peak / 2**20
         except Missing as exc:
             row.status = f"missing: {exc}"
+        except Skipped as exc:
+            row.status = f"skipped: {exc}"
         except Exception as exc:
             row.status = f"error: {_short(exc)}"
             log(f"  {prov.name}: {row.status}\n{traceback.format_exc(limit=3)}")

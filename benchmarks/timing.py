@@ -9,15 +9,14 @@ Time
 Peak extra memory
   GPU: ``torch.cuda.max_memory_allocated()`` during one call minus ``memory_allocated()`` before it (memory the
   call needs on top of its inputs; outputs still alive at the end count, as they would in a training step).
-  CPU: ``tracemalloc`` cannot see torch's allocator, so we use the kernel's resident-set high-water mark in a
-  forked child. The child (which inherits the warmed-up provider and its inputs copy-on-write) pins glibc's
-  mmap threshold to 64 KiB and calls ``malloc_trim(0)``, so every tensor above that is a fresh mapping or a
-  freshly faulted heap page rather than recycled memory that is already resident; it resets ``VmHWM`` by
-  writing ``5`` to ``/proc/self/clear_refs``, makes one call, and reports ``VmHWM`` minus ``VmRSS`` before the
-  call, minus the fixed cost of any torch call in such a child (measured once on a 16-element op). The child
-  runs single-threaded (GNU OpenMP's thread pool does not survive fork); peak memory does not depend on the
-  thread count for these ops. The parent's allocator and timings are untouched. Where fork or ``clear_refs``
-  is unavailable the figure is reported as ``None`` ("n/a"), never guessed.
+  CPU: ``tracemalloc`` cannot see torch's allocator, so we use the kernel's resident-set high-water mark.
+  For the whole run glibc's mmap threshold is pinned at 32 MiB (``pin_cpu_allocator``): that is the value
+  glibc's dynamic threshold settles at in a long-running process, so timings see the usual steady state. For
+  the one probed call the threshold drops to 64 KiB and ``malloc_trim(0)`` hands free heap pages back, so
+  every tensor above 64 KiB is a fresh mapping or freshly faulted heap page rather than resident memory being
+  recycled; ``VmHWM`` is reset by writing ``5`` to ``/proc/self/clear_refs``, and the peak is ``VmHWM`` after
+  the call minus ``VmRSS`` before it. Then the threshold goes back to 32 MiB. Where glibc or ``clear_refs`` is
+  unavailable the figure is reported as ``None`` ("n/a"), never guessed.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import os
-import select
 import statistics
 import time
 from collections.abc import Callable
@@ -125,51 +122,46 @@ def cpu_peak_supported() -> bool:
     return _reset_hwm()
 
 
-def _pin_mmap_threshold() -> None:
-    libc = ctypes.CDLL(None)
-    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD; setting it also turns off the dynamic threshold
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    # Free chunks left in the heap by earlier calls would be reused without new page faults (invisible to
-    # VmHWM): hand their pages back first so that whatever the measured call touches is counted.
-    libc.malloc_trim(0)
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter; setting it also turns the dynamic threshold off
+_STEADY_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_PROBE_THRESHOLD = 64 * 1024
 
 
-def _cpu_peak_forked(fn: Callable[[], object], timeout_s: float) -> int | None:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: measure one call, report through the pipe, never return into the parent's code
-        code = 1
-        try:
-            os.close(r)
-            torch.set_num_threads(1)
-            _pin_mmap_threshold()
-            base = _proc_status_bytes("VmRSS")
-            if _reset_hwm():
-                out = fn()
-                peak = _proc_status_bytes("VmHWM") - base
-                del out
-                os.write(w, str(peak).encode())
-                code = 0
-        except BaseException:
-            pass
-        finally:
-            os._exit(code)
-    os.close(w)
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     try:
-        ready, _, _ = select.select([r], [], [], timeout_s)
-        data = os.read(r, 64) if ready else b""
+        libc = ctypes.CDLL(None)
+        libc.mallopt  # noqa: B018  (glibc only: musl/macOS lack mallopt/malloc_trim)
+        libc.malloc_trim  # noqa: B018
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def pin_cpu_allocator() -> bool:
+    """Pin glibc's mmap threshold at its steady-state 32 MiB for the run (see the module docstring)."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_THRESHOLD))
+
+
+def _cpu_peak(fn: Callable[[], object]) -> int | None:
+    libc = _libc()
+    if libc is None or not cpu_peak_supported():
+        return None
+    libc.mallopt(_M_MMAP_THRESHOLD, _PROBE_THRESHOLD)
+    try:
+        libc.malloc_trim(0)
+        base = _proc_status_bytes("VmRSS")
+        _reset_hwm()
+        out = fn()
+        peak = _proc_status_bytes("VmHWM") - base
+        del out
     finally:
-        os.close(r)
-        if not data:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        os.waitpid(pid, 0)
-    return int(data) if data else None
+        libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_THRESHOLD)
+    return max(int(peak), 0)
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device, timeout_s: float = 300.0) -> int | None:
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak memory ``fn()`` needs beyond what was allocated before it (bytes), or None when unmeasurable."""
     gc.collect()
     if device.type == "cuda":
@@ -181,14 +173,4 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device, timeout_s: 
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return max(int(peak), 0)
-    if not hasattr(os, "fork") or not cpu_peak_supported():
-        return None
-    peak = _cpu_peak_forked(fn, timeout_s)
-    return None if peak is None else max(peak - _cpu_fixed_cost(), 0)
-
-
-@functools.cache
-def _cpu_fixed_cost() -> int:
-    """What the child's first torch call costs whatever it does (dispatcher state, heap pages trimmed away and
-    faulted back by small allocations; ~4.5 MiB here): measured once on a 16-element op and subtracted."""
-    return _cpu_peak_forked(lambda: torch.empty(16).fill_(1.0), 60.0) or 0
+    return _cpu_peak(fn)

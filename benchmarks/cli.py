@@ -1,0 +1,90 @@
+"""``fastppo bench [ops|gae|e2e|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
+
+Runs the suites, prints a rich table, writes CSV + JSON + PNG plots into ``--out`` (default
+``benchmarks/results/`` next to this file). ``--quick`` runs one small shape per op with short timing loops
+(the CI smoke run: under 2 minutes on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_gae, bench_kl, bench_logprobs, bench_ppo_loss, bench_value_loss, report
+from benchmarks.runner import Row, dtype_name, run_case
+from benchmarks.timing import FULL, QUICK, pin_cpu_allocator
+
+SUITES = {
+    "ops": (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss),
+    "gae": (bench_gae,),
+    "e2e": (),  # bench_e2e has its own loop (whole PPO steps, not cases x providers)
+}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastppo bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
+    p.add_argument("--quick", action="store_true", help="one small shape per op, short timing (CI smoke run)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--only", default="", help="comma-separated op names to keep, e.g. logprobs,gae")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--no-table", action="store_true", help="do not print the table")
+    return p
+
+
+def run_suites(suites: list[str], device: torch.device, quick: bool, only: set[str],
+               log=print) -> list[Row]:
+    timing = QUICK if quick else FULL
+    rows: list[Row] = []
+    for suite in suites:
+        for mod in SUITES[suite]:
+            if only and mod.OP not in only:
+                continue
+            for case in mod.cases(device, quick, suite=suite):
+                t0 = time.perf_counter()
+                case_rows = run_case(case, mod.providers(device), timing, log=log)
+                rows += case_rows
+                ran = sum(r.status == "ok" for r in case_rows)
+                log(f"[{suite}] {case.op} {case.mode} {dtype_name(case.dtype)} {case.shape}: "
+                    f"{ran}/{len(case_rows)} providers ran ({time.perf_counter() - t0:.1f}s)")
+        if suite == "e2e" and (not only or "ppo_step" in only):
+            from benchmarks import bench_e2e
+
+            rows += bench_e2e.run(device, quick, log=log)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("fastppo bench: --device cuda but no CUDA device is available", file=sys.stderr)
+            return 2
+    if device.type == "cpu":
+        pin_cpu_allocator()
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    t0 = time.perf_counter()
+    rows = run_suites(suites, device, args.quick, only, log=lambda m: print(m, file=sys.stderr, flush=True))
+    elapsed = time.perf_counter() - t0
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    meta = report.metadata(device, suites, args.quick, {"elapsed_s": round(elapsed, 1), "argv": argv_used})
+    paths = report.write_all(rows, meta, args.out, report.file_stem(device, suites))
+    if not args.no_table:
+        report.print_table(rows)
+    print(f"{len(rows)} rows in {elapsed:.0f}s on {meta['device_name']}")
+    for kind, path in paths.items():
+        print(f"  {kind:10s} {path}")
+    wrong = [r for r in rows if r.err_flag == "WRONG"]
+    if wrong:
+        print(f"WARNING: {len(wrong)} provider result(s) exceed the error bound (max_err column): "
+              + ", ".join(sorted({f'{r.op}/{r.provider}' for r in wrong})))
+    return 0

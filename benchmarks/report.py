@@ -1,0 +1,245 @@
+"""Turn result rows into files and a table: CSV, JSON (rows + machine/versions metadata), PNG plots, rich table.
+
+File names: ``<stem>.csv``, ``<stem>.json``, ``<stem>-time_vs_V.png``, ``<stem>-speedup.png`` with
+``stem = bench-<suites>-<device>-<UTC timestamp>``, so runs on different machines and days never collide.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.providers import PEER_DISTS, version_of
+from benchmarks.runner import Row
+
+CSV_FIELDS = [
+    "suite", "op", "mode", "provider", "group", "device", "dtype", "shape", "N", "V", "B", "T", "median_ms", "gbps",
+    "min_bytes", "peak_extra_mib", "max_err", "err_flag", "speedup_vs_eager", "repeats", "status", "notes",
+]
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{cpu_model()}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
+
+
+def metadata(device: torch.device, suites: list[str], quick: bool, extra: dict[str, Any] | None = None) -> dict:
+    import fastppo
+
+    meta = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {d: version_of(d) for d in PEER_DISTS},
+        "torch_cuda": torch.version.cuda,
+        "fastppo_backends": {k: {"available": v.available, "reason": v.reason} for k, v in fastppo.backends().items()},
+        "suites": suites,
+        "quick": quick,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    meta.update(extra or {})
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------- files
+def file_stem(device: torch.device, suites: list[str]) -> str:
+    ts = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"bench-{'+'.join(suites)}-{device_slug(device)}-{ts}"
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible as strings
+    return v
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.as_dict().items()})
+
+
+def write_json(rows: list[Row], meta: dict, path: Path) -> None:
+    data = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.as_dict().items()} for r in rows]}
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def load_json(path: Path) -> tuple[dict, list[dict]]:
+    data = json.loads(Path(path).read_text())
+    return data["meta"], data["rows"]
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def _ok(r: dict) -> bool:
+    return r.get("status") == "ok" and isinstance(r.get("median_ms"), (int, float))
+
+
+def plot_time_vs_v(rows: list[dict], path: Path, title: str) -> bool:
+    """One panel per (op, mode, dtype) over the vocabulary ops at their largest N: median ms vs V, per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vocab = [r for r in rows if _ok(r) and r.get("V")]
+    if not vocab:
+        return False
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for r in vocab:
+        panels[(r["op"], r["mode"], r["dtype"])].append(r)
+    keys = sorted(panels)
+    ncol = min(2, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 4.2 * nrow), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        sub = panels[key]
+        n_max = max(r["N"] for r in sub)
+        by_prov: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in sub:
+            if r["N"] == n_max:
+                by_prov[r["provider"]].append((r["V"], r["median_ms"]))
+        for prov, pts in sorted(by_prov.items()):
+            pts.sort()
+            style = "-o" if prov.startswith("fastppo") else "--s" if prov in ("eager", "torch.compile") else ":^"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel("median time (ms, log)")
+        ax.set_title(f"{key[0]} {key[1]} {key[2]}, N={n_max}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
+    """Speed-up over eager PyTorch per provider, one bar group per (op, mode, dtype) at its largest shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if _ok(r) and isinstance(r.get("speedup_vs_eager"), (int, float))]
+    if not ok:
+        return False
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        groups[(r["op"], r["mode"], r["dtype"])].append(r)
+    labels, series = [], defaultdict(dict)
+    for key in sorted(groups):
+        sub = groups[key]
+        biggest = max(sub, key=lambda r: (r.get("N") or 0) * (r.get("V") or 1))
+        shape = biggest["shape"]
+        labels.append(f"{key[0]} {key[1]}\n{key[2]} {shape}")
+        for r in sub:
+            if r["shape"] == shape:
+                series[r["provider"]][len(labels) - 1] = r["speedup_vs_eager"]
+    provs = sorted(series, key=lambda p: (not p.startswith("fastppo"), p))
+    width = 0.8 / max(len(provs), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(labels)), 4.8))
+    for k, prov in enumerate(provs):
+        xs = [i + k * width for i in series[prov]]
+        ax.bar(xs, list(series[prov].values()), width=width, label=prov)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speed-up vs eager PyTorch (log; >1 is faster)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------------------------------- table
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec)
+
+
+def print_table(rows: list[Row], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(show_lines=False, header_style="bold")
+    for col in ("op", "mode", "dtype", "shape", "provider", "ms", "GB/s", "peak MiB", "max err", "vs eager",
+                "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        if r.status == "ok":
+            err = _fmt(r.max_err, ".1e")
+            err = f"[red]{err} WRONG[/red]" if r.err_flag == "WRONG" else err
+            sp = _fmt(r.speedup_vs_eager, ".2f")
+            status = "ok"
+        else:
+            err = sp = "-"
+            status = f"[dim]{r.status}[/dim]" if not r.status.startswith("error") else f"[red]{r.status}[/red]"
+        table.add_row(r.op, r.mode, r.dtype, r.shape, r.provider, _fmt(r.median_ms, ".3f"), _fmt(r.gbps, ".2f"),
+                      _fmt(r.peak_extra_mib, ".1f"), err, sp, status)
+    console.print(table)
+
+
+def write_all(rows: list[Row], meta: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
+    write_csv(rows, paths["csv"])
+    write_json(rows, meta, paths["json"])
+    dicts = [r.as_dict() for r in rows]
+    title = f"fastppo bench on {meta['device_name']} ({meta['date_utc'][:10]})"
+    p = out_dir / f"{stem}-time_vs_V.png"
+    if plot_time_vs_v(dicts, p, title):
+        paths["time_vs_V"] = p
+    p = out_dir / f"{stem}-speedup.png"
+    if plot_speedup(dicts, p, title):
+        paths["speedup"] = p
+    return paths
