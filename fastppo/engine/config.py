@@ -83,6 +83,8 @@ class PPOConfig:
     temperature: float = _f(1.0, "sampling temperature (logprobs use the same temperature)")
     top_k: int = _f(0, "top-k sampling; 0 = off")
     top_p: float = _f(1.0, "nucleus sampling; 1.0 = off")
+    kv_cache: str = _f("dynamic", "generation KV cache: dynamic (grows) or static (preallocated, fixed shapes)",
+                       ("dynamic", "static"))
     forward_batch_size: int = _f(64, "sequences per forward pass when computing experience")
     # --- PPO ----------------------------------------------------------------------------------------------------
     ppo_epochs: int = _f(2, "passes over each batch of experience")

@@ -78,13 +78,16 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     use_cache: bool = True,
+    cache: str = "dynamic",
     generator: torch.Generator | None = None,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` per left-padded prompt ``[B, P]``; returns a ``Rollout``.
 
-    ``use_cache=False`` recomputes the whole prefix each step (the slow path the cached loop must equal).
+    ``cache="dynamic"`` grows the KV cache step by step; ``"static"`` preallocates ``P + max_new_tokens`` slots
+    (fixed shapes, friendlier to torch.compile / CUDA graphs). ``use_cache=False`` recomputes the whole prefix
+    each step (the slow path the cached loop must equal).
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids/prompt_mask must both be [B, P], got {tuple(prompt_ids.shape)}, "
@@ -93,13 +96,18 @@ def generate(
     dev = prompt_ids.device
     attn = prompt_mask.long()
     pos = position_ids_from_mask(attn)
-    cache = DynamicCache(config=lm.config) if use_cache else None
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    kv = None
+    if use_cache:
+        kv = (DynamicCache(config=lm.config) if cache == "dynamic"
+              else StaticCache(config=lm.config, max_cache_len=prompt_ids.shape[1] + max_new_tokens))
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
     tokens: list[Tensor] = []
     alive: list[Tensor] = []
     step_ids, step_pos = prompt_ids, pos
     for t in range(max_new_tokens):
-        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache,
+        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=kv,
                  use_cache=use_cache)
         logits = out.logits[:, -1, :].float()
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)

@@ -173,7 +173,8 @@ class PPOTrainer:
         self.policy.eval()
         return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy)
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
+                        cache=cfg.kv_cache)
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str]) -> tuple[float, list[str], list[str], list[float]]:

@@ -31,9 +31,10 @@ def _gen(lm, tok, prompts, **kw):
                     pad_token_id=tok.pad_token_id, **kw)
 
 
-def test_greedy_with_cache_equals_without_cache(lm_tok):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_with_cache_equals_without_cache(lm_tok, cache):
     lm, tok = lm_tok
-    a = _gen(lm, tok, PROMPTS, greedy=True, use_cache=True)
+    a = _gen(lm, tok, PROMPTS, greedy=True, use_cache=True, cache=cache)
     b = _gen(lm, tok, PROMPTS, greedy=True, use_cache=False)
     assert a.response_ids.shape[1] > 1
     assert torch.equal(a.response_ids, b.response_ids)

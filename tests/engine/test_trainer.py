@@ -57,7 +57,7 @@ def test_a_few_ppo_steps_write_the_run_directory(tmp_path):
         dict(adaptive_kl=True, kl_target=0.01, kl_horizon=100, lr_schedule="cosine", warmup_steps=2),
         dict(gradient_checkpointing=True, loss_agg="seq-mean-token-mean", value_clip=None, dual_clip=3.0),
         dict(top_k=5, top_p=0.9, temperature=0.8, clip_range_high=0.28, missing_eos_penalty=0.5,
-             whiten_advantages=False),
+             whiten_advantages=False, kv_cache="static"),
         dict(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True),
         dict(advantage_estimator="rloo", samples_per_prompt=2),
         dict(advantage_estimator="reinforce_pp"),
