@@ -15,7 +15,8 @@ USAGE = """usage: fastppo train [--config FILE.yaml] [--field value ...]
        fastppo train --resume RUN_DIR
 
 With no arguments: the embedded default (a tiny Llama learns to reverse digit strings: supervised warm-up on
-noisy demonstrations, then PPO against a verifier with a KL penalty to the warm-up model; a few minutes on CPU).
+noisy demonstrations, then PPO against a verifier with an adaptive KL penalty to the warm-up model; about
+1-2 minutes on a 2-core CPU).
 Writes RUN_DIR (default runs/<timestamp>): config.yaml, metrics.jsonl, tensorboard/, curves.png,
 samples_before.txt / samples_after.txt, checkpoints/, final/, summary.json.
 
