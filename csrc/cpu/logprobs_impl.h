@@ -50,22 +50,22 @@ RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool wan
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t n = V - b0 < kBlock ? V - b0 : kBlock;
     const E* xb = x + b0;
-    // pass 1: block max (and NaN, which max would drop)
+    // pass 1: block max of the raw logits (T > 0 keeps the order) and NaN, which max would drop
     V8 vmax = Isa::set1(-INFINITY);
     typename Isa::mask vnan = Isa::mask_none();
     int64_t j = 0;
     for (; j + W <= n; j += W) {
-      const V8 y = Isa::mul(Isa::load(xb + j), vit);
-      vmax = Isa::max(vmax, y);
-      vnan = Isa::mask_or(vnan, Isa::isnan(y));
+      const V8 x8 = Isa::load(xb + j);
+      vmax = Isa::max(vmax, x8);
+      vnan = Isa::mask_or(vnan, Isa::isnan(x8));
     }
     if (j < n) {
-      const V8 y = Isa::mul(Isa::load_tail(xb + j, n - j, -INFINITY), vit);
-      vmax = Isa::max(vmax, y);
-      vnan = Isa::mask_or(vnan, Isa::isnan(y));
+      const V8 x8 = Isa::load_tail(xb + j, n - j, -INFINITY);
+      vmax = Isa::max(vmax, x8);
+      vnan = Isa::mask_or(vnan, Isa::isnan(x8));
     }
     if (Isa::any(vnan)) return RowStats{NAN, NAN, NAN};
-    const float bm = Isa::hmax(vmax);
+    const float bm = Isa::hmax(vmax) * inv_t;
     if (bm == -INFINITY) continue;  // an all -inf block adds nothing (and must not meet -inf - -inf)
     if (bm > m) {
       if (s > 0.0) {  // rescale the sums to the new max: e' = e*c, d' = d + delta
@@ -76,32 +76,33 @@ RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool wan
       }
       m = bm;
     }
-    // pass 2: one exp per element; two accumulators per sum for instruction-level parallelism
+    // pass 2: one exp per element, d = x/T - m in one FMA; two accumulators per sum for ILP. The entropy
+    // term uses exp's clamped argument: e * dc = 0 at -inf entries where e * d would be 0 * -inf = NaN.
     const V8 vm = Isa::set1(m);
     V8 s0 = Isa::zero(), s1 = Isa::zero(), w0 = Isa::zero(), w1 = Isa::zero();
     j = 0;
     if (want_entropy) {
       for (; j + 2 * W <= n; j += 2 * W) {
-        const V8 d0 = Isa::sub(Isa::mul(Isa::load(xb + j), vit), vm);
-        const V8 d1 = Isa::sub(Isa::mul(Isa::load(xb + j + W), vit), vm);
-        const V8 e0 = Isa::exp(d0), e1 = Isa::exp(d1);
+        V8 dc0, dc1;
+        const V8 e0 = Isa::exp(Isa::fmsub(Isa::load(xb + j), vit, vm), dc0);
+        const V8 e1 = Isa::exp(Isa::fmsub(Isa::load(xb + j + W), vit, vm), dc1);
         s0 = Isa::add(s0, e0);
         s1 = Isa::add(s1, e1);
-        w0 = Isa::add(w0, Isa::zero_where_zero(e0, Isa::mul(e0, d0)));
-        w1 = Isa::add(w1, Isa::zero_where_zero(e1, Isa::mul(e1, d1)));
+        w0 = Isa::fmadd(e0, dc0, w0);
+        w1 = Isa::fmadd(e1, dc1, w1);
       }
     } else {
       for (; j + 2 * W <= n; j += 2 * W) {
-        s0 = Isa::add(s0, Isa::exp(Isa::sub(Isa::mul(Isa::load(xb + j), vit), vm)));
-        s1 = Isa::add(s1, Isa::exp(Isa::sub(Isa::mul(Isa::load(xb + j + W), vit), vm)));
+        s0 = Isa::add(s0, Isa::exp(Isa::fmsub(Isa::load(xb + j), vit, vm)));
+        s1 = Isa::add(s1, Isa::exp(Isa::fmsub(Isa::load(xb + j + W), vit, vm)));
       }
     }
     for (; j < n; j += W) {
       const V8 x8 = j + W <= n ? Isa::load(xb + j) : Isa::load_tail(xb + j, n - j, -INFINITY);
-      const V8 d = Isa::sub(Isa::mul(x8, vit), vm);
-      const V8 e = Isa::exp(d);
+      V8 dc;
+      const V8 e = Isa::exp(Isa::fmsub(x8, vit, vm), dc);
       s0 = Isa::add(s0, e);
-      if (want_entropy) w0 = Isa::add(w0, Isa::zero_where_zero(e, Isa::mul(e, d)));
+      if (want_entropy) w0 = Isa::fmadd(e, dc, w0);
     }
     s += static_cast<double>(Isa::hsum(Isa::add(s0, s1)));
     if (want_entropy) w += static_cast<double>(Isa::hsum(Isa::add(w0, w1)));
@@ -140,10 +141,10 @@ void row_backward(const E* x, E* out, int64_t V, int64_t label, float inv_t, flo
   for (; j < V; j += W) {
     const bool full = j + W <= V;
     const V8 x8 = full ? Isa::load(x + j) : Isa::load_tail(x + j, V - j, -INFINITY);
-    const V8 lp = Isa::sub(Isa::mul(x8, vit), vlse);
-    const V8 p = Isa::exp(lp);
-    // p*(g + h*(lp + H)); where p == 0 (masked vocabulary, lp = -inf) the term is 0, not 0*inf
-    const V8 t = Isa::zero_where_zero(p, Isa::mul(p, Isa::fmadd(vh, lp, vgh)));
+    V8 lpc;  // lp clamped to a finite value where p == 0 (masked vocabulary): the term is 0, not 0 * inf
+    const V8 p = Isa::exp(Isa::fmsub(x8, vit, vlse), lpc);
+    // p*(g + h*(lp + H))
+    const V8 t = Isa::mul(p, Isa::fmadd(vh, lpc, vgh));
     const V8 dx = Isa::mul(t, vneg);
     if (full) {
       Isa::store(out + j, dx);

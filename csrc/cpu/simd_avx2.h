@@ -66,15 +66,18 @@ struct Isa {
   static inline vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
   static inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline vec fmsub(vec a, vec b, vec c) { return _mm256_fmsub_ps(a, b, c); }
   static inline vec max(vec a, vec b) { return _mm256_max_ps(a, b); }  // NaN is tracked apart (isnan)
 
-  // exp(x) to ~1-2 ulp for x <= 88 (the kernels only take exp of x - max <= 0 and of log-probs):
+  // exp(x) to ~1-2 ulp for x <= 88 (the kernels take exp of x - max <= 0 and of log-probs <= ~0):
   // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, exp(r) by a degree-7 polynomial (Horner, FMA).
-  // Exact edge cases without -ffast-math: exp(-inf) = 0, exp(NaN) = NaN, x < ln(FLT_MIN) flushes to 0.
-  static inline vec exp(vec x) {
+  // Exact edge cases without -ffast-math: exp(-inf) = 0, exp(NaN) = NaN (max/min take NaN from their second
+  // operand, so it flows through), x < ln(FLT_MIN) flushes to 0. `xc` returns x clamped to
+  // [ln(FLT_MIN), 88]: equal to x wherever exp(x) != 0, and finite where x = -inf, so e * xc is the
+  // p*log(p)-style product with 0 (not 0 * -inf = NaN) at masked entries, without a compare.
+  static inline vec exp(vec x, vec& xc) {
     const vec lo = _mm256_set1_ps(-87.33654475f);  // ln(FLT_MIN): below, the result would be subnormal
-    const vec hi = _mm256_set1_ps(88.0f);
-    const vec xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(lo, x));
     const vec n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // r = x - n*ln2 with ln2 split in two so n*ln2_hi is exact
@@ -89,17 +92,16 @@ struct Isa {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     const vec r2 = _mm256_mul_ps(r, r);
     p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // 2^n through the exponent field; n is in [-126, 127] after the clamp
+    // 2^n through the exponent field; n is in [-126, 127] after the clamp (NaN: p is NaN already)
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    vec y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);                              // -> 0
-    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));    // -> inf
-    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));                       // NaN stays
+    const vec y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);  // -inf and underflow -> 0
+  }
+  static inline vec exp(vec x) {
+    vec xc;
+    return exp(x, xc);
   }
 
-  static inline vec zero_where_zero(vec e, vec t) {
-    return _mm256_and_ps(_mm256_cmp_ps(e, _mm256_setzero_ps(), _CMP_NEQ_UQ), t);
-  }
   static inline mask isnan(vec x) { return _mm256_cmp_ps(x, x, _CMP_UNORD_Q); }
   static inline mask mask_none() { return _mm256_setzero_ps(); }
   static inline mask mask_or(mask a, mask b) { return _mm256_or_ps(a, b); }

@@ -37,10 +37,14 @@ struct Isa {
   static inline vec sub(vec a, vec b) { return a - b; }
   static inline vec mul(vec a, vec b) { return a * b; }
   static inline vec fmadd(vec a, vec b, vec c) { return a * b + c; }
+  static inline vec fmsub(vec a, vec b, vec c) { return a * b - c; }
   static inline vec max(vec a, vec b) { return a > b ? a : b; }
   static inline vec exp(vec x) { return expf(x); }
-  // t where e != 0 (NaN counts as != 0, so NaN propagates), else 0: p*log(p) -> 0 at p == 0.
-  static inline vec zero_where_zero(vec e, vec t) { return e != 0.0f ? t : 0.0f; }
+  // exp(x) and x clamped below at ln(FLT_MIN) (NaN kept): see simd_avx2.h
+  static inline vec exp(vec x, vec& xc) {
+    xc = x < -87.33654475f ? -87.33654475f : x;
+    return expf(x);
+  }
   static inline mask isnan(vec x) { return x != x; }
   static inline mask mask_none() { return false; }
   static inline mask mask_or(mask a, mask b) { return a || b; }
