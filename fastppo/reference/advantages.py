@@ -99,40 +99,46 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
     0 after the last valid token and 0 where mask is 0. ``[B, T], [B, T] -> [B, T]``.
 
     Closed form without a loop over time: with ``k_t`` the number of valid tokens before ``t``,
-    ``G_t = sum_{valid s >= t} gamma^(k_s - k_t) r_s``. Evaluated in chunks of ``C ~ sqrt(T)`` tokens (a
-    ``C x C`` decay matrix inside each chunk, an ``nC x nC`` one across chunks) so every exponent is >= 0:
-    nothing overflows at any length, and memory is ``O(B * T * sqrt(T))``.
+    ``G_t = sum_{valid s >= t} gamma^(k_s - k_t) r_s``. Evaluated in chunks of ``C ~ sqrt(T)`` tokens: inside
+    a chunk, a reverse cumulative sum of ``gamma^(k_s - K) r_s`` (``K`` = the chunk's first rank) rescaled by
+    ``gamma^-(k_t - K)``, in float64 with ``C`` small enough that ``gamma^-C`` cannot overflow; across chunks
+    an ``nC x nC`` decay matrix with non-negative exponents. Nothing overflows at any length.
     """
     dtype = _dtype(rewards)
     m = mask.bool()
     B, T = m.shape
-    r = torch.where(m, rewards.to(dtype), torch.zeros((), dtype=dtype, device=rewards.device))
-    if T == 0:
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(m, rewards.to(dtype), zero)
+    if T == 0 or gamma == 0.0:
         return r
-    C = max(1, math.isqrt(T - 1) + 1)
+    if gamma == 1.0:  # undiscounted (the common REINFORCE++ setting): a reverse cumulative sum
+        return torch.where(m, torch.flip(torch.cumsum(torch.flip(r, [-1]), -1), [-1]), zero)
+    f64 = torch.float64
+    # gamma^C >= 1e-290 keeps gamma^-C finite in float64; tiny gammas get short chunks (more cross-chunk work).
+    c_max = max(1, int(-290.0 * math.log(10.0) / math.log(gamma)))
+    C = max(1, min(math.isqrt(T - 1) + 1, c_max))
     nC = -(-T // C)
     pad = nC * C - T
+    r64, mp = r.to(f64), m
     if pad:
-        r = torch.nn.functional.pad(r, (0, pad))
-        m = torch.nn.functional.pad(m, (0, pad))
-    k = torch.cumsum(m.to(torch.int64), -1) - m.to(torch.int64)  # exclusive valid rank
-    g = torch.tensor(gamma, dtype=dtype, device=r.device)
-    rc, kc = r.view(B, nC, C), k.view(B, nC, C)
-    upper = torch.ones(C, C, dtype=torch.bool, device=r.device).triu()  # [i, j]: j >= i
-    e = (kc.unsqueeze(-2) - kc.unsqueeze(-1)).clamp_min(0)  # [B, nC, i, j] = k_j - k_i
-    local = torch.where(upper, g.pow(e.to(dtype)), torch.zeros((), dtype=dtype, device=r.device))
-    local = (local * rc.unsqueeze(-2)).sum(-1)  # [B, nC, C]: the part of G_t inside t's chunk
-    K = kc[..., 0]  # [B, nC] valid rank at each chunk start; local[..., 0] is the chunk's sum from there
+        r64 = torch.nn.functional.pad(r64, (0, pad))
+        mp = torch.nn.functional.pad(m, (0, pad))
+    k = torch.cumsum(mp.to(torch.int64), -1) - mp.to(torch.int64)  # exclusive valid rank
+    g = torch.tensor(gamma, dtype=f64, device=r.device)
+    kc = k.view(B, nC, C)
+    K = kc[..., 0]  # [B, nC] valid rank at each chunk start
+    w = g.pow((kc - K.unsqueeze(-1)).to(f64))  # in [gamma^C, 1]
+    scaled = w * r64.view(B, nC, C)
+    local = torch.flip(torch.cumsum(torch.flip(scaled, [-1]), -1), [-1]) / w  # the part of G_t inside t's chunk
     upper_c = torch.ones(nC, nC, dtype=torch.bool, device=r.device).triu()
     ec = (K.unsqueeze(-2) - K.unsqueeze(-1)).clamp_min(0)
-    tail = torch.where(upper_c, g.pow(ec.to(dtype)), torch.zeros((), dtype=dtype, device=r.device))
-    tail = (tail * local[..., 0].unsqueeze(-2)).sum(-1)  # [B, nC]: G at each chunk start
-    zero = torch.zeros(B, 1, dtype=dtype, device=r.device)
-    tail_next = torch.cat([tail[:, 1:], zero], dim=1)
+    decay = torch.where(upper_c, g.pow(ec.to(f64)), torch.zeros((), dtype=f64, device=r.device))
+    tail = (decay * local[..., 0].unsqueeze(-2)).sum(-1)  # [B, nC]: G at each chunk start
+    tail_next = torch.cat([tail[:, 1:], tail.new_zeros(B, 1)], dim=1)
     K_next = torch.cat([K[:, 1:], K[:, -1:]], dim=1)
-    G = local + g.pow((K_next.unsqueeze(-1) - kc).clamp_min(0).to(dtype)) * tail_next.unsqueeze(-1)
-    G = G.reshape(B, nC * C)[:, :T]
-    return torch.where(m[:, :T], G, torch.zeros((), dtype=dtype, device=r.device))
+    G = local + g.pow((K_next.unsqueeze(-1) - kc).clamp_min(0).to(f64)) * tail_next.unsqueeze(-1)
+    G = G.reshape(B, nC * C)[:, :T].to(dtype)
+    return torch.where(m, G, zero)
 
 
 def reinforce_pp_advantages(
