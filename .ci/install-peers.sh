@@ -26,7 +26,8 @@ echo "torch==$TORCH_BEFORE" > "$CONSTRAINTS"
 # --- TRL ---------------------------------------------------------------------------------------------------
 pip_install -c "$CONSTRAINTS" "trl==1.16.0"
 
-PEERS_DIR=${FASTPPO_PEERS_DIR:-$HOME/.cache/fastppo-peers}
+# Same default as tests/compat/conftest.py (Path.home() also works where $HOME is unset).
+PEERS_DIR=${FASTPPO_PEERS_DIR:-$("$PY" -c "import pathlib; print(pathlib.Path.home() / '.cache' / 'fastppo-peers')")}
 if [ ! -f "$PEERS_DIR/trl-0.11.4/trl/core.py" ]; then
   TMP=$(mktemp -d)
   "$PY" -m pip download -q --no-deps "trl==0.11.4" -d "$TMP"
