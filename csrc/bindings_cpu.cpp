@@ -128,9 +128,10 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("gamma"), py::arg("lam"), py::arg("advantages"), py::arg("returns"), py::arg("threads"),
       py::call_guard<py::gil_scoped_release>(), "GAE reverse scan: advantages, returns [B, T] (float32).");
 
-  m.def("simd_level", &fastppo::cpu::simd_level, "'avx2' or 'scalar': the row kernels that run.");
-  m.def("set_simd_enabled", &fastppo::cpu::set_simd_enabled, py::arg("enabled"),
-        "False forces the portable scalar kernels (tests); True uses the best the CPU supports.");
+  m.def("simd_level", &fastppo::cpu::simd_level, "'avx512', 'avx2' or 'scalar': the row kernels that run.");
+  m.def("set_simd_level", &fastppo::cpu::set_simd_level, py::arg("level"),
+        "Cap the row kernels at 'avx512', 'avx2' or 'scalar' (capped again by what the CPU supports); returns "
+        "the level in use.");
   m.attr("NUM_TERMS") = static_cast<int>(fastppo::cpu::kNumTerms);
   m.attr("DTYPES") = py::make_tuple("float32", "bfloat16", "float16");
 }

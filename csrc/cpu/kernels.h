@@ -78,12 +78,18 @@ void logprobs_backward(const LogprobsBwdArgs& a);
 void ppo_loss_forward(const PpoFwdArgs& a);
 void gae_forward(const GaeArgs& a);
 
-// Which row-kernel instruction set runs: "avx2" (AVX2+FMA+F16C, checked at run time) or "scalar".
+// Which row-kernel instruction set runs: "avx512" (AVX-512F), "avx2" (AVX2+FMA+F16C) or "scalar",
+// the best this CPU supports (checked at run time) unless capped by set_simd_level.
 std::string simd_level();
-// Force the portable scalar path (tests), or go back to the best the CPU supports.
-void set_simd_enabled(bool enabled);
+// Cap the instruction set ("avx512", "avx2" or "scalar"; tests and benchmarks). Returns the level in use.
+std::string set_simd_level(const std::string& level);
 
-// One instruction set's row kernels (logprobs_avx2.cpp, logprobs_scalar.cpp).
+// One instruction set's row kernels (logprobs_avx512.cpp, logprobs_avx2.cpp, logprobs_scalar.cpp).
+namespace avx512 {
+void logprobs_forward(const LogprobsFwdArgs& a);
+void logprobs_backward(const LogprobsBwdArgs& a);
+void ppo_loss_forward(const PpoFwdArgs& a);
+}  // namespace avx512
 namespace avx2 {
 void logprobs_forward(const LogprobsFwdArgs& a);
 void logprobs_backward(const LogprobsBwdArgs& a);

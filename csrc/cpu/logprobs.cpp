@@ -1,5 +1,6 @@
 // Dispatch of the fused logprobs / PPO-loss row kernels to the best instruction set this CPU has.
 #include <atomic>
+#include <stdexcept>
 #include <string>
 
 #include "kernels.h"
@@ -9,39 +10,67 @@ namespace cpu {
 
 namespace {
 
-bool cpu_has_avx2() {
+enum Level : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int cpu_level() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  // libgcc's check also asks the OS (XGETBV) whether it saves the ymm/zmm state
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return kAvx512;
+  return avx2 ? kAvx2 : kScalar;
 #else
-  return false;
+  return kScalar;
 #endif
 }
 
-const bool kHasAvx2 = cpu_has_avx2();
-std::atomic<bool> g_simd_enabled{true};
+const int kCpuLevel = cpu_level();
+std::atomic<int> g_level{kCpuLevel};
 
-bool use_avx2() { return kHasAvx2 && g_simd_enabled.load(std::memory_order_relaxed); }
+const char* level_name(int level) { return level == kAvx512 ? "avx512" : (level == kAvx2 ? "avx2" : "scalar"); }
 
 }  // namespace
 
-std::string simd_level() { return use_avx2() ? "avx2" : "scalar"; }
+std::string simd_level() { return level_name(g_level.load(std::memory_order_relaxed)); }
 
-void set_simd_enabled(bool enabled) { g_simd_enabled.store(enabled); }
+std::string set_simd_level(const std::string& level) {
+  int want;
+  if (level == "avx512") {
+    want = kAvx512;
+  } else if (level == "avx2") {
+    want = kAvx2;
+  } else if (level == "scalar") {
+    want = kScalar;
+  } else {
+    throw std::invalid_argument("simd level must be 'avx512', 'avx2' or 'scalar', got '" + level + "'");
+  }
+  g_level.store(want < kCpuLevel ? want : kCpuLevel);
+  return simd_level();
+}
 
 void logprobs_forward(const LogprobsFwdArgs& a) {
-  if (use_avx2()) return avx2::logprobs_forward(a);
-  return scalar::logprobs_forward(a);
+  switch (g_level.load(std::memory_order_relaxed)) {
+    case kAvx512: return avx512::logprobs_forward(a);
+    case kAvx2: return avx2::logprobs_forward(a);
+    default: return scalar::logprobs_forward(a);
+  }
 }
 
 void logprobs_backward(const LogprobsBwdArgs& a) {
-  if (use_avx2()) return avx2::logprobs_backward(a);
-  return scalar::logprobs_backward(a);
+  switch (g_level.load(std::memory_order_relaxed)) {
+    case kAvx512: return avx512::logprobs_backward(a);
+    case kAvx2: return avx2::logprobs_backward(a);
+    default: return scalar::logprobs_backward(a);
+  }
 }
 
 void ppo_loss_forward(const PpoFwdArgs& a) {
-  if (use_avx2()) return avx2::ppo_loss_forward(a);
-  return scalar::ppo_loss_forward(a);
+  switch (g_level.load(std::memory_order_relaxed)) {
+    case kAvx512: return avx512::ppo_loss_forward(a);
+    case kAvx2: return avx2::ppo_loss_forward(a);
+    default: return scalar::ppo_loss_forward(a);
+  }
 }
 
 }  // namespace cpu

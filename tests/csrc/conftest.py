@@ -1,5 +1,6 @@
 """C++ CPU extension tests. The extension must build and load in CI: a missing module fails these tests with
-its import error (it is never skipped). ``simd`` runs a test on both row-kernel paths (AVX2 and scalar)."""
+its import error (it is never skipped). ``simd`` runs a test on every row-kernel path the CPU has (AVX-512, AVX2,
+scalar)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,13 @@ def cpp():
     return launchers
 
 
-@pytest.fixture(params=["avx2", "scalar"])
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
 def simd(request, cpp):
-    """Run on the AVX2 kernels (when this CPU has them) and on the portable scalar ones."""
+    """Run on each row-kernel instruction set this CPU has (AVX-512F, AVX2+FMA+F16C, portable scalar)."""
     want = request.param
-    cpp.module.set_simd_enabled(want == "avx2")
     try:
-        if want == "avx2" and cpp.module.simd_level() != "avx2":
-            pytest.skip("this CPU has no AVX2+FMA+F16C; the scalar variant covers it")
+        if cpp.module.set_simd_level(want) != want:
+            pytest.skip(f"this CPU has no {want}; the lower levels cover it")
         yield want
     finally:
-        cpp.module.set_simd_enabled(True)
+        cpp.module.set_simd_level("avx512")  # back to the best the CPU supports

@@ -23,17 +23,20 @@ def test_cpu_extension_loads_and_reports():
     assert info.available, info.reason
     assert "fastppo._C_cpu" in info.reason
     mod = _native.module("cpp")
-    assert mod.simd_level() in ("avx2", "scalar")
+    assert mod.simd_level() in ("avx512", "avx2", "scalar")
     assert mod.NUM_TERMS == len(fastppo.autograd.PPO_TERMS)
     launchers = _dispatch.launcher_module("cpp")
     for fn in ("logprobs_forward", "logprobs_backward", "ppo_loss_forward", "gae_forward"):
         assert callable(getattr(launchers, fn))
 
 
-def test_avx2_path_used_on_avx2_cpus():
+def test_best_simd_level_for_this_cpu():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    has = all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
-    assert (_native.module("cpp").simd_level() == "avx2") == has
+    has_avx2 = all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+    expected = "avx512" if has_avx2 and " avx512f" in flags else ("avx2" if has_avx2 else "scalar")
+    assert _native.module("cpp").simd_level() == expected
+    with pytest.raises(ValueError, match="simd level"):
+        _native.module("cpp").set_simd_level("sse9")
 
 
 def test_missing_extension_reports_its_import_error(monkeypatch):
