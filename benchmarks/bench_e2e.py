@@ -16,6 +16,7 @@ same code-built tokenizer; otherwise its row says missing, with the reason.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -81,6 +82,7 @@ def run_engine(device: torch.device, s: dict[str, int]) -> Row:
 
 # ------------------------------------------------------------------------------------------------------ TRL
 def _trl_classes() -> tuple[Any, Any]:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # we know it is experimental; keep the log clean
     errors = []
     for mod in ("trl.experimental.ppo", "trl"):
         try:

@@ -31,7 +31,7 @@ LAM = 0.95
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
     """``[(B, T)]``: many short, fewer medium, few very long responses (256k tokens each)."""
     if quick:
-        return [(64, 512)]
+        return [(32, 512)]
     return [(256, 1024), (64, 4096), (4, 16384)]
 
 

@@ -28,7 +28,7 @@ MODES = ("fwd", "fwd+bwd")
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
     """``[(B, T)]``: a PPO batch of token logprobs (the GAE shapes, 256k tokens) and a 4x larger one."""
     if quick:
-        return [(64, 1024)]
+        return [(32, 1024)]
     return [(256, 1024), (256, 4096)] if device.type == "cpu" else [(256, 1024), (64, 4096), (512, 4096)]
 
 

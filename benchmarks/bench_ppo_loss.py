@@ -28,7 +28,6 @@ from fastppo import reference as ref
 OP = "ppo_loss"
 CLIP = 0.2
 KL_COEF = 0.04
-DTYPES = (torch.float32, torch.bfloat16)
 
 
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
@@ -214,7 +213,7 @@ def providers(device: torch.device) -> list[Provider]:
 
 def cases(device: torch.device, quick: bool, suite: str = "ops"):
     for n, v in shapes(device, quick):
-        for dtype in DTYPES:
+        for dtype in bench_logprobs.dtypes(quick):
             inputs = make_inputs(n, v, dtype, device)
             b, t = inputs["labels"].shape
             yield Case(suite, OP, "fwd+bwd", device, dtype, {"N": n, "V": v, "B": b, "T": t}, inputs,

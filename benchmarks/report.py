@@ -206,26 +206,38 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def _short_shape(r: Row) -> str:
+    if r.V:
+        return f"N={r.N} V={r.V}"
+    return f"{r.B}x{r.T}" if r.B and r.T else r.shape
+
+
 def print_table(rows: list[Row], console: Any = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # piped/CI logs: wide enough that rows stay on one line
     table = Table(show_lines=False, header_style="bold")
-    for col in ("op", "mode", "dtype", "shape", "provider", "ms", "GB/s", "peak MiB", "max err", "vs eager",
-                "status"):
-        table.add_column(col, overflow="fold")
+    for col in ("op", "mode", "dtype", "shape", "provider", "ms", "GB/s", "peak MiB", "max err", "vs eager"):
+        numeric = col in ("ms", "GB/s", "peak MiB", "vs eager")
+        table.add_column(col, no_wrap=True, justify="right" if numeric else "left")
+    table.add_column("status / notes", overflow="ellipsis", no_wrap=True, max_width=60)
     for r in rows:
         if r.status == "ok":
             err = _fmt(r.max_err, ".1e")
             err = f"[red]{err} WRONG[/red]" if r.err_flag == "WRONG" else err
             sp = _fmt(r.speedup_vs_eager, ".2f")
-            status = "ok"
+            status = escape(r.notes) if r.op == "ppo_step" else "ok"
         else:
             err = sp = "-"
-            status = f"[dim]{r.status}[/dim]" if not r.status.startswith("error") else f"[red]{r.status}[/red]"
-        table.add_row(r.op, r.mode, r.dtype, r.shape, r.provider, _fmt(r.median_ms, ".3f"), _fmt(r.gbps, ".2f"),
-                      _fmt(r.peak_extra_mib, ".1f"), err, sp, status)
+            st = escape(r.status)
+            status = f"[red]{st}[/red]" if r.status.startswith("error") else f"[dim]{st}[/dim]"
+        table.add_row(r.op, r.mode, r.dtype, _short_shape(r), escape(r.provider), _fmt(r.median_ms, ".3f"),
+                      _fmt(r.gbps, ".2f"), _fmt(r.peak_extra_mib, ".1f"), err, sp, status)
     console.print(table)
 
 
