@@ -1,5 +1,5 @@
 // Row kernels of the fused logprobs / entropy / PPO-loss op, written once over an instruction-set struct
-// `Isa` (simd_scalar.h or simd_avx2.h) and compiled once per instruction set (logprobs_<isa>.cpp, which
+// `Isa` (simd_scalar.h, simd_avx2.h, simd_avx512.h) and compiled once per instruction set (logprobs_<isa>.cpp, which
 // defines FASTPPO_ISA to the namespace name and includes this file after its Isa header).
 //
 // Forward of a row x[0..V) at temperature T (y = x / T), all accumulation in fp32/fp64:
@@ -8,8 +8,9 @@
 // The row is walked in L1-sized blocks: a max pass over the block (no exp), then one exp per element;
 // s and w are rescaled only when a block raises the max ("online" softmax at block granularity), so each
 // element costs one exp and the row is read from memory once.
-// -inf logits contribute exactly 0 (their p*log p term is masked, not 0*-inf = NaN); a NaN logit makes
-// the row's lse/logp/entropy NaN and +inf makes lse NaN, which the ops layer turns into a ValueError.
+// -inf logits contribute exactly 0 (exp gives 0 and the entropy term multiplies by the clamped, finite
+// argument, not 0 * -inf = NaN); a NaN logit makes the row's lse/logp/entropy NaN and +inf makes lse NaN,
+// which the ops layer turns into a ValueError. No -ffast-math anywhere: these cases rely on IEEE inf/NaN.
 #pragma once
 
 #ifndef FASTPPO_ISA

@@ -1,4 +1,4 @@
-// The row kernels for any x86-64 / other CPU (one float per "vector"): the fallback when AVX2 is missing.
+// The row kernels for any CPU (one float per "vector"): the fallback when neither AVX-512F nor AVX2 is there.
 #include "simd_scalar.h"
 #define FASTPPO_ISA scalar
 #include "logprobs_impl.h"
