@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks.providers import Missing, Provider, Skipped, fastppo_backends, fastppo_name, peer_attr
-from benchmarks.runner import Case, max_abs_err
+from benchmarks.providers import Missing, Provider, Skipped, fastppo_backends, fastppo_name, openrlhf_gae, peer_attr
+from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
 
 OP = "gae"
@@ -57,7 +57,10 @@ def make_check(inputs: dict[str, Tensor]):
 
     def check(out: dict[str, Tensor]) -> float:
         exp_adv = white64 if out.get("whitened") is not None else adv64
-        return max(max_abs_err(out["adv"], exp_adv, mask), max_abs_err(out["ret"], ret64, mask))
+        meter = ErrorMeter()
+        meter.add("adv", out["adv"], exp_adv, mask)
+        meter.add("ret", out["ret"], ret64, mask)
+        return meter.value()
 
     return check
 
@@ -116,11 +119,10 @@ def _verl(case: Case):
 
 
 def _openrlhf(case: Case):
-    maker = peer_attr("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker")
-    fn = maker.get_advantages_and_returns  # a method that never touches self
+    fn = openrlhf_gae()
     i = case.inputs
     m = i["mask"].float()
-    return _run(lambda: fn(None, i["values"], i["rewards"], m, GAMMA, LAM))
+    return _run(lambda: fn(i["values"], i["rewards"], m, GAMMA, LAM))
 
 
 def providers(device: torch.device) -> list[Provider]:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks.providers import Provider, compiled, fastppo_backends, fastppo_name, peer_attr
-from benchmarks.runner import Case, max_abs_err
+from benchmarks.providers import Provider, compiled, fastppo_backends, fastppo_name, openrlhf_attr, peer_attr
+from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
 
 OP = "kl"
@@ -49,10 +49,11 @@ def make_check(inputs: dict[str, Tensor], mode: str):
     g64 = torch.autograd.grad(kl64, lp64, inputs["g"].double())[0] if mode != "fwd" else None
 
     def check(out: dict[str, Tensor]) -> float:
-        err = max_abs_err(out["kl"], kl64)
+        meter = ErrorMeter()
+        meter.add("kl", out["kl"], kl64)
         if g64 is not None:
-            err = max(err, max_abs_err(out["grad"], g64))
-        return err
+            meter.add("grad", out["grad"], g64)
+        return meter.value()
 
     return check
 
@@ -89,7 +90,7 @@ def _verl(case: Case):
 
 
 def _openrlhf(case: Case):
-    kl = peer_attr("openrlhf.models.utils", "compute_approx_kl")
+    kl = openrlhf_attr("utils", "compute_approx_kl")
     return _runner(case, lambda lp, r: kl(lp, r, kl_estimator="k3"))
 
 

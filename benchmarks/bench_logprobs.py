@@ -24,9 +24,10 @@ from benchmarks.providers import (
     fastppo_backends,
     fastppo_name,
     needs_cuda,
+    openrlhf_attr,
     peer_attr,
 )
-from benchmarks.runner import Case, max_abs_err
+from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
 
 OP = "logprobs"
@@ -74,7 +75,7 @@ def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: 
 
 # ------------------------------------------------------------------------------------------------ reference
 def make_check(inputs: dict[str, Tensor], mode: str):
-    """Max abs error over logp, entropy and (fwd+bwd) dlogits vs fastppo.reference in float64.
+    """Error (``ErrorMeter``) of logp, entropy and (fwd+bwd) dlogits vs fastppo.reference in float64.
 
     The reference runs on the input as rounded to its dtype (so bf16 providers are judged against exact math on
     the same bf16 numbers), in row chunks of about 256 MiB of float64 so that GPU-sized cases fit.
@@ -87,7 +88,7 @@ def make_check(inputs: dict[str, Tensor], mode: str):
     rows = max(1, (1 << 25) // v)
 
     def check(out: dict[str, Tensor]) -> float:
-        err = 0.0
+        meter = ErrorMeter()
         lp_out = out.get("logp")
         h_out = out.get("entropy")
         gx_out = out.get("grad")
@@ -96,19 +97,19 @@ def make_check(inputs: dict[str, Tensor], mode: str):
             x = flat[sl].to(torch.float64).requires_grad_(mode != "fwd")
             lp, h = ref.logprobs_and_entropy(x, lab[sl])
             if lp_out is not None:
-                err = max(err, max_abs_err(lp_out.reshape(-1)[sl], lp))
+                meter.add("logp", lp_out.reshape(-1)[sl], lp)
             if h_out is not None:
-                err = max(err, max_abs_err(h_out.reshape(-1)[sl], h))
+                meter.add("entropy", h_out.reshape(-1)[sl], h)
             if mode != "fwd":
                 if gx_out is None:
                     raise ValueError("fwd+bwd provider returned no gradient")
                 # Providers without entropy (flash-attn) are checked against the gradient of logp alone.
                 gh = g_h[sl].double() if h_out is not None else torch.zeros_like(h)
                 (gx,) = torch.autograd.grad((lp, h), x, (g_lp[sl].double(), gh))
-                err = max(err, max_abs_err(gx_out.reshape(-1, v)[sl], gx))
-            if err != err:  # NaN: no need to look further
-                return err
-        return err
+                meter.add("grad", gx_out.reshape(-1, v)[sl], gx)
+            if meter.nan:  # no need to look further
+                break
+        return meter.value()
 
     return check
 
@@ -177,8 +178,8 @@ def _verl(case: Case):
 
 
 def _openrlhf(case: Case):
-    lp = peer_attr("openrlhf.models.utils", "log_probs_from_logits")
-    ent = peer_attr("openrlhf.models.utils", "compute_entropy")
+    lp = openrlhf_attr("utils", "log_probs_from_logits")
+    ent = openrlhf_attr("utils", "compute_entropy")
     return _runner(case, lambda x, lab: (lp(x, lab), ent(x)))
 
 

@@ -17,8 +17,8 @@ from torch import Tensor
 
 import fastppo
 from benchmarks import bench_kl
-from benchmarks.providers import Provider, compiled, fastppo_backends, fastppo_name, peer_attr
-from benchmarks.runner import Case, max_abs_err
+from benchmarks.providers import Provider, compiled, fastppo_backends, fastppo_name, openrlhf_attr, peer_attr
+from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
 
 OP = "value_loss"
@@ -50,10 +50,11 @@ def make_check(inputs: dict[str, Tensor], mode: str):
     g64 = torch.autograd.grad(loss64, v64)[0] if mode != "fwd" else None
 
     def check(out: dict[str, Tensor]) -> float:
-        err = max_abs_err(out["loss"].reshape(()), loss64.detach())
+        meter = ErrorMeter()
+        meter.add("loss", out["loss"].reshape(()), loss64.detach())
         if g64 is not None:
-            err = max(err, max_abs_err(out["grad"], g64))
-        return err
+            meter.add("grad", out["grad"], g64)
+        return meter.value()
 
     return check
 
@@ -94,7 +95,7 @@ def _verl(case: Case):
 
 
 def _openrlhf(case: Case):
-    cls = peer_attr("openrlhf.models.loss", "ValueLoss")
+    cls = openrlhf_attr("loss", "ValueLoss")
     crit = cls(clip_eps=CLIP)
     return _runner(case, lambda v, old, ret, mask: crit(v, old, ret, mask.float()))
 

@@ -7,12 +7,17 @@ optional imports: when one cannot be imported (or cannot run on this device) its
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
+import importlib.util
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -54,6 +59,52 @@ def peer_attr(module: str, attr: str) -> Any:
         return getattr(mod, attr)
     except AttributeError:
         raise Missing(f"{module} has no {attr} in the installed version") from None
+
+
+def openrlhf_attr(module: str, attr: str) -> Any:
+    """``openrlhf.models.<module>.<attr>``. ``openrlhf/models/__init__`` imports the actor, which needs flash-attn's
+    CUDA build; where that package init cannot load, ``openrlhf.models`` is registered as a bare package over the
+    installed directory so the installed, unmodified ``utils.py`` / ``loss.py`` load (as on a GPU box)."""
+    full = f"openrlhf.models.{module}"
+    mod, err = _import(full)
+    if mod is None:
+        spec = importlib.util.find_spec("openrlhf")
+        if spec is None or spec.origin is None:
+            raise Missing(f"cannot import {full} ({err})")
+        if "openrlhf.models" not in sys.modules:
+            pkg = types.ModuleType("openrlhf.models")
+            pkg.__path__ = [str(Path(spec.origin).parent / "models")]
+            sys.modules["openrlhf.models"] = pkg
+        _import.cache_clear()
+        mod, err2 = _import(full)
+        if mod is None:
+            raise Missing(f"cannot import {full} ({err}; without the package init: {err2})")
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise Missing(f"{full} has no {attr} in the installed version") from None
+
+
+def openrlhf_gae() -> Callable[..., Any]:
+    """OpenRLHF's ``get_advantages_and_returns`` (a method of its Ray experience maker that never uses ``self``).
+
+    Where ``experience_maker`` cannot be imported (it pulls in ray actors / vLLM / flash-attn), the method's
+    source is taken from the installed file unchanged and compiled on its own."""
+    mod, err = _import("openrlhf.trainer.ppo_utils.experience_maker")
+    if mod is not None and hasattr(mod, "RemoteExperienceMaker"):
+        return mod.RemoteExperienceMaker.get_advantages_and_returns.__get__(object())
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None or spec.origin is None:
+        raise Missing(f"cannot import openrlhf ({err})")
+    path = Path(spec.origin).parent / "trainer" / "ppo_utils" / "experience_maker.py"
+    tree = ast.parse(path.read_text())
+    found = [f for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body
+             if isinstance(f, ast.FunctionDef) and f.name == "get_advantages_and_returns"]
+    if not found:
+        raise Missing(f"get_advantages_and_returns not found in {path}")
+    ns: dict[str, Any] = {"torch": torch, "Tuple": tuple, "Optional": Optional}
+    exec(compile(ast.Module(body=found[:1], type_ignores=[]), str(path), "exec"), ns)  # noqa: S102
+    return ns["get_advantages_and_returns"].__get__(object())
 
 
 def needs_cuda(device: torch.device, what: str) -> None:

@@ -93,7 +93,7 @@ def op_section(rows: list[dict]) -> list[str]:
             out += ["", f"Peak extra memory at {_short_shape(largest)}: " + ", ".join(mem) + "."]
         errs = [f"{r['provider']} {r['max_err']:.1e}" for r in big if _num(r.get("max_err")) is not None]
         if errs:
-            out.append(f"Max abs error vs float64 at {_short_shape(largest)}: " + ", ".join(errs) + ".")
+            out.append(f"Relative error vs float64 at {_short_shape(largest)}: " + ", ".join(errs) + ".")
     not_run = {}
     for r in rows:
         if r["status"] != "ok" and r["provider"] not in not_run:
@@ -132,8 +132,9 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"{' (quick: smoke-test shapes, short timing loops)' if meta.get('quick') else ''}; "
         f"torch {v.get('torch')}, triton {v.get('triton')}; peers: {peers or 'none installed'}. "
         f"CPU: {meta['cpu_model']}, {meta['cpu_cores']} cores.",
-        "Times are medians (CUDA events on GPU, wall clock on CPU); errors are max |result − float64 reference|; "
-        "providers that could not run here are listed with the reason.",
+        "Times are medians (CUDA events on GPU, wall clock on CPU). Errors are relative to a float64 reference: "
+        "max |result − ref| / max |ref| per output (values and gradients), the max over outputs. Providers that "
+        "could not run here are listed with the reason.",
         "",
     ]
     groups: dict[tuple, list[dict]] = defaultdict(list)

@@ -155,6 +155,15 @@ def plot_time_vs_v(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def _color(provider: str, k: int) -> Any:
+    fixed = {"eager": "0.55", "torch.compile": "0.25"}
+    if provider in fixed:
+        return fixed[provider]
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](k % 10)
+
+
 def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
     """Speed-up over eager PyTorch per provider, one bar group per (op, mode, dtype) at its largest shape."""
     import matplotlib
@@ -173,16 +182,18 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
         sub = groups[key]
         biggest = max(sub, key=lambda r: (r.get("N") or 0) * (r.get("V") or 1))
         shape = biggest["shape"]
-        labels.append(f"{key[0]} {key[1]}\n{key[2]} {shape}")
+        short = f"N={biggest['N']} V={biggest['V']}" if biggest.get("V") else f"{biggest['B']}x{biggest['T']}"
+        labels.append(f"{key[0]} {key[1]}\n{key[2]}\n{short}")
         for r in sub:
             if r["shape"] == shape:
                 series[r["provider"]][len(labels) - 1] = r["speedup_vs_eager"]
     provs = sorted(series, key=lambda p: (not p.startswith("fastppo"), p))
     width = 0.8 / max(len(provs), 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(labels)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.9 * len(labels)), 5.0))
     for k, prov in enumerate(provs):
         xs = [i + k * width for i in series[prov]]
-        ax.bar(xs, list(series[prov].values()), width=width, label=prov)
+        ax.bar(xs, list(series[prov].values()), width=width, label=prov, color=_color(prov, k),
+               hatch="//" if prov.startswith("fastppo") else None, edgecolor="white", linewidth=0.3)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("speed-up vs eager PyTorch (log; >1 is faster)")
