@@ -1,0 +1,224 @@
+"""The benchmark suite on CPU at its smallest config: files written and well-formed, every provider accounted
+for, wrong providers flagged by the error column, and the memory probe measuring what it claims.
+
+Shapes are shrunk (odd sizes, N=41, V=257) and ``torch.compile`` is replaced by the plain function so the whole
+file runs in seconds; CI's ``fastppo bench all --quick`` run covers the real compile path.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from benchmarks import (
+    bench_e2e,
+    bench_gae,
+    bench_kl,
+    bench_logprobs,
+    bench_ppo_loss,
+    bench_value_loss,
+    cli,
+    readme_table,
+    report,
+    runner,
+    timing,
+)
+from benchmarks.providers import Missing, Provider, peer_attr
+
+CPU = torch.device("cpu")
+OP_MODULES = (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss, bench_gae)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Odd tiny shapes for every op and no torch.compile (seconds instead of minutes)."""
+    monkeypatch.setattr(bench_logprobs, "shapes", lambda device, quick: [(41, 257)])
+    monkeypatch.setattr(bench_ppo_loss, "shapes", lambda device, quick: [(41, 257)])
+    monkeypatch.setattr(bench_kl, "shapes", lambda device, quick: [(3, 37)])
+    monkeypatch.setattr(bench_value_loss, "shapes", lambda device, quick: [(3, 37)])
+    monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(3, 41)])
+    for mod in (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss):
+        monkeypatch.setattr(mod, "compiled", lambda fn: fn)
+    monkeypatch.setattr(bench_e2e, "settings", lambda quick: {"batch": 4, "resp_len": 4, "warmup_steps": 1,
+                                                               "steps": 2})
+
+
+# ------------------------------------------------------------------------------------------------- CLI + files
+def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
+    assert cli.main(["all", "--quick", "--out", str(tmp_path), "--no-table"]) == 0
+    out = capsys.readouterr().out
+    csvs, jsons = list(tmp_path.glob("bench-*.csv")), list(tmp_path.glob("bench-*.json"))
+    pngs = sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("bench-*.png"))
+    assert len(csvs) == 1 and len(jsons) == 1, list(tmp_path.iterdir())
+    assert pngs == ["speedup.png", "time_vs_V.png"]
+    for png in tmp_path.glob("*.png"):
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert str(csvs[0]) in out and str(jsons[0]) in out
+
+    with open(csvs[0], newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == report.CSV_FIELDS
+        csv_rows = list(reader)
+    data = json.loads(jsons[0].read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert len(rows) == len(csv_rows) > 0
+    for key in ("date_utc", "device_name", "cpu_model", "cpu_cores", "versions", "fastppo_backends", "quick"):
+        assert key in meta, key
+    assert meta["device"] == "cpu" and meta["quick"] is True
+    assert meta["versions"]["torch"] == importlib.metadata.version("torch")
+    assert meta["device_name"].startswith("CPU: ")
+
+    # every provider of every case has a row: ran, or missing/skipped/error with a reason
+    for mod in OP_MODULES:
+        expected = {p.name for p in mod.providers(CPU)}
+        got = {r["provider"] for r in rows if r["op"] == mod.OP}
+        assert got == expected, (mod.OP, expected ^ got)
+    assert {r["provider"] for r in rows if r["op"] == "ppo_step"} == {"fastppo-engine", "trl-PPOTrainer"}
+    for r in rows:
+        st = r["status"]
+        assert st == "ok" or (st.split(":")[0] in ("missing", "skipped", "error") and len(st) > 10), r
+        if st != "ok":
+            continue
+        assert isinstance(r["median_ms"], float) and r["median_ms"] > 0, r
+        if r["op"] != "ppo_step":
+            assert r["gbps"] > 0 and r["min_bytes"] > 0, r
+            assert r["err_flag"] == "ok", r  # every provider that runs here (backends, peers) matches float64
+            assert math.isfinite(r["max_err"]) and r["max_err"] < 1e-2, r
+    ran = {(r["op"], r["provider"]) for r in rows if r["status"] == "ok"}
+    for op in ("logprobs", "ppo_loss", "kl", "value_loss", "gae"):
+        assert (op, "eager") in ran and (op, "fastppo[torch]") in ran, op
+    assert not [(r["provider"], r["status"]) for r in rows if r["status"].startswith("error")]
+
+    md = readme_table.render(meta, rows)
+    assert meta["device_name"] in md
+    assert "| shape | eager |" in md and "**PPO step end to end**" in md
+    assert "Not run here:" in md  # missing providers are named, not dropped
+
+
+def test_readme_table_picks_newest_full_run(tmp_path):
+    rows = [runner.Row("ops", "kl", "fwd", "eager", "baseline", "cpu", "float32", "N=8", N=8, B=1, T=8,
+                       median_ms=1.0, speedup_vs_eager=1.0, max_err=0.0, err_flag="ok")]
+    for quick in (False, True):  # the quick run is written last, so it is the newest file
+        meta = {"date_utc": "2026-01-01T00:00:00", "device_name": f"dev-{quick}", "cpu_model": "x", "cpu_cores": 2,
+                "versions": {}, "quick": quick}
+        report.write_json(rows, meta, tmp_path / f"bench-{quick}.json")
+    assert readme_table.newest_result(tmp_path).name == "bench-False.json"
+
+
+# ------------------------------------------------------------------------------------------- error flagging
+def _logprobs_case(mode: str, dtype: torch.dtype = torch.float32) -> runner.Case:
+    inputs = bench_logprobs.make_inputs(41, 257, dtype, CPU)
+    b, t = inputs["labels"].shape
+    return runner.Case("ops", "logprobs", mode, CPU, dtype, {"N": 41, "V": 257, "B": b, "T": t}, inputs,
+                       bench_logprobs.min_bytes(41, 257, dtype, mode), bench_logprobs.make_check(inputs, mode))
+
+
+def _canned(case: runner.Case, tweak) -> Provider:
+    """A 'provider' that returns precomputed (hence very fast) eager outputs, altered by ``tweak``."""
+    def setup(c):
+        out = {k: v.detach().clone() for k, v in bench_logprobs._runner(c, bench_logprobs.eager_logprobs_entropy)()
+               .items()}
+        tweak(out)
+        return lambda: out
+    return Provider("canned", "peer", setup)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_fast_but_wrong_provider_is_flagged(mode):
+    case = _logprobs_case(mode)
+    eager = Provider("eager", "baseline", bench_logprobs._eager)
+    exact = _canned(case, lambda o: None)
+    off = _canned(case, lambda o: o["logp"].add_(1e-2))  # wrong by ~1e-3 of max |logp|: small but real
+    nan = _canned(case, lambda o: o["entropy"].view(-1)[7].fill_(float("nan")))
+    rows = runner.run_case(case, [eager, exact, off, nan], timing.QUICK, log=lambda m: None)
+    flags = [r.err_flag for r in rows]
+    assert flags == ["ok", "ok", "WRONG", "WRONG"], [(r.provider, r.max_err) for r in rows]
+    assert rows[2].speedup_vs_eager > 1  # it is fast, and the table still says it is wrong
+    assert math.isnan(rows[3].max_err)
+
+
+def test_wrong_gradient_is_flagged_however_small():
+    case = _logprobs_case("fwd+bwd")
+    scaled = _canned(case, lambda o: o["grad"].mul_(1.01))
+    zero = _canned(case, lambda o: o["grad"].zero_())
+    rows = runner.run_case(case, [Provider("eager", "baseline", bench_logprobs._eager), scaled, zero],
+                           timing.QUICK, log=lambda m: None)
+    assert [r.err_flag for r in rows] == ["ok", "WRONG", "WRONG"], [(r.provider, r.max_err) for r in rows]
+
+
+def test_bf16_providers_judged_against_bf16_eager():
+    """bf16: fastppo (fp32 accumulation) must pass, a provider twice as bad as eager-bf16 plus more must not."""
+    case = _logprobs_case("fwd", torch.bfloat16)
+    fast = Provider("fastppo[torch]", "fastppo", bench_logprobs._fastppo("torch", None).setup)
+    worse = _canned(case, lambda o: o["logp"].mul_(1.05))
+    rows = runner.run_case(case, [Provider("eager", "baseline", bench_logprobs._eager), fast, worse],
+                           timing.QUICK, log=lambda m: None)
+    assert [r.err_flag for r in rows] == ["ok", "ok", "WRONG"], [(r.provider, r.max_err) for r in rows]
+    assert rows[1].max_err < rows[0].max_err  # fp32 accumulation beats bf16 eager
+
+
+def test_missing_peer_is_a_row_with_the_reason():
+    def setup(case):
+        peer_attr("no_such_peer_module_xyz", "fn")
+    case = _logprobs_case("fwd")
+    (row,) = runner.run_case(case, [Provider("ghost", "peer", setup)], timing.QUICK, log=lambda m: None)
+    assert row.status.startswith("missing: cannot import no_such_peer_module_xyz")
+    assert row.median_ms is None and row.err_flag == ""
+    with pytest.raises(Missing):
+        peer_attr("torch", "no_such_attribute_xyz")
+
+
+def test_provider_exception_becomes_error_row_and_suite_goes_on():
+    def boom(case):
+        def run():
+            raise RuntimeError("kaput")
+        return run
+    case = _logprobs_case("fwd")
+    rows = runner.run_case(case, [Provider("boom", "peer", boom), Provider("eager", "baseline", bench_logprobs._eager)],
+                           timing.QUICK, log=lambda m: None)
+    assert rows[0].status == "error: RuntimeError: kaput" and rows[1].status == "ok"
+
+
+# --------------------------------------------------------------------------------------------- measurement
+def test_min_bytes_formulas():
+    n, v = 100, 1000
+    assert bench_logprobs.min_bytes(n, v, torch.float32, "fwd") == n * v * 4 + 16 * n
+    assert bench_logprobs.min_bytes(n, v, torch.bfloat16, "fwd+bwd") == 3 * n * v * 2 + 24 * n
+    assert bench_ppo_loss.min_bytes(n, v, torch.float32) == 3 * n * v * 4 + 21 * n
+    assert bench_gae.min_bytes(4, 8) == 17 * 32
+
+
+def test_timing_repeats_and_median():
+    calls = []
+    t = timing.time_call(lambda: calls.append(1), CPU, timing.TimingConfig(warmup=2, min_repeats=7, min_time_s=0.0))
+    assert t.repeats == 7 and len(calls) == 9 and t.median_ms >= 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads /proc (Linux)")
+def test_cpu_peak_memory_probe_sees_torch_allocations():
+    assert timing.pin_cpu_allocator()
+    mib = 2**20
+    for size in (8, 64):  # below and above glibc's 32 MiB steady-state mmap threshold
+        peak = timing.peak_extra_bytes(lambda s=size: torch.empty(s * mib // 4).fill_(1.0), CPU)
+        assert peak is not None and size * mib * 0.95 <= peak <= size * mib * 1.25, (size, peak / mib)
+    # a temporary freed inside the call still counts (that is what "peak" means)
+    def temp_then_small():
+        x = torch.empty(16 * mib // 4).fill_(1.0)
+        return x.sum()
+    peak = timing.peak_extra_bytes(temp_then_small, CPU)
+    assert 15 * mib <= peak <= 20 * mib, peak / mib
+
+
+def test_e2e_engine_step_runs(tiny):
+    s = bench_e2e.settings(True)
+    row = bench_e2e.run_engine(CPU, s)
+    assert row.status == "ok", row.status
+    assert row.median_ms > 0 and row.extra["tokens_per_s"] > 0
+    assert set(row.extra["time_split_s"]) == {"generation", "experience", "update"}
