@@ -26,7 +26,8 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     token-mean               sum(l*m) / sum(m)                                  (global token mean)
     seq-mean-token-sum       mean over non-empty sequences of sum_t(l*m)
     seq-mean-token-mean      mean over non-empty sequences of sum_t(l*m)/sum_t(m)
-    seq-mean-token-sum-norm  sum(l*m) / T   (Dr. GRPO: a constant divisor, T = last dim)
+    seq-mean-token-sum-norm  mean over non-empty sequences of sum_t(l*m), divided by T = last dim (Dr. GRPO: a
+                             constant divisor instead of the sequence length; verl's definition of this mode)
     """
     m = mask.to(loss_mat.dtype)
     if agg == "token-mean":
@@ -37,14 +38,13 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     m2 = m.reshape(-1, loss_mat.shape[-1])
     seq_sum = lm.sum(-1)
     seq_len = m2.sum(-1)
-    if agg == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / loss_mat.shape[-1]
     valid = (seq_len > 0).to(loss_mat.dtype)
-    if agg == "seq-mean-token-sum":
+    if agg in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         per_seq = seq_sum
     else:
         per_seq = seq_sum / seq_len.clamp_min(1.0)
-    return (per_seq * valid).sum() / valid.sum()
+    loss = (per_seq * valid).sum() / valid.sum()
+    return loss / loss_mat.shape[-1] if agg == "seq-mean-token-sum-norm" else loss
 
 
 def ppo_token_terms(

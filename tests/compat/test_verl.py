@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastppo import reference as fastppo_ref
 from fastppo.compat import verl as fv
 from tests.tolerances import assert_close
 
@@ -150,6 +151,14 @@ def test_agg_loss(dtype, mode):
     assert_close(g_mine[0], g_peer[0], dtype, "grad")
     kw = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 9, "loss_scale_factor": 7}
     assert_close(fv.agg_loss(x, m, mode, **kw), ca.agg_loss(x, m, mode, **kw), dtype)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_fastppo_agg_modes_mean_what_verl_means(mode):
+    """fastppo's own ``agg=`` modes carry verl's names: the same name must give verl's number (up to verl's
+    ``+1e-8`` per-sequence epsilon in seq-mean-token-mean, hence the float32 tolerance on fp64 inputs)."""
+    x, m = _rand((6, 13), 18, torch.float64), _mask(seed=18, dtype=torch.float64)
+    assert_close(fastppo_ref.agg_loss(x, m, mode), ca.agg_loss(x, m, mode), torch.float32)
 
 
 def _ppo_inputs(dtype, seed):

@@ -51,7 +51,7 @@ MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
         ("token-mean", 7 / 3),
         ("seq-mean-token-sum", (3 + 4) / 2),
         ("seq-mean-token-mean", (1.5 + 4) / 2),
-        ("seq-mean-token-sum-norm", 7 / 3),
+        ("seq-mean-token-sum-norm", (3 + 4) / 2 / 3),  # seq-mean of token sums over T = 3
     ],
 )
 def test_agg_modes(agg, expected):
