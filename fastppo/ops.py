@@ -169,6 +169,9 @@ def kl_penalty(
     V.same_device(logprob=logprob, ref_logprob=ref_logprob)
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_KINDS}")
+    if clamp is not None and not float(clamp) > 0.0:
+        # clamp(-c, c) with c <= 0 would silently return a constant (or NaN): refuse it
+        raise ValueError(f"clamp must be a positive number or None, got {clamp}")
     _dispatch.resolve(backend, logprob.device, None)
     return ref.kl_penalty(_half_to_float(logprob), _half_to_float(ref_logprob), kind, clamp=clamp)
 

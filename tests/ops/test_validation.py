@@ -162,3 +162,10 @@ def test_value_checks_can_be_disabled(monkeypatch):
     x[0, 0] = math.nan
     out = fastppo.token_logprobs(x, lab)  # no error: the user opted out of value checks
     assert torch.isnan(out[0])
+
+
+def test_kl_penalty_bad_clamp():
+    lp = torch.randn(3)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="clamp"):
+            fastppo.kl_penalty(lp, lp, "k3", clamp=bad)
