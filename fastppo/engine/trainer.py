@@ -276,7 +276,6 @@ class PPOTrainer:
         m = exp.mask
         with torch.no_grad():
             seq_kl = exp.kl.sum(1)
-            vm = m.bool()
             resid_var = fastppo.masked_var(exp.returns - exp.values, m)
             ret_var = fastppo.masked_var(exp.returns, m)
             stats = {
@@ -289,7 +288,7 @@ class PPOTrainer:
                 "return_mean": fastppo.masked_mean(exp.returns, m),
                 "response_length": m.sum(1).mean(),
                 "response_tokens": m.sum(),
-                "advantage_abs_mean": exp.advantages.abs()[vm].mean(),
+                "advantage_abs_mean": fastppo.masked_mean(exp.advantages.abs(), m),  # no boolean-index sync
                 **up,
             }
         values = torch.stack([v.float() for v in stats.values()]).cpu().tolist()  # the one host sync per step
