@@ -27,6 +27,18 @@ import pytest
 import torch
 
 
+def peer_module(name: str) -> types.ModuleType:
+    """Import a peer module; skip only when the peer *distribution* is absent here.
+
+    ``pytest.importorskip`` also skips when an installed peer fails to import (a broken environment, or fastppo
+    shadowing one of its dependencies), which once hid every TRL/verl comparison; such a failure must fail.
+    """
+    top = name.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        pytest.skip(f"{top} is not installed (run .ci/install-peers.sh)")
+    return importlib.import_module(name)
+
+
 def peers_dir() -> Path:
     return Path(os.environ.get("FASTPPO_PEERS_DIR", Path.home() / ".cache" / "fastppo-peers"))
 

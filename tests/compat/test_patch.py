@@ -17,7 +17,7 @@ import fastppo.compat as compat
 from fastppo.compat import openrlhf as fo
 from fastppo.compat import trl as ft
 from fastppo.compat import verl as fv
-from tests.compat.conftest import load_openrlhf
+from tests.compat.conftest import load_openrlhf, peer_module
 
 
 @pytest.fixture
@@ -57,8 +57,8 @@ def test_unknown_and_missing_frameworks(monkeypatch):
 
 
 def test_trl_patch_and_unpatch(spy):
-    tu = pytest.importorskip("trl.trainer.utils")
-    sdpo = pytest.importorskip("trl.experimental.sdpo.loss_utils")  # imports selective_log_softmax by name
+    tu = peer_module("trl.trainer.utils")
+    sdpo = peer_module("trl.experimental.sdpo.loss_utils")  # imports selective_log_softmax by name
     originals = (tu.selective_log_softmax, tu.entropy_from_logits, tu.selective_log_softmax_and_entropy)
     assert sdpo.selective_log_softmax is originals[0]
     g = torch.Generator().manual_seed(0)
@@ -83,9 +83,9 @@ def test_trl_patch_and_unpatch(spy):
 
 
 def test_verl_patch_and_unpatch(spy):
-    ca = pytest.importorskip("verl.trainer.ppo.core_algos")
-    vF = pytest.importorskip("verl.utils.torch_functional")
-    losses = pytest.importorskip("verl.workers.utils.losses")  # imports agg_loss / kl_penalty by name
+    ca = peer_module("verl.trainer.ppo.core_algos")
+    vF = peer_module("verl.utils.torch_functional")
+    losses = peer_module("verl.workers.utils.losses")  # imports agg_loss / kl_penalty by name
     orig = {
         "logprobs": vF.logprobs_from_logits, "entropy": vF.entropy_from_logits, "agg": ca.agg_loss,
         "kl": ca.kl_penalty, "vanilla": ca.POLICY_LOSS_REGISTRY["vanilla"], "gae": ca.ADV_ESTIMATOR_REGISTRY["gae"],

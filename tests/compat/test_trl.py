@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fastppo.compat import trl as ft
-from tests.compat.conftest import load_trl_v0_core
+from tests.compat.conftest import load_trl_v0_core, peer_module
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
-tu = pytest.importorskip("trl.trainer.utils")
+tu = peer_module("trl.trainer.utils")
 
 DTYPES = [torch.float32, torch.float64]
 

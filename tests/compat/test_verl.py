@@ -9,10 +9,11 @@ import torch
 
 from fastppo import reference as fastppo_ref
 from fastppo.compat import verl as fv
+from tests.compat.conftest import peer_module
 from tests.tolerances import assert_close
 
-ca = pytest.importorskip("verl.trainer.ppo.core_algos")
-vF = pytest.importorskip("verl.utils.torch_functional")
+ca = peer_module("verl.trainer.ppo.core_algos")
+vF = peer_module("verl.utils.torch_functional")
 
 DTYPES = [torch.float32, torch.float64]
 AGG = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
