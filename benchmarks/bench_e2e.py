@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.providers import Missing, peer_attr, version_of
-from benchmarks.runner import Row
+from .providers import Missing, peer_attr, version_of
+from .runner import Row
 
 OP = "ppo_step"
 

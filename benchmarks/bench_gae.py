@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks.providers import Missing, Provider, Skipped, fastppo_backends, fastppo_name, openrlhf_gae, peer_attr
-from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
+
+from .providers import Missing, Provider, Skipped, fastppo_backends, fastppo_name, openrlhf_gae, peer_attr
+from .runner import Case, ErrorMeter
 
 OP = "gae"
 GAMMA = 1.0

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks.providers import Provider, compiled, fastppo_backends, fastppo_name, openrlhf_attr, peer_attr
-from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
+
+from .providers import Provider, compiled, fastppo_backends, fastppo_name, openrlhf_attr, peer_attr
+from .runner import Case, ErrorMeter
 
 OP = "kl"
 MODES = ("fwd", "fwd+bwd")

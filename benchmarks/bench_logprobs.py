@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks.providers import (
+from fastppo import reference as ref
+
+from .providers import (
     Missing,
     Provider,
     compiled,
@@ -27,8 +29,7 @@ from benchmarks.providers import (
     openrlhf_attr,
     peer_attr,
 )
-from benchmarks.runner import Case, ErrorMeter
-from fastppo import reference as ref
+from .runner import Case, ErrorMeter
 
 OP = "logprobs"
 MODES = ("fwd", "fwd+bwd")
@@ -65,11 +66,12 @@ def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: 
     """Random logits ``[B, T, V]`` at the scale of real LM heads (std 2), labels ``[B, T]``, upstream grads."""
     t = min(n, SEQ_LEN)
     b = n // t
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    logits = (torch.randn(b, t, v, generator=g) * 2.0).to(device=device, dtype=dtype)
-    labels = torch.randint(0, v, (b, t), generator=g).to(device)
-    g_logp = torch.randn(b, t, generator=g).to(device)
-    g_ent = torch.randn(b, t, generator=g).to(device)
+    # Generated on the device itself: GPU-sized logits (16k x 152k) would take long to draw on the host.
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(b, t, v, generator=g, device=device) * 2.0).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=g, device=device)
+    g_logp = torch.randn(b, t, generator=g, device=device)
+    g_ent = torch.randn(b, t, generator=g, device=device)
     return {"logits": logits, "labels": labels, "g_logp": g_logp, "g_ent": g_ent}
 
 

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks import bench_logprobs
-from benchmarks.providers import Missing, Provider, compiled, fastppo_backends, fastppo_name, needs_cuda, peer_attr
-from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
+
+from . import bench_logprobs
+from .providers import Missing, Provider, compiled, fastppo_backends, fastppo_name, needs_cuda, peer_attr
+from .runner import Case, ErrorMeter
 
 OP = "ppo_loss"
 CLIP = 0.2

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 import fastppo
-from benchmarks import bench_kl
-from benchmarks.providers import Provider, compiled, fastppo_backends, fastppo_name, openrlhf_attr, peer_attr
-from benchmarks.runner import Case, ErrorMeter
 from fastppo import reference as ref
+
+from . import bench_kl
+from .providers import Provider, compiled, fastppo_backends, fastppo_name, openrlhf_attr, peer_attr
+from .runner import Case, ErrorMeter
 
 OP = "value_loss"
 MODES = ("fwd", "fwd+bwd")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_gae, bench_kl, bench_logprobs, bench_ppo_loss, bench_value_loss, report
-from benchmarks.runner import Row, dtype_name, run_case
-from benchmarks.timing import FULL, QUICK, pin_cpu_allocator
+from . import bench_gae, bench_kl, bench_logprobs, bench_ppo_loss, bench_value_loss, report
+from .runner import Row, dtype_name, run_case
+from .timing import FULL, QUICK, pin_cpu_allocator
 
 SUITES = {
     "ops": (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss),
@@ -53,7 +53,7 @@ def run_suites(suites: list[str], device: torch.device, quick: bool, only: set[s
                 log(f"[{suite}] {case.op} {case.mode} {dtype_name(case.dtype)} {case.shape}: "
                     f"{ran}/{len(case_rows)} providers ran ({time.perf_counter() - t0:.1f}s)")
         if suite == "e2e" and (not only or "ppo_step" in only):
-            from benchmarks import bench_e2e
+            from . import bench_e2e
 
             rows += bench_e2e.run(device, quick, log=log)
     return rows

@@ -12,7 +12,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.report import load_json
+from .report import load_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _ORDER = ("logprobs", "ppo_loss", "kl", "value_loss", "gae", "ppo_step")

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.providers import PEER_DISTS, version_of
-from benchmarks.runner import Row
+from .providers import PEER_DISTS, version_of
+from .runner import Row
 
 CSV_FIELDS = [
     "suite", "op", "mode", "provider", "group", "device", "dtype", "shape", "N", "V", "B", "T", "median_ms", "gbps",

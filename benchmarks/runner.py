@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.providers import Missing, Outputs, Provider, Skipped
-from benchmarks.timing import TimingConfig, peak_extra_bytes, time_call
+from .providers import Missing, Outputs, Provider, Skipped
+from .timing import TimingConfig, peak_extra_bytes, time_call
 
 EAGER = "eager"  # the provider every speed-up is measured against
 

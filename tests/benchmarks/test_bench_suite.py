@@ -15,8 +15,7 @@ import sys
 
 import pytest
 import torch
-
-from benchmarks import (
+from fastppo.benchmarks import (
     bench_e2e,
     bench_gae,
     bench_kl,
@@ -29,7 +28,7 @@ from benchmarks import (
     runner,
     timing,
 )
-from benchmarks.providers import Missing, Provider, peer_attr
+from fastppo.benchmarks.providers import Missing, Provider, peer_attr
 
 CPU = torch.device("cpu")
 OP_MODULES = (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss, bench_gae)

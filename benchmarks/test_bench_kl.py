@@ -1,0 +1,12 @@
+"""pytest-benchmark: ``kl`` at its quick shapes, every provider (``pytest benchmarks/ --benchmark-only``)."""
+
+import pytest
+
+from . import bench_kl as mod
+from . import pytest_support as ps
+
+
+@pytest.mark.parametrize("index", range(len(ps.case_ids(mod))), ids=ps.case_ids(mod))
+@pytest.mark.parametrize("provider", ps.provider_names(mod))
+def test_kl(benchmark, provider, index):
+    ps.run(benchmark, mod, provider, index)

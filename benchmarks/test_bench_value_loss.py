@@ -1,0 +1,12 @@
+"""pytest-benchmark: ``value_loss`` at its quick shapes, every provider (``pytest benchmarks/ --benchmark-only``)."""
+
+import pytest
+
+from . import bench_value_loss as mod
+from . import pytest_support as ps
+
+
+@pytest.mark.parametrize("index", range(len(ps.case_ids(mod))), ids=ps.case_ids(mod))
+@pytest.mark.parametrize("provider", ps.provider_names(mod))
+def test_value_loss(benchmark, provider, index):
+    ps.run(benchmark, mod, provider, index)
