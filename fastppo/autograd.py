@@ -241,7 +241,8 @@ def _ppo_backward(ctx, g_terms):
     logits, labels, terms = ctx.saved_tensors
     # Only the per-token loss row is differentiable: the other rows are statistics (callers detach them).
     g_loss = g_terms[_T["loss"]].to(torch.float32)
-    g_lp = (g_loss * (terms[_T["dpg"]] + ctx.kl_coef * terms[_T["dkl"]])).contiguous()
+    d_lp = terms[_T["dpg"]] if ctx.kl_coef == 0.0 else terms[_T["dpg"]] + ctx.kl_coef * terms[_T["dkl"]]
+    g_lp = (g_loss * d_lp).contiguous()  # kl_coef == 0: no 0 * inf = NaN from an infinite dkl (k2 at ref = -inf)
     g_h = (g_loss * (-ctx.entropy_coef)).contiguous() if ctx.entropy_coef != 0.0 else _empty(terms)
     lse, entropy = terms[_T["lse"]].contiguous(), terms[_T["entropy"]].contiguous()
     if ctx.inplace:

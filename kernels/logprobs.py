@@ -122,7 +122,8 @@ def _row_forward_kernel(
         else:
             kl = tl.zeros_like(pg)
             dkl = tl.zeros_like(pg)
-        loss = pg + kl_coef * kl - entropy_coef * ent
+        # kl_coef == 0 (ref given only for the KL statistic) adds nothing, not 0 * inf = NaN (as the reference)
+        loss = pg + tl.where(kl_coef != 0.0, kl_coef * kl, 0.0) - entropy_coef * ent
         zero = 0.0
         tl.store(terms_ptr + 0 * N + row, tl.where(valid, logp, zero))
         tl.store(terms_ptr + 1 * N + row, tl.where(valid, ent, zero))

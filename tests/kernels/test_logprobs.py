@@ -475,6 +475,25 @@ def test_ppo_loss_no_kl_no_entropy_and_masked_rows_cost_nothing(device):
     assert "kl" not in stats
 
 
+@pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3", "abs"])
+def test_ppo_loss_kl_stat_only_ignores_infinite_kl(kl_kind, device):
+    """ref_logprobs with kl_coef = 0 feed only the KL statistic: an infinite per-token KL (ref = -inf) must not turn
+    the loss or the gradient into 0 * inf = NaN, as the reference (which adds no KL term) shows."""
+    x, lab, old, adv, ref_lp, mask = _ppo_inputs(2, 4, 61, seed=45, device=device)
+    mask[:] = True
+    ref_lp[0, 1] = NEG_INF
+    xr = x.clone().requires_grad_()
+    loss, _ = fastppo.ppo_loss_from_logits(xr, lab, old, adv, mask, ref_logprobs=ref_lp, kl_coef=0.0,
+                                           kl_kind=kl_kind, entropy_coef=0.01, backend="triton")
+    loss.backward()
+    x64 = x.double().requires_grad_()
+    e_loss, _ = ref.ppo_loss_from_logits(x64, lab, old.double(), adv.double(), mask, ref_logprobs=ref_lp.double(),
+                                         kl_coef=0.0, kl_kind=kl_kind, entropy_coef=0.01)
+    e_loss.backward()
+    assert_close(loss, e_loss, F32)
+    assert_close(xr.grad, x64.grad, F32, "grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ppo_loss_low_precision_no_worse_than_pytorch(dtype, device):
     b, t, v = 2, 7, 515
