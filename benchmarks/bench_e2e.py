@@ -1,8 +1,12 @@
 """Benchmark: end-to-end PPO step throughput of the bundled engine vs TRL's PPOTrainer.
 
 Same tiny model for both (the engine's code-built Llama: hidden 64, 2 layers, 4 heads, MLP 128, over the
-embedded digit-reversal task's word-level vocabulary), same batch, same response length limit, no warm-up
-SFT, one PPO epoch over the batch, fp32, on the benchmark device.
+embedded digit-reversal task's word-level vocabulary, built by the engine's own builder for both), same batch,
+same response length limit, same prompts, no warm-up SFT, one PPO epoch with one minibatch, fp32, on the
+benchmark device, and on CPU the same torch thread count (the engine's choice for the tiny model). Inherent
+differences: TRL's PPO needs a separate value model and a reward model (two more tiny Llamas: one more forward
+in the experience phase and one more backward in the update), the engine uses a value head on the policy
+trunk and the task's verifier function as reward.
 
 A PPO step = generation (rollout) + experience (policy/reference/value forward, rewards, GAE) + update.
 Reported per provider: median step time, tokens/s (response tokens per step / step time; for TRL the
@@ -89,8 +93,8 @@ def _trl_classes() -> tuple[Any, Any]:
             return peer_attr(mod, "PPOTrainer"), peer_attr(mod, "PPOConfig")
         except Missing as exc:
             errors.append(str(exc))
-    raise Missing(f"installed trl {version_of('trl')} has no PPOTrainer (TRL removed it, huggingface/trl PR 7020; "
-                  f"it lived in trl.experimental.ppo from 1.10): {errors[-1]}")
+    raise Missing(f"installed trl {version_of('trl')} has no PPOTrainer (removed by huggingface/trl PR 7020; "
+                  f"trl.experimental.ppo in 1.10-1.12 has it, e.g. trl==1.12.0)")
 
 
 def run_trl(device: torch.device, s: dict[str, int]) -> Row:
@@ -109,26 +113,32 @@ def run_trl(device: torch.device, s: dict[str, int]) -> Row:
     row.repeats = len(elapsed)
     tok = s["batch"] * s["resp_len"] / step_s
     row.extra = {"tokens_per_s_upper_bound": tok}
+    row.extra["torch_threads"] = torch.get_num_threads()
     row.notes = f"<= {tok:.0f} tok/s (assumes every response is resp_len tokens)"
     return row
 
 
 def _trl_steps(trainer_cls, config_cls, device: torch.device, s: dict[str, int]) -> list[float]:
+    import copy
+
+    import transformers
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, TrainerCallback
+    from transformers import LlamaForSequenceClassification, TrainerCallback
 
     from fastppo.engine import task as task_mod
+    from fastppo.engine.models import build_causal_lm
 
     tok = task_mod.make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    eng_cfg = _engine_config(device, s, "")
     torch.manual_seed(0)
-    policy, ref = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
-    cfg_cls = LlamaConfig(**{**cfg.to_dict(), "num_labels": 1})
-    value, reward = LlamaForSequenceClassification(cfg_cls), LlamaForSequenceClassification(cfg_cls)
+    # The engine's own builder, so both sides train the very same architecture; TRL's PPO needs a separate value
+    # model and a reward model (the engine uses a value head on the policy and the task's verifier function).
+    policy, ref = build_causal_lm(eng_cfg, tok), build_causal_lm(eng_cfg, tok)
+    cls_cfg = copy.deepcopy(policy.config)
+    cls_cfg.num_labels, cls_cfg.id2label, cls_cfg.label2id = 1, {0: "score"}, {"score": 0}
+    value, reward = LlamaForSequenceClassification(cls_cfg), LlamaForSequenceClassification(cls_cfg)
     total_steps = s["warmup_steps"] + s["steps"]
-    prompts = task_mod.make_prompts(s["batch"] * total_steps, 3, 8, 0)
+    prompts = task_mod.make_prompts(s["batch"] * total_steps, eng_cfg.task_min_digits, eng_cfg.task_max_digits, 0)
     ds = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in prompts]})
 
     stamps: list[float] = []
@@ -145,10 +155,13 @@ def _trl_steps(trainer_cls, config_cls, device: torch.device, s: dict[str, int])
             num_mini_batches=1, num_ppo_epochs=1, total_episodes=s["batch"] * total_steps,
             response_length=s["resp_len"], stop_token_id=tok.eos_token_id, temperature=1.0, report_to=[],
             num_sample_generations=0, save_strategy="no", logging_steps=10**6, use_cpu=device.type == "cpu",
-            missing_eos_penalty=None, seed=0, bf16=False,
+            missing_eos_penalty=None, seed=0, bf16=False, disable_tqdm=True,
         )
         trainer = trainer_cls(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                               value_model=value, train_dataset=ds, callbacks=[Stamp()])
+        # TRL's PPO logs every step; keep those dicts off the benchmark's stdout
+        for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+            trainer.remove_callback(cb)
         t0 = time.perf_counter()
         trainer.train()
     times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
@@ -161,8 +174,11 @@ def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -
     s = settings(quick)
     threads = torch.get_num_threads()  # the engine picks its own thread count for the tiny model; restore after
     rows = []
+    engine_threads = threads
     try:
         for fn in (run_engine, run_trl):
+            if fn is run_trl and device.type == "cpu":
+                torch.set_num_threads(engine_threads)  # TRL gets the thread count the engine chose for this model
             t0 = time.perf_counter()
             try:
                 row = fn(device, s)
@@ -171,11 +187,14 @@ def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -
                 row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             rows.append(row)
             log(f"[e2e] {row.provider}: {row.status} {row.notes} ({time.perf_counter() - t0:.1f}s)")
+            if fn is run_engine:
+                engine_threads = torch.get_num_threads()
+                row.extra["torch_threads"] = engine_threads
             torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)
     eng, trl = rows
     if eng.status == "ok" and trl.status == "ok":
         eng.extra["speedup_vs_trl"] = trl.median_ms / eng.median_ms
-        eng.notes += f"; {eng.extra['speedup_vs_trl']:.2f}x TRL's step time"
+        eng.notes += f"; step {eng.extra['speedup_vs_trl']:.1f}x faster than TRL"
     return rows
