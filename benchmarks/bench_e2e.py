@@ -87,12 +87,11 @@ def run_engine(device: torch.device, s: dict[str, int]) -> Row:
 # ------------------------------------------------------------------------------------------------------ TRL
 def _trl_classes() -> tuple[Any, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # we know it is experimental; keep the log clean
-    errors = []
     for mod in ("trl.experimental.ppo", "trl"):
         try:
             return peer_attr(mod, "PPOTrainer"), peer_attr(mod, "PPOConfig")
-        except Missing as exc:
-            errors.append(str(exc))
+        except Missing:
+            continue
     raise Missing(f"installed trl {version_of('trl')} has no PPOTrainer (removed by huggingface/trl PR 7020; "
                   f"trl.experimental.ppo in 1.10-1.12 has it, e.g. trl==1.12.0)")
 

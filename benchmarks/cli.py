@@ -23,12 +23,27 @@ SUITES = {
     "gae": (bench_gae,),
     "e2e": (),  # bench_e2e has its own loop (whole PPO steps, not cases x providers)
 }
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _default_out() -> Path:
+    """``benchmarks/results/`` of the checkout (editable install); from a wheel, ``./benchmarks/results``."""
+    here = Path(__file__).resolve().parent
+    if "site-packages" not in here.parts and "dist-packages" not in here.parts:
+        return here / "results"
+    return Path.cwd() / "benchmarks" / "results"
+
+
+DEFAULT_OUT = _default_out()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastppo bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
+    p = argparse.ArgumentParser(
+        prog="fastppo bench",
+        description="Throughput, memory and accuracy of fastppo's ops and PPO step next to eager PyTorch, "
+        "torch.compile and the peers (TRL, verl, OpenRLHF, Liger, flash-attn). Writes CSV, JSON and PNG plots.",
+    )
+    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"),
+                   help="ops: logprobs, ppo_loss, kl, value_loss; gae; e2e: a whole PPO step; all (default)")
     p.add_argument("--quick", action="store_true", help="one small shape per op, short timing (CI smoke run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--only", default="", help="comma-separated op names to keep, e.g. logprobs,gae")

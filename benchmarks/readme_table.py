@@ -12,9 +12,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .cli import DEFAULT_OUT
 from .report import load_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = DEFAULT_OUT
 _ORDER = ("logprobs", "ppo_loss", "kl", "value_loss", "gae", "ppo_step")
 
 
