@@ -5,14 +5,7 @@ allocate outputs and launch; kernels are wrapped with ``@triton.jit`` at first l
 ``TRITON_INTERPRET=1`` takes effect whenever it is set before the first call.
 """
 
-if __name__ != "fastppo.kernels":
-    # With the repo root on sys.path (pytest from a checkout) this folder is also reachable as a top-level
-    # `kernels`, the name of an unrelated Hugging Face hub package that transformers probes for by importing it.
-    # Raising here would break that probe (and so `import trl` / `import verl`, which silently skipped the compat
-    # tests). Instead stay an empty module: the probe finds no version and reports "unavailable", and any
-    # `from kernels import X` still fails with ImportError.
-    __all__: list[str] = []
-else:
+if __name__ == "fastppo.kernels":
     import triton  # noqa: F401  (a missing Triton makes this package, and so the backend, unavailable)
 
     from .gae import gae_forward, gae_whiten_forward
@@ -26,3 +19,8 @@ else:
         "logprobs_forward",
         "ppo_loss_forward",
     ]
+else:
+    # Imported as a top-level `kernels` (the repo root on sys.path, e.g. `python -m pytest` from a checkout):
+    # transformers probes for the unrelated Hugging Face `kernels` package by importing that name, so stay an
+    # empty, importable module (no version, so it is not taken for the real package) instead of failing.
+    __all__ = []
