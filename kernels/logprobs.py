@@ -21,6 +21,7 @@ from ._jit import interpreting, late_jit, next_pow2, on_device
 PPO_TERMS = ("logp", "entropy", "lse", "pg", "ratio", "kl", "dpg", "dkl", "clipped", "dual_clipped", "loss")
 KL_KINDS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0
+_RATIO_CLAMP: tl.constexpr = tl.constexpr(LOG_RATIO_CLAMP)  # what the kernel uses: the constant the tests check
 
 # Tests set this to force several vocabulary chunks on small V (exercises the online rescaling paths).
 BLOCK_OVERRIDE: int | None = None
@@ -90,12 +91,12 @@ def _row_forward_kernel(
         old = tl.load(old_ptr + row)
         a = tl.load(adv_ptr + row)
         log_ratio = logp - old
-        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
+        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -_RATIO_CLAMP), _RATIO_CLAMP))
         pg1 = -a * ratio
         pg2 = -a * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
         pg = tl.maximum(pg1, pg2)
         clipped = pg2 > pg1
-        grad_ok = (pg2 <= pg1) & (log_ratio >= -20.0) & (log_ratio <= 20.0)
+        grad_ok = (pg2 <= pg1) & (log_ratio >= -_RATIO_CLAMP) & (log_ratio <= _RATIO_CLAMP)
         if DUAL:
             pg3 = -a * dual_clip
             dual_f = tl.where((a < 0) & (pg > pg3), 1.0, 0.0)
