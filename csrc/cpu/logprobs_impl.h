@@ -218,7 +218,8 @@ inline void ppo_terms(const PpoFwdArgs& a, int64_t r, int64_t N, const RowStats&
   T_[kDkl * N + r] = dkl;
   T_[kClipped * N + r] = clipped ? 1.0f : 0.0f;
   T_[kDualClipped * N + r] = dual ? 1.0f : 0.0f;
-  T_[kLoss * N + r] = pg + a.kl_coef * kl - a.entropy_coef * st.entropy;
+  // kl_coef == 0 (ref given only for the KL statistic) adds nothing, not 0 * inf = NaN (as the reference).
+  T_[kLoss * N + r] = pg + (a.kl_coef != 0.0f ? a.kl_coef * kl : 0.0f) - a.entropy_coef * st.entropy;
 }
 
 // Rows per OpenMP work item: enough elements per item that scheduling costs nothing next to the exps.

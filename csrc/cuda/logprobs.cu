@@ -182,7 +182,9 @@ __device__ void ppo_terms(int64_t r, int64_t N, const RowOut& st, const float* o
     }
   }
   const float vals[kNumTerms] = {lp,  st.entropy, st.lse, pg, ratio, kl, dpg, dkl, clipped ? 1.0f : 0.0f,
-                                 dual ? 1.0f : 0.0f, pg + kl_coef * kl - entropy_coef * st.entropy};
+                                 dual ? 1.0f : 0.0f,
+                                 // kl_coef == 0: no 0 * inf = NaN from an infinite KL (as the reference)
+                                 pg + (kl_coef != 0.0f ? kl_coef * kl : 0.0f) - entropy_coef * st.entropy};
 #pragma unroll
   for (int k = 0; k < kNumTerms; ++k) terms[k * N + r] = vals[k];
 }

@@ -152,3 +152,22 @@ def test_public_ppo_loss_rejects_nan_on_valid_rows_only():
     logits[0, 0, 5] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         fastppo.ppo_loss_from_logits(logits, labels, old, adv, mask, backend="cpp")
+
+
+@pytest.mark.parametrize("kl_kind", KL_KINDS)
+def test_public_ppo_loss_kl_stat_only_ignores_infinite_kl(kl_kind):
+    """kl_coef = 0 with ref_logprobs (for the KL statistic only): an infinite per-token KL (ref = -inf) must not turn
+    the loss or the gradient into 0 * inf = NaN; the reference adds no KL term at all."""
+    logits, labels, old, adv, rlp, mask = _batch(2, 4, 61, seed=45)
+    mask[:] = True
+    rlp[0, 1] = float("-inf")
+    x = logits.clone().requires_grad_()
+    loss, _ = fastppo.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=rlp, kl_coef=0.0, kl_kind=kl_kind,
+                                           entropy_coef=0.01, backend="cpp")
+    loss.backward()
+    x64 = logits.double().requires_grad_()
+    e_loss, _ = ref.ppo_loss_from_logits(x64, labels, old.double(), adv.double(), mask, ref_logprobs=rlp.double(),
+                                         kl_coef=0.0, kl_kind=kl_kind, entropy_coef=0.01)
+    e_loss.backward()
+    assert_close(loss, e_loss, F32)
+    assert_close(x.grad, x64.grad, F32, "grad")
