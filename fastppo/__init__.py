@@ -29,9 +29,9 @@ __version__ = "0.1.0"
 
 
 def backends() -> dict[str, BackendInfo]:
-    """``{name: BackendInfo(name, available, reason)}`` for torch, triton, cpp and cuda.
+    """``{name: BackendInfo(name, available, reason)}`` for torch, triton, triton-interpret, cpp and cuda.
 
-    ``triton`` reports the interpreter when ``TRITON_INTERPRET=1`` on a CPU-only machine.
+    ``triton-interpret`` is the Triton interpreter mode (``TRITON_INTERPRET=1``: ``backend="triton"`` on CPU).
     """
     return _backends()
 

@@ -95,9 +95,21 @@ def _probe(name: str) -> BackendInfo:
     raise ValueError(f"unknown backend {name!r}; choose from {_CHOICES}")
 
 
+def _probe_interpreter() -> BackendInfo:
+    """The Triton interpreter (Triton kernels on CPU tensors, for tests): a mode of the triton backend."""
+    mod, err = _triton_import()
+    if mod is None:
+        return BackendInfo("triton-interpret", False, err or "fastppo.kernels failed to import")
+    if triton_interpret():
+        return BackendInfo("triton-interpret", True, "active: TRITON_INTERPRET=1, backend='triton' runs on CPU")
+    return BackendInfo("triton-interpret", False, "TRITON_INTERPRET is not set (set it to 1 before the first launch)")
+
+
 def backends() -> dict[str, BackendInfo]:
-    """Every backend with whether it is usable here and why (not)."""
-    return {name: _probe(name) for name in BACKENDS}
+    """Every backend (and the Triton interpreter mode) with whether it is usable here and why (not)."""
+    info = {name: _probe(name) for name in BACKENDS}
+    info["triton-interpret"] = _probe_interpreter()
+    return {k: info[k] for k in ("torch", "triton", "triton-interpret", "cpp", "cuda")}
 
 
 def launcher_module(backend: str) -> object | None:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         from fastppo import backends
 
         for name, info in backends().items():
-            print(f"{name:8s} {'yes' if info.available else 'no ':3s}  {info.reason}")
+            print(f"{name:16s} {'yes' if info.available else 'no ':3s}  {info.reason}")
         return 0
     print(f"fastppo: unknown command {cmd!r}\n\n{_USAGE}", file=sys.stderr)
     return 2

@@ -11,7 +11,7 @@ from fastppo import _dispatch
 
 def test_backends_report_every_backend_with_a_reason():
     info = fastppo.backends()
-    assert set(info) == {"torch", "triton", "cpp", "cuda"}
+    assert list(info) == ["torch", "triton", "triton-interpret", "cpp", "cuda"]
     assert info["torch"].available
     for b in info.values():
         assert b.reason  # available: what it runs on; missing: why
@@ -61,3 +61,11 @@ def test_torch_backend_matches_reference():
     x = torch.randn(4, 9)
     lab = torch.randint(0, 9, (4,))
     torch.testing.assert_close(fastppo.token_logprobs(x, lab, backend="torch"), ref.token_logprobs(x, lab))
+
+
+def test_interpreter_mode_is_reported(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastppo.backends()["triton-interpret"].available == fastppo.backends()["triton"].available
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    info = fastppo.backends()["triton-interpret"]
+    assert not info.available and "TRITON_INTERPRET" in info.reason
