@@ -30,11 +30,13 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
                              constant divisor instead of the sequence length; verl's definition of this mode)
     """
     m = mask.to(loss_mat.dtype)
+    # Masked positions are ignored whatever they hold (padding may carry -inf/NaN): where, not only multiply.
+    weighted = torch.where(m != 0, loss_mat * m, torch.zeros_like(loss_mat))
     if agg == "token-mean":
-        return (loss_mat * m).sum() / m.sum()
+        return weighted.sum() / m.sum()
     if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
-    lm = (loss_mat * m).reshape(-1, loss_mat.shape[-1])
+    lm = weighted.reshape(-1, loss_mat.shape[-1])
     m2 = m.reshape(-1, loss_mat.shape[-1])
     seq_sum = lm.sum(-1)
     seq_len = m2.sum(-1)

@@ -7,11 +7,15 @@ from torch import Tensor
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """``sum(x * mask) / sum(mask)`` over ``dim`` (all elements when None)."""
+    """``sum(x * mask) / sum(mask)`` over ``dim`` (all elements when None).
+
+    Masked elements are ignored whatever they hold (a padded position may carry -inf or NaN).
+    """
     m = mask.to(x.dtype)
+    xm = torch.where(m != 0, x * m, torch.zeros_like(x))
     if dim is None:
-        return (x * m).sum() / m.sum()
-    return (x * m).sum(dim) / m.sum(dim)
+        return xm.sum() / m.sum()
+    return xm.sum(dim) / m.sum(dim)
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:

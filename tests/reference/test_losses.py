@@ -118,3 +118,15 @@ def test_ppo_loss_from_logits_composes_the_parts():
     ent = ref.agg_loss(h, mask, "seq-mean-token-mean")
     assert loss.item() == pytest.approx((pg + 0.1 * kl - 0.01 * ent).item(), abs=1e-12)
     assert stats["entropy"].item() == pytest.approx(ref.masked_mean(h, mask).item())
+
+
+def test_masked_positions_are_ignored_whatever_they_hold():
+    x = _t(1.0, 3.0, math.nan, -math.inf)
+    m = torch.tensor([1, 1, 0, 0])
+    assert ref.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert ref.agg_loss(x[None], m[None], "seq-mean-token-sum").item() == pytest.approx(4.0)
+    # garbage old log-probs on padding must not poison the policy-loss stats
+    lp = _t(0.0, 0.0, 0.0)
+    old = _t(0.0, 0.1, -math.inf)
+    loss, stats = ref.ppo_policy_loss(lp, old, _t(1.0, 1.0, 1.0), torch.tensor([1, 1, 0]))
+    assert all(torch.isfinite(v) for v in stats.values()) and torch.isfinite(loss)
