@@ -3,7 +3,8 @@
 Providers: every fastppo backend, eager PyTorch (the formulas TRL/verl write: ``log_softmax``+gather and
 ``logsumexp - sum(softmax*x)`` in the logits' dtype), ``torch.compile`` of those formulas, TRL
 ``selective_log_softmax`` + ``entropy_from_logits``, verl ``logprobs_from_logits`` + ``entropy_from_logits``,
-OpenRLHF ``log_probs_from_logits`` + ``compute_entropy``, flash-attn ``cross_entropy_loss`` (logprobs only).
+OpenRLHF ``log_probs_from_logits`` + ``compute_entropy``, flash-attn ``cross_entropy_loss`` (logprobs only);
+verl ``linear_cross_entropy`` is listed as missing on a from-logits benchmark (it fuses the lm_head matmul).
 
 Minimum bytes (``e`` = bytes per logit, ``N = B*T``):
   fwd      ``N*V*e`` (read logits once) + ``8N`` (int64 labels) + ``8N`` (write fp32 logp and entropy)
@@ -196,6 +197,13 @@ def _flash_attn(case: Case):
     return _runner(case, fn, entropy=False)
 
 
+def _verl_linear_ce(case: Case):
+    needs_cuda(case.device, "verl's Triton linear_cross_entropy")
+    peer_attr("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy")
+    raise Missing("linear_cross_entropy fuses the lm_head matmul (takes hidden states + weight, not logits); "
+                  "not comparable on a from-logits benchmark")
+
+
 def providers(device: torch.device) -> list[Provider]:
     out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile)]
     out += [_fastppo(b, why) for b, why in fastppo_backends("logprobs", device)]
@@ -204,6 +212,7 @@ def providers(device: torch.device) -> list[Provider]:
         Provider("verl", "peer", _verl, "logprobs_from_logits + entropy_from_logits"),
         Provider("openrlhf", "peer", _openrlhf, "log_probs_from_logits + compute_entropy"),
         Provider("flash-attn", "peer", _flash_attn, "cross_entropy_loss: logprobs only, no entropy"),
+        Provider("verl-linear-ce", "peer", _verl_linear_ce, "linear_cross_entropy"),
     ]
     return out
 

@@ -121,6 +121,7 @@ def plot_time_vs_v(rows: list[dict], path: Path, title: str) -> bool:
     vocab = [r for r in rows if _ok(r) and r.get("V")]
     if not vocab:
         return False
+    palette = {p: k for k, p in enumerate(_plot_order({r["provider"] for r in rows if _ok(r)}))}
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for r in vocab:
         panels[(r["op"], r["mode"], r["dtype"])].append(r)
@@ -138,7 +139,8 @@ def plot_time_vs_v(rows: list[dict], path: Path, title: str) -> bool:
         for prov, pts in sorted(by_prov.items()):
             pts.sort()
             style = "-o" if prov.startswith("fastppo") else "--s" if prov in ("eager", "torch.compile") else ":^"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=4)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=4,
+                    color=_color(prov, palette[prov]))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("vocabulary size V")
@@ -153,6 +155,10 @@ def plot_time_vs_v(rows: list[dict], path: Path, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _plot_order(names: set[str]) -> list[str]:
+    return sorted(names, key=lambda p: (not p.startswith("fastppo"), p))
 
 
 def _color(provider: str, k: int) -> Any:
@@ -187,12 +193,13 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
         for r in sub:
             if r["shape"] == shape:
                 series[r["provider"]][len(labels) - 1] = r["speedup_vs_eager"]
-    provs = sorted(series, key=lambda p: (not p.startswith("fastppo"), p))
+    provs = _plot_order(set(series))
+    palette = {p: k for k, p in enumerate(_plot_order({r["provider"] for r in rows if _ok(r)}))}
     width = 0.8 / max(len(provs), 1)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.9 * len(labels)), 5.0))
     for k, prov in enumerate(provs):
         xs = [i + k * width for i in series[prov]]
-        ax.bar(xs, list(series[prov].values()), width=width, label=prov, color=_color(prov, k),
+        ax.bar(xs, list(series[prov].values()), width=width, label=prov, color=_color(prov, palette[prov]),
                hatch="//" if prov.startswith("fastppo") else None, edgecolor="white", linewidth=0.3)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
