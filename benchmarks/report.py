@@ -167,7 +167,8 @@ def _color(provider: str, k: int) -> Any:
         return fixed[provider]
     import matplotlib
 
-    return matplotlib.colormaps["tab10"](k % 10)
+    no_grey = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # tab10's 7 is grey, which eager and torch.compile already use
+    return matplotlib.colormaps["tab10"](no_grey[k % len(no_grey)])
 
 
 def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
