@@ -155,5 +155,10 @@ def fastppo_name(backend: str) -> str:
 
 
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile`` of a plain formula, fresh per case (no recompile limit games across shapes)."""
+    """``torch.compile`` of a plain formula, fresh per case.
+
+    Dynamo keys its cache on the function's code object, so wrappers made per case still share one cache and,
+    past ``recompile_limit`` shapes/dtypes/grad modes, silently run eager: reset it so every case is compiled.
+    """
+    torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
