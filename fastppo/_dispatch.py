@@ -32,6 +32,7 @@ FAMILY_LAUNCHERS: dict[str, tuple[str, ...]] = {
     "logprobs": ("logprobs_forward", "logprobs_backward"),
     "ppo_loss": ("ppo_loss_forward", "logprobs_backward"),
     "gae": ("gae_forward",),
+    "gae_whiten": ("gae_whiten_forward",),
 }
 
 _INSTALL_HINT = {

@@ -255,3 +255,22 @@ def _ppo_backward(ctx, g_terms):
 
 
 ppo_loss_terms.register_autograd(_ppo_backward, setup_context=_ppo_setup)
+
+
+# ------------------------------------------------------------------------------------------------------ GAE
+@torch.library.custom_op("fastppo::gae", mutates_args=())
+def gae_op(
+    rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor, gamma: float, lam: float, whiten: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` float32 ``[B, T]`` from float32 ``rewards/values [B, T]``, bool ``mask [B, T]``,
+    float32 ``bootstrap [B]`` (empty: none). ``whiten`` needs the backend's fused ``gae_whiten_forward``.
+    A custom op (no autograd: advantages are targets) so that compiled callers trace through it."""
+    mod = _launchers(backend)
+    args = (rewards, values, mask, _opt(bootstrap), gamma, lam)
+    return mod.gae_whiten_forward(*args) if whiten else mod.gae_forward(*args)
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, bootstrap, gamma, lam, whiten, backend):
+    return torch.empty_like(rewards, dtype=torch.float32), torch.empty_like(rewards, dtype=torch.float32)

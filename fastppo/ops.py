@@ -260,13 +260,15 @@ def gae(
     if name == "torch":
         adv, ret = ref.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap_value=bootstrap_value)
     else:
-        mod = _dispatch.launcher_module(name)
-        boot = None if bootstrap_value is None else bootstrap_value.float().contiguous()
-        args = (rewards.float().contiguous(), values.float().contiguous(), mask.bool().contiguous(), boot,
-                float(gamma), float(lam))
-        if whiten_advantages and hasattr(mod, "gae_whiten_forward"):
-            return mod.gae_whiten_forward(*args)  # scan + moments + normalise, fused (two-phase) in the backend
-        adv, ret = mod.gae_forward(*args)
+        # scan + moments + normalise fused (two-phase) in the backend when it has that launcher
+        fused_whiten = whiten_advantages and _dispatch.implements(name, "gae_whiten")
+        boot = rewards.new_empty((0,), dtype=torch.float32) if bootstrap_value is None else bootstrap_value.float()
+        adv, ret = torch.ops.fastppo.gae(
+            rewards.float().contiguous(), values.float().contiguous(), mask.bool().contiguous(), boot.contiguous(),
+            float(gamma), float(lam), fused_whiten, name,
+        )
+        if fused_whiten:
+            return adv, ret
     if whiten_advantages:
         adv = ref.masked_whiten(adv, mask) * mask.to(adv.dtype)
     return adv, ret

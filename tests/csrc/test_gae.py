@@ -87,3 +87,19 @@ def test_batch_invariance_and_threads(cpp):
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(a_1t, adv)
+
+
+def test_gae_compiles_fullgraph_through_the_custom_op():
+    """A compiled caller traces fastppo.gae as one custom op (no graph break into the launcher)."""
+    g = torch.Generator().manual_seed(12)
+    r, v = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    m = torch.rand(3, 40, generator=g) > 0.3
+
+    def f(r, v, m):
+        adv, ret = fastppo.gae(r, v, m, gamma=0.99, lam=0.95, whiten_advantages=True, backend="cpp")
+        return adv * 2.0, ret
+
+    adv, ret = torch.compile(f, fullgraph=True)(r, v, m)
+    e_adv, e_ret = f(r, v, m)
+    torch.testing.assert_close(adv, e_adv)
+    torch.testing.assert_close(ret, e_ret)
