@@ -60,22 +60,6 @@ def _opt(t: Tensor) -> Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------- logprobs family
-@torch.library.custom_op("fastppo::logprobs_fwd", mutates_args=())
-def logprobs_fwd(
-    logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``[B, T, V], [N] -> (logp [N], entropy [N] or empty, lse [N])``, float32."""
-    logp, ent, lse = _launchers(backend).logprobs_forward(logits, labels, temperature, with_entropy)
-    return logp, (ent if ent is not None else _empty(logits)), lse
-
-
-@logprobs_fwd.register_fake
-def _(logits, labels, temperature, with_entropy, backend):
-    n = logits.shape[0] * logits.shape[1]
-    vec = logits.new_empty((n,), dtype=torch.float32)
-    return vec, (logits.new_empty((n,), dtype=torch.float32) if with_entropy else _empty(logits)), vec.clone()
-
-
 def _backward_into(
     out: Tensor,
     logits: Tensor,
@@ -141,12 +125,15 @@ def _vec_grad(g: Tensor | None, ref: Tensor) -> Tensor:
     return g.to(torch.float32).contiguous()
 
 
-def _run_backward(ctx, g_lp: Tensor, g_h: Tensor) -> Tensor:
-    logits, labels, lse, entropy = ctx.saved_tensors
-    if ctx.inplace:
-        torch.ops.fastppo.logprobs_bwd_(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend)
+def _dlogits(
+    logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_lp: Tensor, g_h: Tensor, temperature: float,
+    backend: str, inplace: bool,
+) -> Tensor:
+    """dlogits from per-token grads: written over ``logits`` when ``inplace``, else into a fresh buffer."""
+    if inplace:
+        torch.ops.fastppo.logprobs_bwd_(logits, labels, lse, entropy, g_lp, g_h, temperature, backend)
         return logits
-    return torch.ops.fastppo.logprobs_bwd(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend)
+    return torch.ops.fastppo.logprobs_bwd(logits, labels, lse, entropy, g_lp, g_h, temperature, backend)
 
 
 # Autograd is attached to a thin differentiable wrapper op so that `temperature`, `backend` and `inplace`
@@ -155,7 +142,9 @@ def _run_backward(ctx, g_lp: Tensor, g_h: Tensor) -> Tensor:
 def logprobs_op(
     logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool, backend: str, inplace: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return logprobs_fwd(logits, labels, temperature, with_entropy, backend)
+    """``[B, T, V], [N] -> (logp [N], entropy [N] or empty, lse [N])``, float32."""
+    logp, ent, lse = _launchers(backend).logprobs_forward(logits, labels, temperature, with_entropy)
+    return logp, (ent if ent is not None else _empty(logits)), lse
 
 
 @logprobs_op.register_fake
@@ -177,10 +166,11 @@ def _logprobs_setup(ctx, inputs, output):
 
 
 def _logprobs_backward(ctx, g_logp, g_entropy, _g_lse):
-    _, entropy = ctx.saved_tensors[0], ctx.saved_tensors[3]
+    logits, labels, lse, entropy = ctx.saved_tensors
     g_lp = _vec_grad(g_logp, entropy)
     g_h = _vec_grad(g_entropy, entropy) if entropy.numel() > 0 else _empty(entropy)
-    return _run_backward(ctx, g_lp, g_h), None, None, None, None, None
+    dlogits = _dlogits(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend, ctx.inplace)
+    return dlogits, None, None, None, None, None
 
 
 logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
@@ -245,12 +235,7 @@ def _ppo_backward(ctx, g_terms):
     g_lp = (g_loss * d_lp).contiguous()  # kl_coef == 0: no 0 * inf = NaN from an infinite dkl (k2 at ref = -inf)
     g_h = (g_loss * (-ctx.entropy_coef)).contiguous() if ctx.entropy_coef != 0.0 else _empty(terms)
     lse, entropy = terms[_T["lse"]].contiguous(), terms[_T["entropy"]].contiguous()
-    if ctx.inplace:
-        torch.ops.fastppo.logprobs_bwd_(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend)
-        dlogits = logits
-    else:
-        dlogits = torch.ops.fastppo.logprobs_bwd(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature,
-                                                 ctx.backend)
+    dlogits = _dlogits(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend, ctx.inplace)
     return (dlogits,) + (None,) * 14
 
 
