@@ -19,7 +19,7 @@ from fastppo import _validate as V
 from fastppo import reference as ref
 from fastppo.autograd import KL_KINDS, PPO_TERMS
 from fastppo.reference import advantages as ref_adv
-from fastppo.reference.losses import AGG_MODES
+from fastppo.reference.losses import AGG_MODES, policy_stats
 
 __all__ = [
     "gae",
@@ -424,16 +424,8 @@ def ppo_loss_from_logits(
     V.finite_rows("ppo_loss_from_logits", row("lse").detach(), valid=mask)
     loss = ref.agg_loss(row("loss"), mask, agg)
     with torch.no_grad():
-        m = mask.bool()
-        d = row("logp") - old
-        stats = {
-            "pg_loss": ref.agg_loss(row("pg"), mask, agg),
-            "clipfrac": ref.masked_mean(row("clipped"), mask),
-            "dual_clipfrac": ref.masked_mean(row("dual_clipped"), mask),
-            "approx_kl": ref.masked_mean(torch.expm1(d) - d, mask),
-            "ratio_mean": ref.masked_mean(row("ratio"), mask),
-            "ratio_max": torch.where(m, row("ratio"), torch.full_like(row("ratio"), -torch.inf)).max(),
-        }
+        stats = policy_stats(ref.agg_loss(row("pg"), mask, agg), row("logp"), old, row("ratio"), row("clipped"),
+                             row("dual_clipped"), mask)
         if ref_logprobs is not None:
             stats["kl"] = ref.masked_mean(row("kl"), mask)
         stats["entropy"] = ref.masked_mean(row("entropy"), mask)

@@ -101,17 +101,23 @@ def ppo_policy_loss(
         logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
     loss = agg_loss(pg, mask, agg)
-    with torch.no_grad():
-        m = mask.bool()
-        stats = {
-            "pg_loss": loss.detach(),
-            "clipfrac": masked_mean(clipped.to(pg.dtype), mask),
-            "dual_clipfrac": masked_mean(dual.to(pg.dtype), mask),
-            "approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": torch.where(m, ratio, torch.full_like(ratio, -torch.inf)).max(),
-        }
-    return loss, stats
+    return loss, policy_stats(loss, logprobs, old_logprobs, ratio, clipped, dual, mask)
+
+
+@torch.no_grad()
+def policy_stats(
+    pg_loss: Tensor, logprobs: Tensor, old_logprobs: Tensor, ratio: Tensor, clipped: Tensor, dual_clipped: Tensor,
+    mask: Tensor,
+) -> dict[str, Tensor]:
+    """Detached stats of the clipped surrogate over valid tokens (shared by every path that computes it)."""
+    return {
+        "pg_loss": pg_loss.detach(),
+        "clipfrac": masked_mean(clipped.to(ratio.dtype), mask),
+        "dual_clipfrac": masked_mean(dual_clipped.to(ratio.dtype), mask),
+        "approx_kl": masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": torch.where(mask.bool(), ratio, torch.full_like(ratio, -torch.inf)).max(),
+    }
 
 
 def value_loss(
