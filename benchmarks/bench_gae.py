@@ -7,7 +7,8 @@ measured there only.
 Providers: every fastppo backend (``torch`` is the reference loop vectorised over the batch; ``cpp`` and
 ``triton`` are scans), eager PyTorch (the classic reversed Python loop TRL's PPOTrainer used, masked values and
 rewards zeroed first), verl ``compute_gae_advantage_return`` (its loop; it also whitens the advantages, so its
-advantages are checked against the whitened reference), OpenRLHF ``get_advantages_and_returns``.
+advantages are checked against the whitened reference), OpenRLHF ``get_advantages_and_returns``; ``copy``, a
+device copy of ``min_bytes`` (``copy_baseline``), the bandwidth yardstick.
 ``torch.compile`` of the loop is reported as skipped: dynamo unrolls all T steps, so compile time grows with T.
 
 Minimum bytes: ``17*B*T`` (read fp32 rewards and values and a 1-byte mask, write fp32 advantages and returns).
@@ -21,6 +22,7 @@ from torch import Tensor
 import fastppo
 from fastppo import reference as ref
 
+from .copy_baseline import copy_provider
 from .providers import Missing, Provider, Skipped, fastppo_backends, fastppo_name, openrlhf_gae, peer_attr
 from .runner import Case, ErrorMeter
 
@@ -127,7 +129,7 @@ def _openrlhf(case: Case):
 
 
 def providers(device: torch.device) -> list[Provider]:
-    out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile)]
+    out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile), copy_provider()]
     out += [_fastppo(b, why) for b, why in fastppo_backends("gae", device)]
     out += [
         Provider("verl", "peer", _verl, "compute_gae_advantage_return (includes whitening)"),

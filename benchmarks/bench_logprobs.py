@@ -4,7 +4,8 @@ Providers: every fastppo backend, eager PyTorch (the formulas TRL/verl write: ``
 ``logsumexp - sum(softmax*x)`` in the logits' dtype), ``torch.compile`` of those formulas, TRL
 ``selective_log_softmax`` + ``entropy_from_logits``, verl ``logprobs_from_logits`` + ``entropy_from_logits``,
 OpenRLHF ``log_probs_from_logits`` + ``compute_entropy``, flash-attn ``cross_entropy_loss`` (logprobs only);
-verl ``linear_cross_entropy`` is listed as missing on a from-logits benchmark (it fuses the lm_head matmul).
+verl ``linear_cross_entropy`` is listed as missing on a from-logits benchmark (it fuses the lm_head matmul);
+``copy``, a device copy of ``min_bytes`` (``copy_baseline``), the bandwidth yardstick.
 
 Minimum bytes (``e`` = bytes per logit, ``N = B*T``):
   fwd      ``N*V*e`` (read logits once) + ``8N`` (int64 labels) + ``8N`` (write fp32 logp and entropy)
@@ -20,6 +21,7 @@ from torch import Tensor
 import fastppo
 from fastppo import reference as ref
 
+from .copy_baseline import copy_provider
 from .providers import (
     Missing,
     Provider,
@@ -205,7 +207,7 @@ def _verl_linear_ce(case: Case):
 
 
 def providers(device: torch.device) -> list[Provider]:
-    out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile)]
+    out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile), copy_provider()]
     out += [_fastppo(b, why) for b, why in fastppo_backends("logprobs", device)]
     out += [
         Provider("trl", "peer", _trl, "selective_log_softmax + entropy_from_logits"),

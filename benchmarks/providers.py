@@ -40,6 +40,8 @@ class Provider:
     group: str  # "fastppo" | "baseline" | "peer"
     setup: Callable[[Any], Runner]  # case -> runner; raises Missing
     notes: str = ""
+    # False for reference points that do not compute the op (the copy baseline): no error check, no err_flag.
+    checked: bool = True
 
 
 @cache

@@ -50,9 +50,10 @@ def run(benchmark, mod: ModuleType, provider: str, index: int) -> None:
         fn = prov.setup(case)
     except (Missing, Skipped) as exc:
         pytest.skip(f"{provider}: {exc}")
-    err = float(case.check(fn()))
-    bound = max(ERR_FLOOR[case.dtype], ERR_SLACK * _eager_err(mod, index))
-    assert math.isfinite(err) and err <= bound, f"{provider} error {err:.3e} exceeds {bound:.3e}"
+    err = float(case.check(fn())) if prov.checked else None
+    if err is not None:
+        bound = max(ERR_FLOOR[case.dtype], ERR_SLACK * _eager_err(mod, index))
+        assert math.isfinite(err) and err <= bound, f"{provider} error {err:.3e} exceeds {bound:.3e}"
     if case.device.type == "cuda":
         def call():
             fn()
