@@ -56,7 +56,8 @@ def cuda_objects(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProces
     built = {}
     for src in CU_SOURCES:
         obj = out / (src.stem + ".o")
-        cmd = [NVCC, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", "-Werror", "all-warnings", "-Xcompiler",
+        cmd = [NVCC, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc'}", "-Werror", "all-warnings", "-Xptxas", "-v",
+               "-Xcompiler",
                "-Wall", "-Xcompiler", "-fPIC", "-gencode=arch=compute_80,code=sm_80",
                "-gencode=arch=compute_90,code=sm_90", str(src), "-o", str(obj)]
         built[src.name] = (subprocess.run(cmd, capture_output=True, text=True, timeout=300), obj)
@@ -65,10 +66,18 @@ def cuda_objects(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProces
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 @pytest.mark.parametrize("src", CU_SOURCES, ids=lambda p: p.name)
-def test_cuda_sources_compile_for_sm80_and_sm90(src, cuda_objects):
+def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(src, cuda_objects):
+    """Compiles, and ptxas (-v) reports every kernel of both targets with no stack frame and no spills."""
     res, obj = cuda_objects[src.name]
     assert res.returncode == 0, f"{' '.join(res.args)}\n{res.stdout}\n{res.stderr}"
     assert obj.stat().st_size > 0
+    log = res.stdout + res.stderr
+    entries = [line for line in log.splitlines() if "Compiling entry function" in line]
+    frames = [line.strip() for line in log.splitlines() if "bytes stack frame" in line]
+    assert entries and len(frames) == len(entries), log[-4000:]
+    assert {"sm_80", "sm_90"} <= {line.rsplit("'", 2)[-2] for line in entries}
+    for entry, frame in zip(entries, frames, strict=True):
+        assert frame == "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", f"{entry}: {frame}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
