@@ -218,10 +218,9 @@ def providers(device: torch.device) -> list[Provider]:
 
 
 def cases(device: torch.device, quick: bool, suite: str = "ops"):
-    for n, v in shapes(device, quick):
-        for dtype in bench_logprobs.dtypes(quick):
-            inputs = make_inputs(n, v, dtype, device)
-            b, t = inputs["labels"].shape
-            yield Case(suite, OP, "fwd+bwd", device, dtype, {"N": n, "V": v, "B": b, "T": t}, inputs,
-                       min_bytes(n, v, dtype), make_check(inputs))
-            del inputs
+    for n, v, dtype in bench_logprobs.grid(device, quick, shapes(device, quick)):
+        inputs = make_inputs(n, v, dtype, device)
+        b, t = inputs["labels"].shape
+        yield Case(suite, OP, "fwd+bwd", device, dtype, {"N": n, "V": v, "B": b, "T": t}, inputs,
+                   min_bytes(n, v, dtype), make_check(inputs))
+        del inputs
