@@ -365,3 +365,21 @@ def test_public_gae_with_cuda_backend(cuda_backend_on_cpu):
     e_adv, e_ret = ref.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
     assert_close(adv, e_adv, F32)
     assert_close(ret, e_ret, F32)
+
+
+def test_row_offsets_past_int32(cu):
+    """Two rows 2^31+7 elements apart (a bf16 view of ~4 GiB of untouched, lazily mapped memory): the kernels
+    must address them with 64-bit offsets (N*V passes 2^31 at N=16k tokens, V=152k)."""
+    v, far = 1031, 2**31 + 7
+    store = torch.empty(far + v, dtype=torch.bfloat16)
+    x = store.as_strided((2, 1, v), (far, v, 1))
+    vals, lab = _logits((2, 1), v, seed=9, dtype=torch.bfloat16)
+    x.copy_(vals)  # touches the two rows only
+    logp, ent, lse = cu.logprobs_forward(x, lab.reshape(-1), 1.0, True)
+    e_lp, e_h = ref.logprobs_and_entropy(vals.double(), lab)
+    assert_close(logp, e_lp.reshape(-1), F32)
+    assert_close(ent, e_h.reshape(-1), F32)
+    g_lp, g_h = _rand(2, 1), _rand(2, 2)
+    out = torch.empty(2, 1, v, dtype=torch.bfloat16)
+    cu.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, 1.0, out)
+    assert_close(out, _ref_grad(vals, lab, 1.0, g_lp, g_h), torch.bfloat16, "grad")
