@@ -8,7 +8,8 @@ Providers: every fastppo backend (``torch`` is the reference loop vectorised ove
 ``triton`` are scans), eager PyTorch (the classic reversed Python loop TRL's PPOTrainer used, masked values and
 rewards zeroed first), verl ``compute_gae_advantage_return`` (its loop; it also whitens the advantages, so its
 advantages are checked against the whitened reference), OpenRLHF ``get_advantages_and_returns``; ``copy``, a
-device copy of ``min_bytes`` (``copy_baseline``), the bandwidth yardstick.
+device copy of ``min_bytes`` (``copy_baseline``), the bandwidth yardstick; ``row-serial``, a Triton kernel with
+one program per sequence walking T serially (``gae_row_serial``, GPU only), the naive GPU port.
 ``torch.compile`` of the loop is reported as skipped: dynamo unrolls all T steps, so compile time grows with T.
 
 Minimum bytes: ``17*B*T`` (read fp32 rewards and values and a 1-byte mask, write fp32 advantages and returns).
@@ -110,6 +111,24 @@ def _eager(case: Case):
     return _run(lambda: eager_gae(i["rewards"], i["values"], i["mask"]))
 
 
+def _row_serial_fn(inputs: dict[str, Tensor]):
+    from .gae_row_serial import gae_row_serial
+
+    i = inputs
+    return lambda: gae_row_serial(i["rewards"], i["values"], i["mask"], gamma=GAMMA, lam=LAM)
+
+
+def _row_serial(case: Case):
+    if case.device.type != "cuda":
+        raise Missing("a Triton kernel: runs on CUDA (on CPU only under TRITON_INTERPRET=1, a debugging mode, "
+                      "not timed)")
+    try:
+        fn = _row_serial_fn(case.inputs)
+    except ImportError as exc:
+        raise Missing(f"cannot import triton ({exc})") from None
+    return _run(fn)
+
+
 def _compile(case: Case):
     raise Skipped("torch.compile unrolls the T-step Python loop (compile time grows with T)")
 
@@ -129,7 +148,8 @@ def _openrlhf(case: Case):
 
 
 def providers(device: torch.device) -> list[Provider]:
-    out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile), copy_provider()]
+    out = [Provider("eager", "baseline", _eager), Provider("torch.compile", "baseline", _compile), copy_provider(),
+           Provider("row-serial", "baseline", _row_serial, "Triton, one program per sequence walking T serially")]
     out += [_fastppo(b, why) for b, why in fastppo_backends("gae", device)]
     out += [
         Provider("verl", "peer", _verl, "compute_gae_advantage_return (includes whitening)"),
