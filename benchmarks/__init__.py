@@ -9,5 +9,9 @@ inputs: fastppo's backends, eager PyTorch, ``torch.compile`` and the peers' own 
   timing.py         how time and peak memory are measured on GPU and CPU
   report.py         CSV, JSON (with device and versions), PNG plots, the rich table
   readme_table.py   the README's results section (markdown) from a JSON result file
+  targets.py        the performance targets of issues #3 / #4 checked against a run's rows (pass / FAIL / not measured)
+  copy_baseline.py  the ``copy`` row: a device copy of the case's min_bytes (the measured copy bandwidth)
+  gae_row_serial.py the ``row-serial`` GAE baseline: a Triton kernel, one program per sequence (GPU)
+  gpu_run.sh        the one-command GPU run: environment, ``pytest -m gpu``, the full suite, into one directory
   test_bench_*.py   the same cases through pytest-benchmark: ``pytest benchmarks/ --benchmark-only``
 """

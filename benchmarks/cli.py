@@ -1,6 +1,7 @@
 """``fastppo bench [ops|gae|e2e|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
 
-Runs the suites, prints a rich table, writes CSV + JSON + PNG plots into ``--out`` (default
+Runs the suites, prints a rich table and the issue targets (``targets.py``: pass / FAIL / not measured), writes
+CSV + JSON + PNG plots into ``--out`` (default
 ``benchmarks/results/`` next to this file). ``--quick`` runs one small shape per op with short timing loops
 (the CI smoke run: under 2 minutes on a 2-core machine).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_gae, bench_kl, bench_logprobs, bench_ppo_loss, bench_value_loss, report
+from . import bench_gae, bench_kl, bench_logprobs, bench_ppo_loss, bench_value_loss, report, targets
 from .runner import Row, dtype_name, run_case
 from .timing import FULL, QUICK, pin_cpu_allocator
 
@@ -92,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta = report.metadata(device, suites, args.quick, {"elapsed_s": round(elapsed, 1), "argv": argv_used})
-    paths = report.write_all(rows, meta, args.out, report.file_stem(device, suites))
+    checks = targets.evaluate([r.as_dict() for r in rows], meta)
+    paths = report.write_all(rows, meta, args.out, report.file_stem(device, suites), checks)
     if not args.no_table:
         report.print_table(rows)
+    targets.print_checks(checks)
     print(f"{len(rows)} rows in {elapsed:.0f}s on {meta['device_name']}")
     for kind, path in paths.items():
         print(f"  {kind:10s} {path}")

@@ -1,6 +1,7 @@
 """Turn result rows into files and a table: CSV, JSON (rows + machine/versions metadata), PNG plots, rich table.
 
-File names: ``<stem>.csv``, ``<stem>.json``, ``<stem>-time_vs_V.png``, ``<stem>-speedup.png`` with
+File names: ``<stem>.csv``, ``<stem>.json``, ``<stem>-targets.csv`` (the issue targets, ``targets.py``; also
+under ``"targets"`` in the JSON), ``<stem>-time_vs_V.png``, ``<stem>-speedup.png`` with
 ``stem = bench-<suites>-<device>-<UTC timestamp>``, so runs on different machines and days never collide.
 """
 
@@ -96,8 +97,10 @@ def write_csv(rows: list[Row], path: Path) -> None:
             w.writerow({k: ("" if v is None else v) for k, v in r.as_dict().items()})
 
 
-def write_json(rows: list[Row], meta: dict, path: Path) -> None:
-    data = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.as_dict().items()} for r in rows]}
+def write_json(rows: list[Row], meta: dict, path: Path, targets: list[dict] | None = None) -> None:
+    data: dict[str, Any] = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.as_dict().items()} for r in rows]}
+    if targets is not None:
+        data["targets"] = [{k: _clean(v) for k, v in t.items()} for t in targets]
     path.write_text(json.dumps(data, indent=1, default=str))
 
 
@@ -260,11 +263,17 @@ def print_table(rows: list[Row], console: Any = None) -> None:
     console.print(table)
 
 
-def write_all(rows: list[Row], meta: dict, out_dir: Path, stem: str) -> dict[str, Path]:
+def write_all(rows: list[Row], meta: dict, out_dir: Path, stem: str, checks: list | None = None) -> dict[str, Path]:
+    """Write every file of a run; ``checks`` are ``targets.Check`` objects (JSON ``"targets"`` + a CSV)."""
+    from . import targets
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
     write_csv(rows, paths["csv"])
-    write_json(rows, meta, paths["json"])
+    write_json(rows, meta, paths["json"], None if checks is None else [c.as_dict() for c in checks])
+    if checks is not None:
+        paths["targets"] = out_dir / f"{stem}-targets.csv"
+        targets.write_csv(checks, paths["targets"])
     dicts = [r.as_dict() for r in rows]
     title = f"fastppo bench on {meta['device_name']} ({meta['date_utc'][:10]})"
     p = out_dir / f"{stem}-time_vs_V.png"

@@ -1,0 +1,272 @@
+"""The performance targets of issues #3 and #4, checked against the rows of a benchmark run.
+
+    python -m fastppo.benchmarks.targets RESULT.json [...]     # re-check a stored run
+
+Each ``Target`` names a case (op, mode, dtype, shape), the fastppo providers it is about (``subjects``), a
+metric and a threshold. ``evaluate`` turns every (target, subject) into a ``Check`` whose status is
+
+  ``pass`` / ``FAIL``   measured in this run on a device the target is stated for;
+  ``other device``      measured, but on a device other than the one the target names (value shown, no verdict);
+  ``not measured``      the run has no usable row (other device type, shape not run, provider missing or
+                        erroring, memory not measurable); the detail says which. No number is ever filled in.
+
+A subject whose result is flagged WRONG (``max_err`` column) fails every target: a fast wrong answer is no pass.
+
+Metrics (all from the same case's rows, so they compare equal work):
+  ``speedup``        baseline median time / subject median time  (>= threshold)
+  ``copy_fraction``  subject GB/s / ``copy`` GB/s = copy time / subject time (>= threshold): the fraction of the
+                     device's measured copy bandwidth (``copy_baseline``); "within 2x of a copy" is >= 0.5
+  ``peak``           the subject's peak extra memory (``timing``), <= ``logits_buffers`` buffers of the case's
+                     logits (``N*V*element size``) plus ``PER_TOKEN_SLACK`` bytes per token (the ``[N]`` outputs
+                     and saved row statistics, which are not logits-sized) plus ``ALLOCATOR_SLACK`` (the CUDA
+                     caching allocator may hand out up to 1 MiB more than asked for a large block)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PER_TOKEN_SLACK = 64  # bytes per token: up to sixteen fp32 [N] vectors
+ALLOCATOR_SLACK = 2 * 2**20
+_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+_GPUS = ("H100", "H200")
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    issue: int
+    claim: str  # the issue's words, condensed
+    device: str  # "cuda" | "cpu": the device type the target is stated for
+    op: str
+    mode: str
+    dtype: str
+    shape: dict[str, int]  # matched against the rows' N / V / B / T
+    subjects: tuple[str, ...]
+    metric: str  # "speedup" | "copy_fraction" | "peak"
+    threshold: float
+    baseline: str | None = None  # speedup: the provider compared with; copy_fraction: "copy"
+    gpus: tuple[str, ...] = ()  # device-name substrings the target is stated for (empty: any device of the type)
+
+
+@dataclass
+class Check:
+    target: str
+    issue: int
+    claim: str
+    provider: str
+    baseline: str
+    metric: str
+    measured: float | None
+    threshold: float
+    status: str  # "pass" | "FAIL" | "other device" | "not measured"
+    detail: str
+    case: str = field(default="")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_LOGITS_3 = dict(op="logprobs", mode="fwd+bwd", dtype="bfloat16", shape={"N": 16384, "V": 151936})
+_KERNELS = ("fastppo[triton]", "fastppo[cuda]")
+_GAE_GPU = dict(device="cuda", op="gae", mode="fwd", dtype="float32", shape={"B": 4, "T": 16384}, gpus=_GPUS)
+
+TARGETS: tuple[Target, ...] = (
+    Target("3-copy-bandwidth", 3, ">= 85% of the device's measured copy bandwidth", "cuda", **_LOGITS_3,
+           subjects=_KERNELS, metric="copy_fraction", threshold=0.85, baseline="copy", gpus=_GPUS),
+    *(Target(f"3-vs-{peer}", 3, f">= 10x faster than {what}", "cuda", **_LOGITS_3, subjects=_KERNELS,
+             metric="speedup", threshold=10.0, baseline=peer, gpus=_GPUS)
+      for peer, what in (("eager", "eager PyTorch"), ("trl", "TRL's functions"), ("verl", "verl's functions"))),
+    Target("3-vs-liger", 3, ">= 1.3x faster than Liger's GrpoLossFunction on the same loss", "cuda", op="ppo_loss",
+           mode="fwd+bwd", dtype="bfloat16", shape={"N": 16384, "V": 151936}, subjects=_KERNELS, metric="speedup",
+           threshold=1.3, baseline="liger", gpus=_GPUS),
+    Target("3-peak", 3, "peak extra memory <= one logits-sized buffer", "cuda", **_LOGITS_3, subjects=_KERNELS,
+           metric="peak", threshold=1, gpus=_GPUS),
+    Target("3-peak-inplace", 3, "zero extra logits-sized buffers with inplace_backward=True", "cuda", **_LOGITS_3,
+           subjects=tuple(f"{s}-inplace" for s in _KERNELS), metric="peak", threshold=0, gpus=_GPUS),
+    Target("4-copy", 4, "Triton GAE within 2x of a plain device copy (>= 0.5 of copy bandwidth)", **_GAE_GPU,
+           subjects=("fastppo[triton]",), metric="copy_fraction", threshold=0.5, baseline="copy"),
+    Target("4-vs-row-serial", 4, "Triton GAE >= 5x a one-thread-per-row kernel", **_GAE_GPU,
+           subjects=("fastppo[triton]",), metric="speedup", threshold=5.0, baseline="row-serial"),
+    Target("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
+           shape={"B": 256, "T": 1024}, subjects=("fastppo[cpp]",), metric="speedup", threshold=100.0,
+           baseline="eager"),
+)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _case_str(t: Target) -> str:
+    return f"{t.op} {t.mode} {t.dtype} " + " ".join(f"{k}={v}" for k, v in t.shape.items())
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _matches(row: dict, t: Target) -> bool:
+    return (row.get("op") == t.op and row.get("mode") == t.mode and row.get("dtype") == t.dtype
+            and all(row.get(k) == v for k, v in t.shape.items()))
+
+
+def peak_allowance_bytes(t: Target) -> float:
+    n = t.shape["N"]
+    return t.threshold * n * t.shape["V"] * _ELEMENT_BYTES[t.dtype] + PER_TOKEN_SLACK * n + ALLOCATOR_SLACK
+
+
+def _usable(row: dict | None, who: str) -> str | None:
+    """Why ``row`` cannot be used (None when it can)."""
+    if row is None:
+        return f"no {who} row in this run"
+    if row.get("status") != "ok":
+        return f"{who}: {row.get('status')}"
+    return None
+
+
+def _measure(t: Target, subj: dict, base: dict | None) -> tuple[float | None, str]:
+    """``(value, how it was computed)``; value None with the reason when the rows hold no number for it."""
+    if t.metric == "speedup":
+        s, b = _num(subj.get("median_ms")), _num(base.get("median_ms"))
+        if not s or not b:
+            return None, "no median time"
+        return b / s, f"{t.baseline} {b:.4g} ms / {subj['provider']} {s:.4g} ms"
+    if t.metric == "copy_fraction":
+        s, b = _num(subj.get("gbps")), _num(base.get("gbps"))
+        if not s or not b:
+            return None, "no GB/s"
+        return s / b, f"{subj['provider']} {s:.4g} GB/s / copy {b:.4g} GB/s"
+    if t.metric == "peak":
+        mib = _num(subj.get("peak_extra_mib"))
+        if mib is None:
+            return None, "peak memory not measurable on this machine"
+        logits_mib = t.shape["N"] * t.shape["V"] * _ELEMENT_BYTES[t.dtype] / 2**20
+        return mib, f"{mib:.1f} MiB = {mib / logits_mib:.3f} logits buffers of {logits_mib:.1f} MiB"
+    raise ValueError(f"unknown metric {t.metric!r}")
+
+
+def _passes(t: Target, value: float) -> bool:
+    if t.metric == "peak":
+        return value * 2**20 <= peak_allowance_bytes(t)
+    return value >= t.threshold
+
+
+def evaluate(rows: list[dict], meta: dict, targets: tuple[Target, ...] = TARGETS) -> list[Check]:
+    """One ``Check`` per (target, subject) from a run's rows (``Row.as_dict()`` or the JSON's rows)."""
+    device = meta.get("device", "")
+    name = meta.get("device_name", device)
+    checks: list[Check] = []
+    for t in targets:
+        case_rows = {r["provider"]: r for r in rows if _matches(r, t)}
+        for subject in t.subjects:
+            c = Check(t.key, t.issue, t.claim, subject, t.baseline or "", t.metric, None, _threshold(t),
+                      "not measured", "", _case_str(t))
+            checks.append(c)
+            if device != t.device:
+                where = "/".join(t.gpus) if t.gpus else t.device
+                c.detail = f"not measured on this device ({name}); the target is for {where}"
+                continue
+            if not case_rows:
+                c.detail = f"no {_case_str(t)} rows in this run"
+                continue
+            why = _usable(case_rows.get(subject), subject)
+            base = case_rows.get(t.baseline) if t.baseline else None
+            if why is None and t.baseline:
+                why = _usable(base, f"baseline {t.baseline}")
+            if why is not None:
+                c.detail = why
+                continue
+            value, how = _measure(t, case_rows[subject], base)
+            if value is None:
+                c.detail = how
+                continue
+            c.measured = value
+            c.detail = how
+            if case_rows[subject].get("err_flag") == "WRONG":
+                c.status = "FAIL"
+                c.detail = f"result WRONG (max_err {case_rows[subject].get('max_err')}); {how}"
+            elif t.gpus and not any(g.lower() in name.lower() for g in t.gpus):
+                c.status = "other device"
+                c.detail = f"{how}; measured on {name}, the target is stated for {'/'.join(t.gpus)}"
+            else:
+                c.status = "pass" if _passes(t, value) else "FAIL"
+    return checks
+
+
+def _threshold(t: Target) -> float:
+    return peak_allowance_bytes(t) / 2**20 if t.metric == "peak" else t.threshold
+
+
+# ------------------------------------------------------------------------------------------------- output
+def fmt_measured(c: Check) -> str:
+    if c.measured is None:
+        return "-"
+    if c.metric == "speedup":
+        return f"{c.measured:.2f}x"
+    if c.metric == "copy_fraction":
+        return f"{c.measured:.3f} of copy"
+    return f"{c.measured:.1f} MiB"
+
+
+def fmt_target(c: Check) -> str:
+    if c.metric == "speedup":
+        return f">= {c.threshold:g}x vs {c.baseline}"
+    if c.metric == "copy_fraction":
+        return f">= {c.threshold:g} of copy"
+    return f"<= {c.threshold:.1f} MiB"
+
+
+def print_checks(checks: list[Check], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+    table = Table(title="Targets of issues #3 and #4 (cases and claims: the -targets.csv / JSON)",
+                  header_style="bold", title_justify="left")
+    for col in ("target", "provider", "measured", "target value", "status"):
+        table.add_column(col, no_wrap=True, justify="right" if col == "measured" else "left")
+    table.add_column("detail", overflow="fold", min_width=40)
+    colour = {"pass": "green", "FAIL": "red", "other device": "yellow", "not measured": "dim"}
+    for c in checks:
+        st = f"[{colour[c.status]}]{c.status}[/{colour[c.status]}]"
+        table.add_row(c.target, escape(c.provider), fmt_measured(c), escape(fmt_target(c)), st, escape(c.detail))
+    console.print(table)
+    counts = {s: sum(c.status == s for c in checks) for s in colour}
+    console.print("targets: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+
+
+CSV_FIELDS = ["target", "issue", "claim", "case", "provider", "baseline", "metric", "measured", "threshold",
+              "status", "detail"]
+
+
+def write_csv(checks: list[Check], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for c in checks:
+            w.writerow({k: ("" if v is None else v) for k, v in c.as_dict().items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import load_json
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m fastppo.benchmarks.targets RESULT.json [...]", file=sys.stderr)
+        return 2
+    for p in args:
+        meta, rows = load_json(Path(p))
+        print(f"{p}: {meta.get('device_name')} ({meta.get('date_utc', '')[:10]})")
+        print_checks(evaluate(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Issue targets (benchmarks/targets.py): pass, FAIL, other device and not-measured cases on synthetic rows, and
+end to end on a real quick CPU run (rows -> checks -> printed, JSON, CSV)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+from fastppo.benchmarks import bench_gae, bench_logprobs, cli, targets
+from fastppo.benchmarks.targets import TARGETS, evaluate
+
+H100 = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
+LOGITS_MIB = 16384 * 151936 * 2 / 2**20  # issue #3's bf16 logits
+
+
+def _row(provider: str, op: str = "logprobs", mode: str = "fwd+bwd", dtype: str = "bfloat16", status: str = "ok",
+         err_flag: str = "ok", **kw) -> dict:
+    shape = {"N": 16384, "V": 151936} if op in ("logprobs", "ppo_loss") else {"B": 4, "T": 16384}
+    shape.update({k: kw.pop(k) for k in ("N", "V", "B", "T") if k in kw})
+    return {"op": op, "mode": mode, "dtype": dtype, "provider": provider, "status": status, "err_flag": err_flag,
+            "median_ms": kw.get("ms"), "gbps": kw.get("gbps"), "peak_extra_mib": kw.get("peak"),
+            "max_err": 1e-6, **shape}
+
+
+def _gpu_rows() -> list[dict]:
+    return [
+        _row("copy", ms=10.0, gbps=3000.0, err_flag=""),
+        _row("fastppo[triton]", ms=11.0, gbps=2700.0, peak=LOGITS_MIB + 0.5),  # 0.9 of copy; one buffer
+        _row("fastppo[cuda]", ms=15.0, gbps=2000.0, peak=2 * LOGITS_MIB),  # 0.667 of copy; two buffers
+        _row("fastppo[triton]-inplace", ms=11.0, gbps=2700.0, peak=0.4),
+        _row("fastppo[cuda]-inplace", status="missing: backend unavailable: no _C_cuda"),
+        _row("eager", ms=200.0), _row("trl", ms=120.0), _row("verl", ms=160.0),
+        _row("fastppo[triton]", op="ppo_loss", ms=12.0), _row("fastppo[cuda]", op="ppo_loss", ms=12.0),
+        _row("liger", op="ppo_loss", status="missing: cannot import liger_kernel.ops.grpo_loss (ImportError: x)"),
+        _row("copy", op="gae", mode="fwd", dtype="float32", ms=0.004, gbps=280.0, err_flag=""),
+        _row("fastppo[triton]", op="gae", mode="fwd", dtype="float32", ms=0.010, gbps=112.0),
+        _row("row-serial", op="gae", mode="fwd", dtype="float32", ms=0.5, gbps=2.2),
+    ]
+
+
+def _by(checks: list[targets.Check]) -> dict[tuple[str, str], targets.Check]:
+    return {(c.target, c.provider): c for c in checks}
+
+
+def test_one_check_per_target_and_subject():
+    checks = evaluate([], H100)
+    assert len(checks) == sum(len(t.subjects) for t in TARGETS)
+    assert len(set(_by(checks))) == len(checks)
+    assert {t.issue for t in TARGETS} == {3, 4}
+
+
+def test_gpu_targets_pass_and_fail_on_h100_rows():
+    c = _by(evaluate(_gpu_rows(), H100))
+    bw_t, bw_c = c["3-copy-bandwidth", "fastppo[triton]"], c["3-copy-bandwidth", "fastppo[cuda]"]
+    assert (bw_t.status, bw_c.status) == ("pass", "FAIL")
+    assert bw_t.measured == pytest.approx(0.9) and bw_c.measured == pytest.approx(2 / 3)
+    assert c["3-vs-eager", "fastppo[triton]"].measured == pytest.approx(200 / 11)
+    assert c["3-vs-eager", "fastppo[triton]"].status == "pass"
+    assert c["3-vs-trl", "fastppo[triton]"].status == "pass"  # 120 / 11 = 10.9
+    assert c["3-vs-trl", "fastppo[cuda]"].status == "FAIL"  # 120 / 15 = 8
+    assert c["3-vs-verl", "fastppo[cuda]"].status == "pass"  # 160 / 15 = 10.7
+    assert c["3-peak", "fastppo[triton]"].status == "pass" and c["3-peak", "fastppo[cuda]"].status == "FAIL"
+    assert c["3-peak-inplace", "fastppo[triton]-inplace"].status == "pass"
+    assert c["4-copy", "fastppo[triton]"].status == "FAIL"  # 0.4 of copy: more than 2x slower
+    assert c["4-copy", "fastppo[triton]"].measured == pytest.approx(0.4)
+    assert c["4-vs-row-serial", "fastppo[triton]"].status == "pass"
+    assert c["4-vs-row-serial", "fastppo[triton]"].measured == pytest.approx(50.0)
+
+
+def test_missing_rows_are_not_measured_with_the_reason():
+    c = _by(evaluate(_gpu_rows(), H100))
+    inpl = c["3-peak-inplace", "fastppo[cuda]-inplace"]
+    assert inpl.status == "not measured" and inpl.measured is None and "no _C_cuda" in inpl.detail
+    liger = c["3-vs-liger", "fastppo[triton]"]
+    assert liger.status == "not measured" and liger.detail.startswith("baseline liger: missing: cannot import")
+    cpu_loop = c["4-cpu-vs-loop", "fastppo[cpp]"]  # a CPU target on a GPU run
+    assert cpu_loop.status == "not measured" and "not measured on this device" in cpu_loop.detail
+    no_gae = _by(evaluate([r for r in _gpu_rows() if r["op"] != "gae"], H100))["4-copy", "fastppo[triton]"]
+    assert no_gae.status == "not measured" and no_gae.detail == "no gae fwd float32 B=4 T=16384 rows in this run"
+    other_shape = [dict(r, N=8192) for r in _gpu_rows()]  # same op, another shape: not the target's case
+    assert _by(evaluate(other_shape, H100))["3-vs-eager", "fastppo[triton]"].status == "not measured"
+    no_peak = [dict(r, peak_extra_mib=None) for r in _gpu_rows()]
+    c2 = _by(evaluate(no_peak, H100))["3-peak", "fastppo[triton]"]
+    assert c2.status == "not measured" and "not measurable" in c2.detail
+
+
+def test_wrong_result_fails_however_fast():
+    rows = [dict(r, err_flag="WRONG") if r["provider"] == "fastppo[triton]" and r["op"] == "logprobs" else r
+            for r in _gpu_rows()]
+    c = _by(evaluate(rows, H100))["3-vs-eager", "fastppo[triton]"]
+    assert c.status == "FAIL" and c.measured == pytest.approx(200 / 11) and "WRONG" in c.detail
+
+
+def test_other_gpu_reports_the_value_without_verdict():
+    checks = evaluate(_gpu_rows(), {"device": "cuda", "device_name": "NVIDIA A100-SXM4-80GB"})
+    c = _by(checks)["3-copy-bandwidth", "fastppo[triton]"]
+    assert c.status == "other device" and c.measured == pytest.approx(0.9) and "A100" in c.detail
+    assert {x.status for x in checks} <= {"other device", "not measured"}
+    assert _by(evaluate(_gpu_rows(), {"device": "cuda", "device_name": "NVIDIA H200"}))[
+        "3-copy-bandwidth", "fastppo[triton]"].status == "pass"
+
+
+@pytest.mark.parametrize(("cpp_ms", "status"), [(0.1, "pass"), (0.2, "FAIL")])
+def test_cpu_gae_target(cpp_ms, status):
+    rows = [_row("eager", op="gae", mode="fwd", dtype="float32", B=256, T=1024, ms=15.0),
+            _row("fastppo[cpp]", op="gae", mode="fwd", dtype="float32", B=256, T=1024, ms=cpp_ms)]
+    checks = evaluate(rows, {"device": "cpu", "device_name": "CPU: test"})
+    c = _by(checks)["4-cpu-vs-loop", "fastppo[cpp]"]
+    assert c.status == status and c.measured == pytest.approx(15.0 / cpp_ms)
+    gpu = [x for x in checks if x.target != "4-cpu-vs-loop"]
+    assert gpu and all(x.status == "not measured" and "not measured on this device" in x.detail for x in gpu)
+
+
+def test_peak_allowance_is_buffers_plus_per_token_slack():
+    t = next(t for t in TARGETS if t.key == "3-peak")
+    n, v = 16384, 151936
+    assert targets.peak_allowance_bytes(t) == n * v * 2 + targets.PER_TOKEN_SLACK * n + targets.ALLOCATOR_SLACK
+    t0 = next(t for t in TARGETS if t.key == "3-peak-inplace")
+    assert targets.peak_allowance_bytes(t0) == targets.PER_TOKEN_SLACK * n + targets.ALLOCATOR_SLACK
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_quick_cpu_run_checks_targets_end_to_end(monkeypatch, tmp_path, capsys):
+    """A real run: logprobs at a tiny odd shape, GAE at the CPU target's shape (256 x 1024)."""
+    monkeypatch.setattr(bench_logprobs, "shapes", lambda device, quick: [(41, 257)])
+    monkeypatch.setattr(bench_logprobs, "compiled", lambda fn: fn)
+    monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(256, 1024)])
+    assert cli.main(["all", "--quick", "--only", "logprobs,gae", "--out", str(tmp_path), "--no-table"]) == 0
+    out = capsys.readouterr().out
+    assert "Targets of issues #3 and #4" in out and "targets: " in out
+
+    (json_path,) = tmp_path.glob("bench-*.json")
+    (csv_path,) = tmp_path.glob("bench-*-targets.csv")
+    data = json.loads(json_path.read_text())
+    meta, rows, stored = data["meta"], data["rows"], data["targets"]
+    assert len(stored) == sum(len(t.subjects) for t in TARGETS)
+    with open(csv_path, newline="") as f:
+        assert [r["target"] for r in csv.DictReader(f)] == [c["target"] for c in stored]
+    by = {(c["target"], c["provider"]): c for c in stored}
+    for c in stored:  # no GPU here: every GPU target says so, with no number
+        if c["target"] != "4-cpu-vs-loop":
+            assert c["status"] == "not measured" and c["measured"] is None, c
+
+    # the CPU target at its real shape, from this run's rows
+    gae = {r["provider"]: r for r in rows if r["op"] == "gae"}
+    loop = by["4-cpu-vs-loop", "fastppo[cpp]"]
+    if gae["fastppo[cpp]"]["status"] == "ok":
+        assert loop["measured"] == pytest.approx(gae["eager"]["median_ms"] / gae["fastppo[cpp]"]["median_ms"])
+        assert loop["status"] == ("pass" if loop["measured"] >= 100 else "FAIL")
+    else:
+        assert loop["status"] == "not measured" and "fastppo[cpp]" in loop["detail"]
+
+    # every metric on real rows: the GPU targets moved to this run's device, dtype and shapes
+    here = {"op": "logprobs", "dtype": "float32", "shape": {"N": 41, "V": 257}}
+    moved = tuple(dataclasses.replace(t, device="cpu", gpus=(), subjects=("fastppo[cpp]", "fastppo[cpp]-inplace"),
+                                      **(here if t.op == "logprobs" else {"shape": {"B": 256, "T": 1024}}))
+                  for t in TARGETS if t.op in ("logprobs", "gae") and t.baseline != "row-serial")
+    lp = {r["provider"]: r for r in rows if r["op"] == "logprobs" and r["mode"] == "fwd+bwd"}
+    checks = evaluate(rows, meta, moved)
+    if lp["fastppo[cpp]"]["status"] == "ok":  # the C++ extension is built: every metric gets a verdict
+        assert {c.metric for c in checks if c.status in ("pass", "FAIL")} == {"speedup", "copy_fraction", "peak"}
+    for c in checks:
+        subj = (lp if c.case.startswith("logprobs") else gae).get(c.provider)
+        if subj is None or subj["status"] != "ok":
+            assert c.status == "not measured" and c.provider in c.detail
+            continue
+        assert c.status in ("pass", "FAIL"), c
+        base = (lp if c.case.startswith("logprobs") else gae).get(c.baseline)
+        if c.metric == "speedup":
+            assert c.measured == pytest.approx(base["median_ms"] / subj["median_ms"])
+        elif c.metric == "copy_fraction":
+            assert c.measured == pytest.approx(subj["gbps"] / base["gbps"])
+            assert c.measured == pytest.approx(base["median_ms"] / subj["median_ms"])  # same bytes: a time ratio
+        else:
+            assert c.measured == subj["peak_extra_mib"]
+        assert (c.status == "pass") == (c.measured <= c.threshold if c.metric == "peak" else
+                                        c.measured >= c.threshold)
+
+
+def test_targets_cli_rechecks_a_stored_run(tmp_path, capsys):
+    from fastppo.benchmarks import report, runner
+
+    rows = [runner.Row("gae", "gae", "fwd", p, "x", "cpu", "float32", "B=256 T=1024", B=256, T=1024, median_ms=ms)
+            for p, ms in (("eager", 15.0), ("fastppo[cpp]", 0.1))]
+    report.write_json(rows, {"device": "cpu", "device_name": "CPU: t", "date_utc": "2026-01-01"}, tmp_path / "r.json")
+    assert targets.main([str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "4-cpu-vs-loop" in out and "150.00x" in out and "1 pass" in out
