@@ -10,7 +10,8 @@ On a GPU the copy is a device-to-device ``cudaMemcpyAsync`` timed like every oth
 between calls), so at small sizes it also carries one launch of latency, as a kernel does. On CPU it is torch's
 multi-threaded copy kernel (same thread count as the other rows). ``src`` is filled once (a fresh untouched
 buffer could read the kernel's shared zero page and look faster than memory); ``dst`` is faulted in by the
-warm-up calls, so the timed calls copy resident memory.
+warm-up calls, so the timed calls copy resident memory. CPU timing flushes no cache, so where ``min_bytes`` fits
+the last-level cache the copy measures cache bandwidth, as the op's own timed calls see cache-resident inputs too.
 
 Read+write split, not "read ``min_bytes``": every op here writes part of its traffic (outputs, dlogits), and a
 copy is the plainest kernel that reads and writes. For GAE (``17*B*T`` bytes) this is within 6% of copying its
