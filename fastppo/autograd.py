@@ -243,6 +243,29 @@ ppo_loss_terms.register_autograd(_ppo_backward, setup_context=_ppo_setup)
 
 
 # ------------------------------------------------------------------------------------------------------ GAE
+def direct_call_ok(*tensors: Tensor | None) -> bool:
+    """Whether an eager call may run a launcher directly instead of through its custom op.
+
+    The custom op exists for tracing (``torch.compile(fullgraph=True)``, ``torch.jit.trace``, FakeTensor,
+    ``make_fx``) and for the autograd error on inputs that require grad; around a ~0.1 ms kernel its dispatch
+    costs ~10 us. So only a call outside any tracer or dispatch mode, on plain tensors none of which requires
+    grad, skips it.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
+
+
+def gae_launch(
+    rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float, whiten: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The body of ``fastppo::gae`` (``bootstrap`` None: none), callable directly when ``direct_call_ok``."""
+    mod = _launchers(backend)
+    args = (rewards, values, mask, bootstrap, gamma, lam)
+    return mod.gae_whiten_forward(*args) if whiten else mod.gae_forward(*args)
+
+
 @torch.library.custom_op("fastppo::gae", mutates_args=())
 def gae_op(
     rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor, gamma: float, lam: float, whiten: bool,
@@ -251,9 +274,7 @@ def gae_op(
     """``(advantages, returns)`` float32 ``[B, T]`` from float32 ``rewards/values [B, T]``, bool ``mask [B, T]``,
     float32 ``bootstrap [B]`` (empty: none). ``whiten`` needs the backend's fused ``gae_whiten_forward``.
     A custom op (no autograd: advantages are targets) so that compiled callers trace through it."""
-    mod = _launchers(backend)
-    args = (rewards, values, mask, _opt(bootstrap), gamma, lam)
-    return mod.gae_whiten_forward(*args) if whiten else mod.gae_forward(*args)
+    return gae_launch(rewards, values, mask, _opt(bootstrap), gamma, lam, whiten, backend)
 
 
 @gae_op.register_fake

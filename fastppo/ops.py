@@ -17,7 +17,7 @@ from torch import Tensor
 from fastppo import _dispatch
 from fastppo import _validate as V
 from fastppo import reference as ref
-from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo.autograd import KL_KINDS, PPO_TERMS, direct_call_ok, gae_launch
 from fastppo.reference import advantages as ref_adv
 from fastppo.reference.losses import AGG_MODES, policy_stats
 
@@ -262,11 +262,13 @@ def gae(
     else:
         # scan + moments + normalise fused (two-phase) in the backend when it has that launcher
         fused_whiten = whiten_advantages and _dispatch.implements(name, "gae_whiten")
-        boot = rewards.new_empty((0,), dtype=torch.float32) if bootstrap_value is None else bootstrap_value.float()
-        adv, ret = torch.ops.fastppo.gae(
-            rewards.float().contiguous(), values.float().contiguous(), mask.bool().contiguous(), boot.contiguous(),
-            float(gamma), float(lam), fused_whiten, name,
-        )
+        r, v, m = rewards.float().contiguous(), values.float().contiguous(), mask.bool().contiguous()
+        boot = None if bootstrap_value is None else bootstrap_value.float().contiguous()
+        if direct_call_ok(rewards, values, mask, bootstrap_value):  # eager: skip the custom op's dispatch
+            adv, ret = gae_launch(r, v, m, boot, float(gamma), float(lam), fused_whiten, name)
+        else:
+            boot = r.new_empty((0,)) if boot is None else boot  # the op's "absent" bootstrap
+            adv, ret = torch.ops.fastppo.gae(r, v, m, boot, float(gamma), float(lam), fused_whiten, name)
         if fused_whiten:
             return adv, ret
     if whiten_advantages:

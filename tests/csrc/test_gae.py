@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastppo
 from fastppo import reference as ref
+from fastppo.autograd import direct_call_ok
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32 = torch.float32
@@ -103,3 +106,62 @@ def test_gae_compiles_fullgraph_through_the_custom_op():
     e_adv, e_ret = f(r, v, m)
     torch.testing.assert_close(adv, e_adv)
     torch.testing.assert_close(ret, e_ret)
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the ops that reach the dispatcher (a dispatch mode also makes fastppo.gae take its custom op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bootstrap", [False, True])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_eager_direct_call_matches_the_custom_op(bootstrap, whiten):
+    """Eager calls skip the fastppo::gae custom op (its dispatch costs ~10 us); traced calls keep it. Same kernel,
+    so the two paths agree bit for bit."""
+    r, v, mask, boot = _inputs(9, 70, seed=21)
+    kw = dict(gamma=0.99, lam=0.95, bootstrap_value=boot if bootstrap else None, whiten_advantages=whiten,
+              backend="cpp")
+    assert direct_call_ok(r, v, mask, boot)
+    adv, ret = fastppo.gae(r, v, mask, **kw)
+    with _OpLog() as log:
+        adv_op, ret_op = fastppo.gae(r, v, mask, **kw)
+    assert "fastppo.gae.default" in log.ops
+    assert torch.equal(adv, adv_op) and torch.equal(ret, ret_op)
+    e_adv, e_ret = ref.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95,
+                           bootstrap_value=boot.double() if bootstrap else None)
+    if whiten:
+        e_adv = ref.masked_whiten(e_adv, mask) * mask
+    assert_close(adv, e_adv, F32)
+    assert_close(ret, e_ret, F32)
+
+
+def test_inputs_that_require_grad_take_the_custom_op():
+    """No autograd formula (advantages are targets): backward through the outputs raises, as before the eager
+    shortcut, instead of silently giving no gradient."""
+    r, v, mask, _ = _inputs(4, 30, seed=22)
+    v.requires_grad_(True)
+    assert not direct_call_ok(r, v, mask, None)
+    adv, ret = fastppo.gae(r, v, mask, backend="cpp")
+    assert ret.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        ret.sum().backward()
+    with torch.no_grad():
+        adv_ng, _ = fastppo.gae(r, v, mask, backend="cpp")
+    assert torch.equal(adv_ng, adv.detach())
+
+
+def test_fake_tensors_trace_through_the_custom_op():
+    """Under FakeTensorMode (no data) the op's fake impl answers; the launcher would read data pointers."""
+    with FakeTensorMode() as mode:
+        r = mode.from_tensor(torch.randn(3, 17))
+        m = mode.from_tensor(torch.ones(3, 17, dtype=torch.bool))
+        assert not direct_call_ok(r, r, m, None)
+        adv, ret = fastppo.gae(r, r, m, backend="cpp")
+    assert isinstance(adv, FakeTensor) and adv.shape == (3, 17) and adv.dtype == ret.dtype == F32
