@@ -8,6 +8,7 @@ quick one when there is no full run. The section names the device, CPU, versions
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -147,12 +148,28 @@ def render(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets_section(checks: list[dict]) -> list[str]:
+    """The run's target checks (``targets.py``, stored under ``"targets"`` in the JSON) as a markdown table."""
+    from .targets import Check, fmt_measured, fmt_target
+
+    if not checks:
+        return []
+    lines = ["**Targets** (checked against this run by `benchmarks/targets.py`; \"not measured\" says why)", "",
+             "| target | case | provider | measured | target value | status |", "|---|---|---|---|---|---|"]
+    for d in checks:
+        c = Check(**d)
+        lines.append(f"| {c.claim} | {c.case} | {c.provider} | {fmt_measured(c)} | {fmt_target(c)} | "
+                     f"{c.status if c.status != 'not measured' else 'not measured: ' + c.detail} |")
+    return [*lines, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     paths = [Path(a) for a in args] or [newest_result()]
     for p in paths:
         meta, rows = load_json(p)
         print(render(meta, rows))
+        print("\n".join(["", *targets_section(json.loads(p.read_text()).get("targets", []))]))
     return 0
 
 

@@ -106,6 +106,19 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
     assert "Not run here:" in md  # missing providers are named, not dropped
 
 
+def test_readme_targets_section_lists_every_check():
+    from fastppo.benchmarks import targets
+
+    checks = [targets.Check("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "fastppo[cpp]", "eager",
+                            "speedup", 168.0, 100.0, "pass", "", "gae fwd float32 B=256 T=1024"),
+              targets.Check("4-copy", 4, "Triton GAE within 2x of a copy", "fastppo[triton]", "copy",
+                            "copy_fraction", None, 0.5, "not measured", "no cuda rows in this run", "gae fwd")]
+    md = "\n".join(readme_table.targets_section([c.as_dict() for c in checks]))
+    assert "| C++ CPU GAE >= 100x the Python loop | gae fwd float32 B=256 T=1024 | fastppo[cpp] | 168.00x |" in md
+    assert "not measured: no cuda rows in this run" in md
+    assert readme_table.targets_section([]) == []
+
+
 def test_readme_table_picks_newest_full_run(tmp_path):
     rows = [runner.Row("ops", "kl", "fwd", "eager", "baseline", "cpu", "float32", "N=8", N=8, B=1, T=8,
                        median_ms=1.0, speedup_vs_eager=1.0, max_err=0.0, err_flag="ok")]
