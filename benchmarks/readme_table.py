@@ -149,17 +149,25 @@ def render(meta: dict, rows: list[dict]) -> str:
 
 
 def targets_section(checks: list[dict]) -> list[str]:
-    """The run's target checks (``targets.py``, stored under ``"targets"`` in the JSON) as a markdown table."""
+    """The run's target checks (``targets.py``, stored under ``"targets"`` in the JSON) as a markdown table: one
+    line per target and status (providers with the same outcome share it), reasons for "not measured" below."""
     from .targets import Check, fmt_measured, fmt_target
 
     if not checks:
         return []
-    lines = ["**Targets** (checked against this run by `benchmarks/targets.py`; \"not measured\" says why)", "",
+    lines = ["**Targets** (checked against this run by `benchmarks/targets.py`)", "",
              "| target | case | provider | measured | target value | status |", "|---|---|---|---|---|---|"]
+    merged: dict[tuple, list[str]] = {}
+    reasons: list[str] = []
     for d in checks:
         c = Check(**d)
-        lines.append(f"| {c.claim} | {c.case} | {c.provider} | {fmt_measured(c)} | {fmt_target(c)} | "
-                     f"{c.status if c.status != 'not measured' else 'not measured: ' + c.detail} |")
+        shown = fmt_measured(c) if c.status != "not measured" else "-"
+        merged.setdefault((c.claim, c.case, shown, fmt_target(c), c.status), []).append(c.provider)
+        if c.status == "not measured" and c.detail not in reasons:
+            reasons.append(c.detail)
+    for (claim, case, shown, target, status), providers in merged.items():
+        lines.append(f"| {claim} | {case} | {', '.join(providers)} | {shown} | {target} | {status} |")
+    lines += ["", *(f"Why not measured: {r}." for r in reasons)] if reasons else []
     return [*lines, ""]
 
 

@@ -115,7 +115,8 @@ def test_readme_targets_section_lists_every_check():
                             "copy_fraction", None, 0.5, "not measured", "no cuda rows in this run", "gae fwd")]
     md = "\n".join(readme_table.targets_section([c.as_dict() for c in checks]))
     assert "| C++ CPU GAE >= 100x the Python loop | gae fwd float32 B=256 T=1024 | fastppo[cpp] | 168.00x |" in md
-    assert "not measured: no cuda rows in this run" in md
+    assert "| Triton GAE within 2x of a copy | gae fwd | fastppo[triton] | - | >= 0.5 of copy | not measured |" in md
+    assert "Why not measured: no cuda rows in this run." in md
     assert readme_table.targets_section([]) == []
 
 
