@@ -1,6 +1,7 @@
-"""The performance targets of issues #3 and #4, checked against the rows of a benchmark run.
+"""The performance targets of issues #3, #4 and #5, checked against the rows of a benchmark run.
 
     python -m fastppo.benchmarks.targets RESULT.json [...]     # re-check a stored run
+    python -m fastppo.benchmarks.targets --write RESULT.json   # ... and store the checks in its JSON / -targets.csv
 
 Each ``Target`` names a case (op, mode, dtype, shape), the fastppo providers it is about (``subjects``), a
 metric and a threshold. ``evaluate`` turns every (target, subject) into a ``Check`` whose status is
@@ -93,6 +94,12 @@ TARGETS: tuple[Target, ...] = (
            subjects=("fastppo[triton]",), metric="copy_fraction", threshold=0.5, baseline="copy"),
     Target("4-vs-row-serial", 4, "Triton GAE >= 5x a one-thread-per-row kernel", **_GAE_GPU,
            subjects=("fastppo[triton]",), metric="speedup", threshold=5.0, baseline="row-serial"),
+    *(Target(f"5-{op}-vs-{base}", 5, f"C++ CPU {what} >= {thr:g}x {who}", "cpu", op=op, mode="fwd+bwd",
+             dtype="float32", shape={"N": 2048, "V": 32000}, subjects=("fastppo[cpp]",), metric="speedup",
+             threshold=thr, baseline=base)
+      for op, what in (("logprobs", "logprobs+entropy"), ("ppo_loss", "fused PPO loss"))
+      for base, thr, who in (("trl", 10.0, "eager PyTorch as TRL computes it"),
+                             ("torch.compile", 4.0, "torch.compile of the same"))),
     Target("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
            shape={"B": 256, "T": 1024}, subjects=("fastppo[cpp]",), metric="speedup", threshold=100.0,
            baseline="eager"),
@@ -228,7 +235,7 @@ def print_checks(checks: list[Check], console: Any = None) -> None:
         console = Console()
         if not console.is_terminal:
             console = Console(width=200)
-    table = Table(title="Targets of issues #3 and #4 (cases and claims: the -targets.csv / JSON)",
+    table = Table(title="Targets of issues #3, #4 and #5 (cases and claims: the -targets.csv / JSON)",
                   header_style="bold", title_justify="left")
     for col in ("target", "provider", "measured", "target value", "status"):
         table.add_column(col, no_wrap=True, justify="right" if col == "measured" else "left")
@@ -255,16 +262,26 @@ def write_csv(checks: list[Check], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import load_json
+    import json
+
+    from .report import _clean, load_json
 
     args = sys.argv[1:] if argv is None else argv
+    write = "--write" in args
+    args = [a for a in args if a != "--write"]
     if not args:
-        print("usage: python -m fastppo.benchmarks.targets RESULT.json [...]", file=sys.stderr)
+        print("usage: python -m fastppo.benchmarks.targets [--write] RESULT.json [...]", file=sys.stderr)
         return 2
-    for p in args:
-        meta, rows = load_json(Path(p))
+    for p in map(Path, args):
+        meta, rows = load_json(p)
         print(f"{p}: {meta.get('device_name')} ({meta.get('date_utc', '')[:10]})")
-        print_checks(evaluate(rows, meta))
+        checks = evaluate(rows, meta)
+        print_checks(checks)
+        if write:  # the run's rows are unchanged; only its checks follow the current target list
+            data = json.loads(p.read_text())
+            data["targets"] = [{k: _clean(v) for k, v in c.as_dict().items()} for c in checks]
+            p.write_text(json.dumps(data, indent=1, default=str))
+            write_csv(checks, p.with_name(p.name.removesuffix(".json") + "-targets.csv"))
     return 0
 
 

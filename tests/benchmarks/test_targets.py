@@ -48,7 +48,7 @@ def test_one_check_per_target_and_subject():
     checks = evaluate([], H100)
     assert len(checks) == sum(len(t.subjects) for t in TARGETS)
     assert len(set(_by(checks))) == len(checks)
-    assert {t.issue for t in TARGETS} == {3, 4}
+    assert {t.issue for t in TARGETS} == {3, 4, 5}
 
 
 def test_gpu_targets_pass_and_fail_on_h100_rows():
@@ -109,7 +109,7 @@ def test_cpu_gae_target(cpp_ms, status):
     checks = evaluate(rows, {"device": "cpu", "device_name": "CPU: test"})
     c = _by(checks)["4-cpu-vs-loop", "fastppo[cpp]"]
     assert c.status == status and c.measured == pytest.approx(15.0 / cpp_ms)
-    gpu = [x for x in checks if x.target != "4-cpu-vs-loop"]
+    gpu = [x for x in checks if next(t for t in TARGETS if t.key == x.target).device == "cuda"]
     assert gpu and all(x.status == "not measured" and "not measured on this device" in x.detail for x in gpu)
 
 
@@ -129,7 +129,7 @@ def test_quick_cpu_run_checks_targets_end_to_end(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(256, 1024)])
     assert cli.main(["all", "--quick", "--only", "logprobs,gae", "--out", str(tmp_path), "--no-table"]) == 0
     out = capsys.readouterr().out
-    assert "Targets of issues #3 and #4" in out and "targets: " in out
+    assert "Targets of issues #3, #4 and #5" in out and "targets: " in out
 
     (json_path,) = tmp_path.glob("bench-*.json")
     (csv_path,) = tmp_path.glob("bench-*-targets.csv")
@@ -140,7 +140,7 @@ def test_quick_cpu_run_checks_targets_end_to_end(monkeypatch, tmp_path, capsys):
         assert [r["target"] for r in csv.DictReader(f)] == [c["target"] for c in stored]
     by = {(c["target"], c["provider"]): c for c in stored}
     for c in stored:  # no GPU here: every GPU target says so, with no number
-        if c["target"] != "4-cpu-vs-loop":
+        if c["target"] != "4-cpu-vs-loop":  # (the #5 CPU targets: no N=2048 V=32000 rows in this run)
             assert c["status"] == "not measured" and c["measured"] is None, c
 
     # the CPU target at its real shape, from this run's rows
@@ -188,3 +188,30 @@ def test_targets_cli_rechecks_a_stored_run(tmp_path, capsys):
     assert targets.main([str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "4-cpu-vs-loop" in out and "150.00x" in out and "1 pass" in out
+
+
+@pytest.mark.parametrize(("op", "cpp_ms", "status"), [("logprobs", 30.0, "pass"), ("ppo_loss", 120.0, "FAIL")])
+def test_cpu_csrc_targets_against_trl_and_compile(op, cpp_ms, status):
+    """Issue #5: C++ fwd+bwd at N=2048, V=32000 fp32 >= 10x TRL's eager functions and >= 4x torch.compile."""
+    shape = dict(op=op, mode="fwd+bwd", dtype="float32", N=2048, V=32000)
+    rows = [_row("trl", **shape, ms=1000.0), _row("torch.compile", **shape, ms=300.0),
+            _row("fastppo[cpp]", **shape, ms=cpp_ms)]
+    c = _by(evaluate(rows, {"device": "cpu", "device_name": "CPU: test"}))
+    vs_trl, vs_compile = c[f"5-{op}-vs-trl", "fastppo[cpp]"], c[f"5-{op}-vs-torch.compile", "fastppo[cpp]"]
+    assert vs_trl.measured == pytest.approx(1000.0 / cpp_ms) and vs_compile.measured == pytest.approx(300.0 / cpp_ms)
+    assert vs_trl.status == status and vs_compile.status == ("pass" if 300.0 / cpp_ms >= 4 else "FAIL")
+
+
+def test_targets_cli_write_updates_the_stored_checks(tmp_path, capsys):
+    from fastppo.benchmarks import report, runner
+
+    rows = [runner.Row("gae", "gae", "fwd", p, "x", "cpu", "float32", "B=256 T=1024", B=256, T=1024, median_ms=ms)
+            for p, ms in (("eager", 15.0), ("fastppo[cpp]", 0.2))]
+    path = tmp_path / "bench-x.json"
+    report.write_json(rows, {"device": "cpu", "device_name": "CPU: t", "date_utc": "2026-01-01"}, path, targets=[])
+    assert targets.main(["--write", str(path)]) == 0
+    stored = {(c["target"], c["provider"]): c for c in json.loads(path.read_text())["targets"]}
+    assert len(stored) == sum(len(t.subjects) for t in TARGETS)
+    assert stored["4-cpu-vs-loop", "fastppo[cpp]"]["status"] == "FAIL"  # 75x
+    with open(tmp_path / "bench-x-targets.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(stored)
