@@ -10,6 +10,7 @@ import torch
 import fastppo
 from fastppo import _native
 from fastppo import reference as ref
+from tests.csrc.checks import check_public_ppo_loss
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -81,24 +82,7 @@ def test_strided_nan_and_bf16(cu):
 
 
 def test_public_ppo_loss_matches_reference():
-    x, lab = _logits((3, 16), 513, seed=3)
-    g = torch.Generator().manual_seed(2)
-    lp = ref.token_logprobs(x.double(), lab)
-    old = (lp + torch.randn(3, 16, generator=g, dtype=torch.float64).cuda()).float()
-    rlp = (lp + torch.randn(3, 16, generator=g, dtype=torch.float64).cuda() * 0.3).float()
-    adv = torch.randn(3, 16, generator=g).cuda()
-    mask = (torch.rand(3, 16, generator=g) > 0.25).cuda()
-    kw = dict(ref_logprobs=rlp, kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_high=0.28, dual_clip=3.0,
-              agg="seq-mean-token-mean")
-    xg = x.clone().requires_grad_()
-    loss, _ = fastppo.ppo_loss_from_logits(xg, lab, old, adv, mask, backend="cuda", **kw)
-    loss.backward()
-    x64 = x.double().requires_grad_()
-    e_loss, _ = ref.ppo_loss_from_logits(x64, lab, old.double(), adv.double(), mask,
-                                         **{**kw, "ref_logprobs": rlp.double()})
-    e_loss.backward()
-    assert_close(loss, e_loss, F32)
-    assert_close(xg.grad, x64.grad, F32, "grad")
+    check_public_ppo_loss("cuda")
 
 
 @pytest.mark.parametrize("b,t", [(7, 33), (1, 1), (4, 16384), (256, 1024), (3, 5000)])

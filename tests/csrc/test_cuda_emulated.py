@@ -17,6 +17,8 @@ from fastppo import _dispatch, _native
 from fastppo import reference as ref
 from fastppo.autograd import KL_KINDS, PPO_TERMS
 from tests.csrc import cuda_emu
+from tests.csrc.checks import check_public_ppo_loss, check_row_offsets_past_int32
+from tests.csrc.test_logprobs import _logits, _rand, _ref_grad
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32 = torch.float32
@@ -43,30 +45,6 @@ def cuda_backend_on_cpu(cu, monkeypatch):
                                                            if name == "cuda" else probe(name)))
     device_ok = _dispatch._device_ok
     monkeypatch.setattr(_dispatch, "_device_ok", lambda name, dev: name == "cuda" or device_ok(name, dev))
-
-
-def _logits(shape, v, seed, dtype=F32, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, v, generator=g) * scale).to(dtype)
-    return x, torch.randint(0, v, shape, generator=g)
-
-
-def _rand(n, seed):
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
-
-
-def _ref_grad(x, labels, temperature, g_lp, g_h):
-    """d/dlogits of sum(g_lp*logp + g_h*entropy) by fp64 autograd (-inf entries as -1e4: same values)."""
-    x64 = x.detach().double()
-    x64 = torch.where(x64 == NEG_INF, torch.full_like(x64, -1e4), x64).requires_grad_()
-    lp, h = ref.logprobs_and_entropy(x64, labels, temperature=temperature)
-    total = lp.new_zeros(())
-    if g_lp is not None:
-        total = total + (lp * g_lp.double().view_as(lp)).sum()
-    if g_h is not None:
-        total = total + (h * g_h.double().view_as(h)).sum()
-    total.backward()
-    return x64.grad
 
 
 # ---------------------------------------------------------------------------------------------- emulator
@@ -337,24 +315,7 @@ def test_public_logprobs_entropy_with_cuda_backend(cuda_backend_on_cpu):
 
 
 def test_public_ppo_loss_with_cuda_backend(cuda_backend_on_cpu):
-    x, lab = _logits((3, 16), 513, seed=3)
-    g = torch.Generator().manual_seed(2)
-    lp = ref.token_logprobs(x.double(), lab)
-    old = (lp + torch.randn(3, 16, generator=g, dtype=torch.float64)).float()
-    rlp = (lp + torch.randn(3, 16, generator=g, dtype=torch.float64) * 0.3).float()
-    adv = torch.randn(3, 16, generator=g)
-    mask = torch.rand(3, 16, generator=g) > 0.25
-    kw = dict(ref_logprobs=rlp, kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_high=0.28, dual_clip=3.0,
-              agg="seq-mean-token-mean")
-    xg = x.clone().requires_grad_()
-    loss, _ = fastppo.ppo_loss_from_logits(xg, lab, old, adv, mask, backend="cuda", **kw)
-    loss.backward()
-    x64 = x.double().requires_grad_()
-    e_loss, _ = ref.ppo_loss_from_logits(x64, lab, old.double(), adv.double(), mask,
-                                         **{**kw, "ref_logprobs": rlp.double()})
-    e_loss.backward()
-    assert_close(loss, e_loss, F32)
-    assert_close(xg.grad, x64.grad, F32, "grad")
+    check_public_ppo_loss("cpu")
 
 
 def test_public_gae_with_cuda_backend(cuda_backend_on_cpu):
@@ -368,18 +329,4 @@ def test_public_gae_with_cuda_backend(cuda_backend_on_cpu):
 
 
 def test_row_offsets_past_int32(cu):
-    """Two rows 2^31+7 elements apart (a bf16 view of ~4 GiB of untouched, lazily mapped memory): the kernels
-    must address them with 64-bit offsets (N*V passes 2^31 at N=16k tokens, V=152k)."""
-    v, far = 1031, 2**31 + 7
-    store = torch.empty(far + v, dtype=torch.bfloat16)
-    x = store.as_strided((2, 1, v), (far, v, 1))
-    vals, lab = _logits((2, 1), v, seed=9, dtype=torch.bfloat16)
-    x.copy_(vals)  # touches the two rows only
-    logp, ent, lse = cu.logprobs_forward(x, lab.reshape(-1), 1.0, True)
-    e_lp, e_h = ref.logprobs_and_entropy(vals.double(), lab)
-    assert_close(logp, e_lp.reshape(-1), F32)
-    assert_close(ent, e_h.reshape(-1), F32)
-    g_lp, g_h = _rand(2, 1), _rand(2, 2)
-    out = torch.empty(2, 1, v, dtype=torch.bfloat16)
-    cu.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, 1.0, out)
-    assert_close(out, _ref_grad(vals, lab, 1.0, g_lp, g_h), torch.bfloat16, "grad")
+    check_row_offsets_past_int32(cu)

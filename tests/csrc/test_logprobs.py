@@ -143,21 +143,9 @@ def test_non_finite_rows_give_non_finite_lse(cpp, simd, bad):
 
 
 def test_row_offsets_past_int32(cpp):
-    """Two rows 2^31+7 elements apart (a bf16 view of ~4 GiB of untouched, lazily mapped memory): the kernels
-    must address them with 64-bit offsets (N*V passes 2^31 at N=16k tokens, V=152k)."""
-    v, far = 1031, 2**31 + 7
-    store = torch.empty(far + v, dtype=torch.bfloat16)
-    x = store.as_strided((2, 1, v), (far, v, 1))
-    vals, lab = _logits((2, 1), v, seed=9, dtype=torch.bfloat16)
-    x.copy_(vals)  # touches the two rows only
-    logp, ent, lse = cpp.logprobs_forward(x, lab.reshape(-1), 1.0, True)
-    e_lp, e_h = ref.logprobs_and_entropy(vals.double(), lab)
-    assert_close(logp, e_lp.reshape(-1), F32)
-    assert_close(ent, e_h.reshape(-1), F32)
-    g_lp, g_h = _rand(2, 1), _rand(2, 2)
-    out = torch.empty(2, 1, v, dtype=torch.bfloat16)
-    cpp.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, 1.0, out)
-    assert_close(out, _ref_grad(vals, lab, 1.0, g_lp, g_h), torch.bfloat16, "grad")
+    from tests.csrc.checks import check_row_offsets_past_int32
+
+    check_row_offsets_past_int32(cpp)
 
 
 def test_strided_logits_and_out(cpp, simd):
