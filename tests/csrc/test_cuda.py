@@ -10,7 +10,7 @@ import torch
 import fastppo
 from fastppo import _native
 from fastppo import reference as ref
-from tests.csrc.checks import check_public_ppo_loss
+from tests.csrc.checks import check_public_ppo_loss, random_logits, ref_dlogits
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -27,17 +27,8 @@ def cu():
 
 
 def _logits(shape, v, seed, dtype=F32, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, v, generator=g) * scale).to(dtype)
-    return x.cuda(), torch.randint(0, v, shape, generator=g).cuda()
-
-
-def _ref_grad(x, labels, temperature, g_lp, g_h):
-    x64 = x.detach().double()
-    x64 = torch.where(x64 == NEG_INF, torch.full_like(x64, -1e4), x64).requires_grad_()
-    lp, h = ref.logprobs_and_entropy(x64, labels, temperature=temperature)
-    ((lp * g_lp.double().view_as(lp)).sum() + (h * g_h.double().view_as(h)).sum()).backward()
-    return x64.grad
+    x, labels = random_logits(shape, v, seed, scale, dtype)
+    return x.cuda(), labels.cuda()
 
 
 @pytest.mark.parametrize("b,t,v,temperature", [(1, 41, 1271, 1.0), (3, 7, 1271, 0.7), (2, 64, 32000, 1.0),
@@ -54,7 +45,7 @@ def test_row_kernels_match_fp64(cu, b, t, v, temperature):
     g_lp, g_h = torch.randn(n, generator=g).cuda(), torch.randn(n, generator=g).cuda()
     out = torch.empty_like(x)
     cu.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, temperature, out)
-    assert_close(out, _ref_grad(x, lab, temperature, g_lp, g_h), F32, "grad")
+    assert_close(out, ref_dlogits(x, lab, temperature, g_lp, g_h), F32, "grad")
     buf = x.clone()  # in-place
     cu.logprobs_backward(buf, lab.reshape(-1), lse, ent, g_lp, g_h, temperature, buf)
     assert torch.equal(buf, out)

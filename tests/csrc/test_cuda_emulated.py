@@ -17,8 +17,13 @@ from fastppo import _dispatch, _native
 from fastppo import reference as ref
 from fastppo.autograd import KL_KINDS, PPO_TERMS
 from tests.csrc import cuda_emu
-from tests.csrc.checks import check_public_ppo_loss, check_row_offsets_past_int32
-from tests.csrc.test_logprobs import _logits, _rand, _ref_grad
+from tests.csrc.checks import (
+    check_public_ppo_loss,
+    check_row_offsets_past_int32,
+    random_logits,
+    random_vector,
+    ref_dlogits,
+)
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32 = torch.float32
@@ -141,7 +146,7 @@ def test_emulator_runs_correct_kernels_and_catches_broken_ones(tmp_path):
     [(1, 41, 1271, 1.0), (3, 7, 1271, 0.7), (1, 5, 1, 1.0), (2, 3, 17, 2.0), (1, 3, 32000, 1.0), (2, 2, 4100, 1.3)],
 )
 def test_row_kernels_match_fp64(cu, b, t, v, temperature):
-    x, lab = _logits((b, t), v, seed=v + t)
+    x, lab = random_logits((b, t), v, seed=v + t)
     if v > 2:
         x[0, 0, : v // 2] = NEG_INF  # masked vocabulary entries (the label stays finite below)
         lab[0, 0] = v - 1
@@ -155,13 +160,13 @@ def test_row_kernels_match_fp64(cu, b, t, v, temperature):
     lp2, none, lse2 = cu.logprobs_forward(x, lab.reshape(-1), temperature, False)
     assert none is None and torch.equal(lp2, logp) and torch.equal(lse2, lse)
 
-    g_lp, g_h = _rand(n, 1), _rand(n, 2)
+    g_lp, g_h = random_vector(n, 1), random_vector(n, 2)
     g_lp[0] = 0.0  # a row with an upstream gradient on the entropy only
     out = torch.empty_like(x)
     cu.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, temperature, out)
-    assert_close(out, _ref_grad(x, lab, temperature, g_lp, g_h), F32, "grad")
+    assert_close(out, ref_dlogits(x, lab, temperature, g_lp, g_h), F32, "grad")
     cu.logprobs_backward(x, lab.reshape(-1), lse, None, g_lp, None, temperature, out)
-    assert_close(out, _ref_grad(x, lab, temperature, g_lp, None), F32, "grad")
+    assert_close(out, ref_dlogits(x, lab, temperature, g_lp, None), F32, "grad")
     buf = x.clone()  # in place: the same values, bitwise, as out of place
     cu.logprobs_backward(buf, lab.reshape(-1), lse, ent, g_lp, g_h, temperature, buf)
     cu.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, temperature, out)
@@ -169,9 +174,9 @@ def test_row_kernels_match_fp64(cu, b, t, v, temperature):
 
 
 def test_zero_gradient_rows_write_zeros_without_reading(cu):
-    x, lab = _logits((2, 4), 300, seed=3)
+    x, lab = random_logits((2, 4), 300, seed=3)
     _, ent, lse = cu.logprobs_forward(x, lab.reshape(-1), 1.0, True)
-    g = _rand(8, 4)
+    g = random_vector(8, 4)
     g[[1, 5]] = 0.0
     out = torch.full_like(x, 7.0)
     poisoned = x.clone()
@@ -181,21 +186,21 @@ def test_zero_gradient_rows_write_zeros_without_reading(cu):
     assert torch.all(out[0, 1] == 0) and torch.all(out[1, 1] == 0)
     keep = torch.ones(2, 4, dtype=torch.bool)
     keep[0, 1] = keep[1, 1] = False
-    assert_close(out[keep], _ref_grad(x, lab, 1.0, g, torch.zeros(8))[keep], F32, "grad")
+    assert_close(out[keep], ref_dlogits(x, lab, 1.0, g, torch.zeros(8))[keep], F32, "grad")
 
 
 def test_strided_misaligned_rows_and_out(cu):
     """Row starts off 16-byte alignment (V=1031 fp32), a sliced [B, T] view, and an out buffer whose alignment
     differs from the input's (the kernel's plain, non-vector path)."""
-    big, _ = _logits((3, 9), 1031, seed=5)
+    big, _ = random_logits((3, 9), 1031, seed=5)
     view = big[:, 1:, :]
     lab = torch.randint(0, 1031, (3, 8), generator=torch.Generator().manual_seed(6))
     logp, ent, lse = cu.logprobs_forward(view, lab.reshape(-1), 1.0, True)
     e_lp, e_h = ref.logprobs_and_entropy(view.double(), lab)
     assert_close(logp, e_lp.reshape(-1), F32)
     assert_close(ent, e_h.reshape(-1), F32)
-    g_lp, g_h = _rand(24, 7), _rand(24, 8)
-    want = _ref_grad(view, lab, 1.0, g_lp, g_h)
+    g_lp, g_h = random_vector(24, 7), random_vector(24, 8)
+    want = ref_dlogits(view, lab, 1.0, g_lp, g_h)
     for out in (torch.empty(3, 8, 1031), torch.empty(3, 8, 1032)[:, :, 1:], torch.empty(3, 16, 1031)[:, ::2]):
         out.fill_(float("nan"))
         cu.logprobs_backward(view, lab.reshape(-1), lse, ent, g_lp, g_h, 1.0, out)
@@ -203,7 +208,7 @@ def test_strided_misaligned_rows_and_out(cu):
 
 
 def test_non_finite_rows(cu):
-    x, _ = _logits((3, 9), 1031, seed=5)
+    x, _ = random_logits((3, 9), 1031, seed=5)
     x[1, 2, 7] = float("nan")
     x[2, 4, 9] = float("inf")
     x[0, 3] = NEG_INF
@@ -214,17 +219,17 @@ def test_non_finite_rows(cu):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_no_worse_than_pytorch(cu, dtype):
-    x, lab = _logits((1, 41), 1271, seed=7, dtype=dtype)
+    x, lab = random_logits((1, 41), 1271, seed=7, dtype=dtype)
     logp, ent, lse = cu.logprobs_forward(x, lab.reshape(-1), 1.0, True)
     e_lp, e_h = ref.logprobs_and_entropy(x.double(), lab)
     eager_lp = torch.log_softmax(x, -1).gather(-1, lab[..., None]).squeeze(-1)
     assert_no_worse_than_torch(logp, e_lp.reshape(-1), eager_lp.reshape(-1))
     assert_close(ent, e_h.reshape(-1), F32)  # fp32 accumulation over exactly rounded inputs
-    g_lp, g_h = _rand(41, 1), _rand(41, 2)
+    g_lp, g_h = random_vector(41, 1), random_vector(41, 2)
     out = torch.empty_like(x)
     cu.logprobs_backward(x, lab.reshape(-1), lse, ent, g_lp, g_h, 1.0, out)
     assert out.dtype == dtype
-    want = _ref_grad(x, lab, 1.0, g_lp, g_h)
+    want = ref_dlogits(x, lab, 1.0, g_lp, g_h)
     xe = x.detach().clone().requires_grad_()
     lp_e = torch.log_softmax(xe, -1).gather(-1, lab[..., None]).squeeze(-1)
     h_e = -(torch.softmax(xe, -1) * torch.log_softmax(xe, -1)).sum(-1)
@@ -298,7 +303,7 @@ def test_gae_chunked_scan_matches_fp64(cu, b, t, gamma, lam):
 
 # ------------------------------------------------------------------------------ public ops, backend="cuda"
 def test_public_logprobs_entropy_with_cuda_backend(cuda_backend_on_cpu):
-    x, lab = _logits((2, 9), 1271, seed=11)
+    x, lab = random_logits((2, 9), 1271, seed=11)
     g = torch.Generator().manual_seed(12)
     g_lp, g_h = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
     xg = x.clone().requires_grad_()
@@ -307,11 +312,11 @@ def test_public_logprobs_entropy_with_cuda_backend(cuda_backend_on_cpu):
     e_lp, e_h = ref.logprobs_and_entropy(x.double(), lab, temperature=0.8)
     assert_close(lp, e_lp, F32)
     assert_close(h, e_h, F32)
-    assert_close(xg.grad, _ref_grad(x, lab, 0.8, g_lp, g_h), F32, "grad")
+    assert_close(xg.grad, ref_dlogits(x, lab, 0.8, g_lp, g_h), F32, "grad")
     xi = x.clone().requires_grad_()  # in-place backward: same gradient
     lpi = fastppo.token_logprobs(xi * 1.0, lab, temperature=0.8, backend="cuda", inplace_backward=True)
     (lpi * g_lp).sum().backward()
-    assert_close(xi.grad, _ref_grad(x, lab, 0.8, g_lp, None), F32, "grad")
+    assert_close(xi.grad, ref_dlogits(x, lab, 0.8, g_lp, None), F32, "grad")
 
 
 def test_public_ppo_loss_with_cuda_backend(cuda_backend_on_cpu):
