@@ -89,18 +89,28 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
+def clean_dicts(dicts: list[dict]) -> list[dict]:
+    """JSON-safe copies (non-finite floats as strings) of result rows or target checks."""
+    return [{k: _clean(v) for k, v in d.items()} for d in dicts]
+
+
+def write_dicts_csv(dicts: list[dict], fields: list[str], path: Path) -> None:
+    """One CSV line per dict (``fields`` in order, other keys dropped, None as an empty cell)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.as_dict().items()})
+        for d in dicts:
+            w.writerow({k: ("" if v is None else v) for k, v in d.items()})
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    write_dicts_csv([r.as_dict() for r in rows], CSV_FIELDS, path)
 
 
 def write_json(rows: list[Row], meta: dict, path: Path, targets: list[dict] | None = None) -> None:
-    data: dict[str, Any] = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.as_dict().items()} for r in rows]}
+    data: dict[str, Any] = {"meta": meta, "rows": clean_dicts([r.as_dict() for r in rows])}
     if targets is not None:
-        data["targets"] = [{k: _clean(v) for k, v in t.items()} for t in targets]
+        data["targets"] = clean_dicts(targets)
     path.write_text(json.dumps(data, indent=1, default=str))
 
 

@@ -25,7 +25,6 @@ Metrics (all from the same case's rows, so they compare equal work):
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -254,17 +253,15 @@ CSV_FIELDS = ["target", "issue", "claim", "case", "provider", "baseline", "metri
 
 
 def write_csv(checks: list[Check], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for c in checks:
-            w.writerow({k: ("" if v is None else v) for k, v in c.as_dict().items()})
+    from .report import write_dicts_csv
+
+    write_dicts_csv([c.as_dict() for c in checks], CSV_FIELDS, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from .report import _clean, load_json
+    from .report import clean_dicts, load_json
 
     args = sys.argv[1:] if argv is None else argv
     write = "--write" in args
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print_checks(checks)
         if write:  # the run's rows are unchanged; only its checks follow the current target list
             data = json.loads(p.read_text())
-            data["targets"] = [{k: _clean(v) for k, v in c.as_dict().items()} for c in checks]
+            data["targets"] = clean_dicts([c.as_dict() for c in checks])
             p.write_text(json.dumps(data, indent=1, default=str))
             write_csv(checks, p.with_name(p.name.removesuffix(".json") + "-targets.csv"))
     return 0
