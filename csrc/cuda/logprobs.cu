@@ -10,8 +10,6 @@
 // the same thread, so out may alias the logits (in-place backward).
 #include <math.h>
 
-#include <type_traits>
-
 #include "common.cuh"
 #include "kernels.h"
 
@@ -263,12 +261,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <class E>
+struct Elem {
+  using type = E;
+};
+
+// One block per row of the [B, T] grid, for the logits' element type: no launch when N == 0, the launch on the
+// caller's `device` and `stream`, cudaErrorInvalidValue for an unknown dtype code, else the launch's own error.
+// `launch(Elem<E>{}, blocks, stream)` issues the kernel.
 template <class F>
-int dispatch_dtype(int dtype, F&& f) {
+int launch_rows(int64_t N, int dtype, int device, void* stream, F&& launch) {
+  if (N == 0) return 0;
+  DeviceGuard guard(device);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const auto blocks = static_cast<unsigned>(N);
   switch (dtype) {
-    case 0: f(static_cast<const float*>(nullptr)); break;
-    case 1: f(static_cast<const __nv_bfloat16*>(nullptr)); break;
-    case 2: f(static_cast<const __half*>(nullptr)); break;
+    case 0: launch(Elem<float>{}, blocks, s); break;
+    case 1: launch(Elem<__nv_bfloat16>{}, blocks, s); break;
+    case 2: launch(Elem<__half>{}, blocks, s); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());
@@ -279,14 +289,10 @@ int dispatch_dtype(int dtype, F&& f) {
 int logprobs_forward(const void* logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT,
                      const int64_t* labels, float inv_temp, float* logp, float* entropy, float* lse, int device,
                      void* stream) {
-  const int64_t N = B * T;
-  if (N == 0) return 0;
-  DeviceGuard guard(device);
-  auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using E = typename std::remove_const<typename std::remove_pointer<decltype(tag)>::type>::type;
-    logprobs_fwd_kernel<E><<<static_cast<unsigned>(N), kThreads, 0, s>>>(static_cast<const E*>(logits), T, V, sB,
-                                                                         sT, labels, inv_temp, logp, entropy, lse);
+  return launch_rows(B * T, dtype, device, stream, [&](auto tag, unsigned blocks, cudaStream_t s) {
+    using E = typename decltype(tag)::type;
+    logprobs_fwd_kernel<E><<<blocks, kThreads, 0, s>>>(static_cast<const E*>(logits), T, V, sB, sT, labels, inv_temp,
+                                                       logp, entropy, lse);
   });
 }
 
@@ -294,13 +300,9 @@ int logprobs_backward(const void* logits, int dtype, int64_t B, int64_t T, int64
                       const int64_t* labels, const float* lse, const float* entropy, const float* g_logp,
                       const float* g_entropy, float inv_temp, void* out, int64_t out_sB, int64_t out_sT, int device,
                       void* stream) {
-  const int64_t N = B * T;
-  if (N == 0) return 0;
-  DeviceGuard guard(device);
-  auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using E = typename std::remove_const<typename std::remove_pointer<decltype(tag)>::type>::type;
-    logprobs_bwd_kernel<E><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+  return launch_rows(B * T, dtype, device, stream, [&](auto tag, unsigned blocks, cudaStream_t s) {
+    using E = typename decltype(tag)::type;
+    logprobs_bwd_kernel<E><<<blocks, kThreads, 0, s>>>(
         static_cast<const E*>(logits), T, V, sB, sT, labels, lse, entropy, g_logp, g_entropy, inv_temp,
         static_cast<E*>(out), out_sB, out_sT);
   });
@@ -311,12 +313,9 @@ int ppo_loss_forward(const void* logits, int dtype, int64_t B, int64_t T, int64_
                      const float* mask, float inv_temp, float clip_low, float clip_high, float dual_clip,
                      int kl_kind, float kl_coef, float entropy_coef, float* terms, int device, void* stream) {
   const int64_t N = B * T;
-  if (N == 0) return 0;
-  DeviceGuard guard(device);
-  auto s = static_cast<cudaStream_t>(stream);
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using E = typename std::remove_const<typename std::remove_pointer<decltype(tag)>::type>::type;
-    ppo_fwd_kernel<E><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+  return launch_rows(N, dtype, device, stream, [&](auto tag, unsigned blocks, cudaStream_t s) {
+    using E = typename decltype(tag)::type;
+    ppo_fwd_kernel<E><<<blocks, kThreads, 0, s>>>(
         static_cast<const E*>(logits), T, V, sB, sT, labels, old_logp, adv, ref_logp, mask, inv_temp, clip_low,
         clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, terms, N);
   });
