@@ -229,77 +229,72 @@ inline int64_t chunk_rows(int64_t V) { return V >= 4096 ? 1 : 4096 / (V > 0 ? V 
 // machine waiting for a descheduled one), so small calls run on the calling thread.
 constexpr int64_t kParallelMin = int64_t(1) << 18;
 
-template <class E>
-void forward_rows(const LogprobsFwdArgs& a) {
-  const LogitsView& x = a.x;
+// body(r) for every row r of the [B, T] view, OpenMP-parallel over rows in chunks of chunk_rows(V).
+template <class F>
+void for_each_row(const LogitsView& x, int threads, F&& body) {
   const int64_t N = x.B * x.T;
   const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
-  for (int64_t r = 0; r < N; ++r) {
-    const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
-    const RowStats st = row_forward(row, x.V, a.labels[r], a.inv_temp, a.entropy != nullptr);
-    a.logp[r] = st.logp;
-    a.lse[r] = st.lse;
-    if (a.entropy != nullptr) a.entropy[r] = st.entropy;
-  }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
+  for (int64_t r = 0; r < N; ++r) body(r);
 }
 
 template <class E>
-void backward_rows(const LogprobsBwdArgs& a) {
-  const LogitsView& x = a.x;
-  const int64_t N = x.B * x.T;
-  const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
-  for (int64_t r = 0; r < N; ++r) {
-    const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
-    E* orow = const_cast<E*>(row_ptr<E>(a.out, a.out_sB, a.out_sT, x.T, r));
-    const float g = a.g_logp != nullptr ? a.g_logp[r] : 0.0f;
-    const float h = a.g_entropy != nullptr ? a.g_entropy[r] : 0.0f;
-    const float H = a.entropy != nullptr ? a.entropy[r] : 0.0f;
-    row_backward(row, orow, x.V, a.labels[r], a.inv_temp, a.lse[r], H, g, h);
-  }
-}
+struct Elem {
+  using type = E;
+};
 
-template <class E>
-void ppo_rows(const PpoFwdArgs& a) {
-  const LogitsView& x = a.x;
-  const int64_t N = x.B * x.T;
-  const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
-  for (int64_t r = 0; r < N; ++r) {
-    if (a.mask[r] == 0.0f) {  // masked tokens cost nothing and get zeros in every term
-      for (int k = 0; k < kNumTerms; ++k) a.terms[k * N + r] = 0.0f;
-      continue;
-    }
-    const E* row = row_ptr<E>(x.data, x.sB, x.sT, x.T, r);
-    ppo_terms(a, r, N, row_forward(row, x.V, a.labels[r], a.inv_temp, true));
+// f(Elem<E>{}) for the element type E of the logits' dtype code.
+template <class F>
+void with_elem(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(Elem<float>{});
+    case kBFloat16: return f(Elem<BF16>{});
+    default: return f(Elem<F16>{});
   }
 }
 
 }  // namespace
 
 void logprobs_forward(const LogprobsFwdArgs& a) {
-  switch (a.x.dtype) {
-    case kFloat32: return forward_rows<float>(a);
-    case kBFloat16: return forward_rows<BF16>(a);
-    default: return forward_rows<F16>(a);
-  }
+  with_elem(a.x.dtype, [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    for_each_row(a.x, a.threads, [&](int64_t r) {
+      const E* row = row_ptr<E>(a.x.data, a.x.sB, a.x.sT, a.x.T, r);
+      const RowStats st = row_forward(row, a.x.V, a.labels[r], a.inv_temp, a.entropy != nullptr);
+      a.logp[r] = st.logp;
+      a.lse[r] = st.lse;
+      if (a.entropy != nullptr) a.entropy[r] = st.entropy;
+    });
+  });
 }
 
 void logprobs_backward(const LogprobsBwdArgs& a) {
-  switch (a.x.dtype) {
-    case kFloat32: return backward_rows<float>(a);
-    case kBFloat16: return backward_rows<BF16>(a);
-    default: return backward_rows<F16>(a);
-  }
+  with_elem(a.x.dtype, [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    for_each_row(a.x, a.threads, [&](int64_t r) {
+      const E* row = row_ptr<E>(a.x.data, a.x.sB, a.x.sT, a.x.T, r);
+      E* orow = const_cast<E*>(row_ptr<E>(a.out, a.out_sB, a.out_sT, a.x.T, r));
+      const float g = a.g_logp != nullptr ? a.g_logp[r] : 0.0f;
+      const float h = a.g_entropy != nullptr ? a.g_entropy[r] : 0.0f;
+      const float H = a.entropy != nullptr ? a.entropy[r] : 0.0f;
+      row_backward(row, orow, a.x.V, a.labels[r], a.inv_temp, a.lse[r], H, g, h);
+    });
+  });
 }
 
 void ppo_loss_forward(const PpoFwdArgs& a) {
-  switch (a.x.dtype) {
-    case kFloat32: return ppo_rows<float>(a);
-    case kBFloat16: return ppo_rows<BF16>(a);
-    default: return ppo_rows<F16>(a);
-  }
+  const int64_t N = a.x.B * a.x.T;
+  with_elem(a.x.dtype, [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    for_each_row(a.x, a.threads, [&](int64_t r) {
+      if (a.mask[r] == 0.0f) {  // masked tokens cost nothing and get zeros in every term
+        for (int k = 0; k < kNumTerms; ++k) a.terms[k * N + r] = 0.0f;
+        return;
+      }
+      const E* row = row_ptr<E>(a.x.data, a.x.sB, a.x.sT, a.x.T, r);
+      ppo_terms(a, r, N, row_forward(row, a.x.V, a.labels[r], a.inv_temp, true));
+    });
+  });
 }
 
 }  // namespace FASTPPO_ISA
