@@ -1,0 +1,185 @@
+"""Vocabulary-parallel log-probs, entropy and PPO loss: the LM head's output is split over the vocabulary across the
+ranks of a process group (tensor-parallel LM head), each rank holding ``local_logits [..., V_r]`` for its slice
+``[vocab_start_r, vocab_start_r + V_r)`` of the vocabulary; the slices need not be equal.
+
+Forward, per row, with ``z = logits / T``: one all-reduce (MAX) of the local row max ``m``, then ONE all-reduce
+(SUM) of a packed ``[4, N]`` tensor holding the partial sums
+
+  S = sum_j exp(z_j - m)            (softmax denominator)
+  U = sum_j exp(z_j - m) * z_j      (for the entropy: H = m + log S - U / S)
+  y = z_label on the rank that owns the label, else 0
+  o = 1 on the rank that owns the label, else 0   (exactly one owner per row: a free range check on the labels)
+
+so every rank ends with the same ``logp = y - m - log S`` and ``H``. The backward is local: with
+``p_j = exp(z_j - m) / S`` and ``E = U / S`` (saved per row),
+
+  dlogp/dz_j = [j == label] - p_j,     dH/dz_j = -p_j (z_j - E),
+
+which needs no communication because every rank receives the same upstream gradients (the loss built on ``logp``
+and ``H`` is computed identically on every rank, as in any tensor-parallel model). Results equal the single-process
+ops on the concatenated logits (tests: 2 and 3 ranks, a vocabulary that does not divide evenly).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastppo import _validate as V
+from fastppo.ops import _check_agg, _check_clips, _half_to_float, _loss_inputs
+from fastppo.reference.kl import KL_KINDS, kl_penalty
+from fastppo.reference.losses import agg_loss, ppo_policy_loss
+from fastppo.reference.stats import masked_mean
+
+
+def vocab_start_of(local_vocab: int, group: dist.ProcessGroup | None = None) -> int:
+    """Where this rank's slice starts in the global vocabulary: the sizes of the lower ranks' slices summed (one
+    small all-gather; pass ``vocab_start=`` to the ops to skip it when the layout is known)."""
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64), group=group)
+    return int(sum(int(s) for s in sizes[: dist.get_rank(group)]))
+
+
+def _collective_device(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    # gloo reduces CPU tensors only; NCCL wants them on the GPU. Moving is a no-op when the device already fits.
+    if dist.get_backend(group) == "gloo" and t.device.type != "cpu":
+        return t.cpu()
+    return t
+
+
+def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
+    buf = _collective_device(t, group)
+    dist.all_reduce(buf, op=op, group=group)
+    return buf.to(t.device)
+
+
+class VocabParallelLogprobsEntropy(torch.autograd.Function):
+    """``(local_logits [N, V_r], labels [N], ...) -> (logp [N], entropy [N])``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, vocab_start: int, temperature: float,
+                group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        m = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group)  # [N]
+        V.finite_rows("vocab_parallel_logprobs_and_entropy", m)
+        e = torch.exp(z - m[:, None])
+        local = labels.long() - vocab_start
+        owned = (local >= 0) & (local < z.shape[-1])
+        idx = torch.where(owned, local, torch.zeros_like(local))
+        y = torch.where(owned, z.gather(-1, idx[:, None]).squeeze(-1), torch.zeros_like(m))
+        # exp(-inf - m) = 0 would meet z = -inf in e * z: a masked vocabulary entry contributes nothing
+        ez = torch.where(e > 0, e * z, torch.zeros_like(e))
+        packed = torch.stack([e.sum(-1), ez.sum(-1), y, owned.to(z.dtype)])  # [4, N]: one collective for all
+        packed = _all_reduce(packed, dist.ReduceOp.SUM, group)
+        s, u, y, owners = packed.unbind(0)
+        V.check_value((owners == 1).all(), "labels out of range: every label must lie in [0, V) of the global "
+                                           "vocabulary (no rank owns some of them)")
+        log_s = torch.log(s)
+        expect = u / s  # E_p[z]
+        logp = y - m - log_s  # float32 (float64 for float64 logits, as the reference)
+        entropy = m + log_s - expect
+        ctx.save_for_backward(logits, idx, owned, m, log_s, expect)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, dlogp: Tensor, dentropy: Tensor):
+        logits, idx, owned, m, log_s, expect = ctx.saved_tensors
+        t = ctx.temperature
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / t
+        p = torch.exp(z - (m + log_s)[:, None])
+        dz_h = torch.where(p > 0, p * (z - expect[:, None]), torch.zeros_like(p))
+        dz = -p * dlogp.to(p.dtype)[:, None] - dz_h * dentropy.to(p.dtype)[:, None]
+        onehot = dlogp.to(p.dtype) * owned.to(p.dtype)
+        dz = dz.scatter_add(-1, idx[:, None], onehot[:, None])
+        return (dz / t).to(logits.dtype), None, None, None, None
+
+
+def vocab_parallel_logprobs_and_entropy(
+    local_logits: Tensor,
+    labels: Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_start: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Token log-probs and entropy over a vocabulary split across ``group``.
+
+    ``local_logits [..., V_r]`` (this rank's vocabulary slice), ``labels [...]`` global token ids (the same on
+    every rank) -> ``(logp [...], entropy [...])`` float32, equal on every rank. ``vocab_start``: where this rank's
+    slice starts (default: the lower ranks' slice sizes summed, one small all-gather). Differentiable w.r.t.
+    ``local_logits``; the backward is local. Two all-reduces per call (row max, then one packed sum).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_* ops need an initialized torch.distributed process group")
+    local_logits = V.float_tensor("local_logits", local_logits)
+    if local_logits.dim() < 1 or local_logits.shape[-1] == 0:
+        raise ValueError(f"local_logits must have shape [..., V_r] with V_r >= 1, got {tuple(local_logits.shape)}")
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype in (torch.bool,):
+        raise TypeError("labels must be an integer torch.Tensor of global token ids")
+    if labels.shape != local_logits.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(local_logits.shape[:-1])}")
+    V.same_device(local_logits=local_logits, labels=labels)
+    temperature = V.temperature(temperature)
+    lead = local_logits.shape[:-1]
+    if vocab_start is None:
+        vocab_start = vocab_start_of(local_logits.shape[-1], group)
+    flat = local_logits.reshape(-1, local_logits.shape[-1])
+    logp, ent = VocabParallelLogprobsEntropy.apply(flat, labels.reshape(-1), int(vocab_start), temperature, group)
+    return logp.view(lead), ent.view(lead)
+
+
+def vocab_parallel_ppo_loss(
+    local_logits: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    agg: str = "token-mean",
+    vocab_start: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``fastppo.ppo_loss_from_logits`` over a vocabulary split across ``group``: same arguments, same loss and
+    stats (equal on every rank), plus ``group`` and ``vocab_start``. ``local_logits [B, T, V_r]``, the per-token
+    tensors ``[B, T]`` replicated on every rank. Gradient w.r.t. ``local_logits`` only (local backward)."""
+    names = ("old_logprobs", "advantages")
+    (old, adv), mask = _loss_inputs(names, (old_logprobs, advantages), mask)
+    if tuple(old.shape) != tuple(local_logits.shape[:-1]):
+        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(local_logits.shape[:-1])} "
+                         "(local_logits[..., 0])")
+    if ref_logprobs is not None:
+        V.float_tensor("ref_logprobs", ref_logprobs)
+        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
+        ref_logprobs = _half_to_float(ref_logprobs)
+    elif kl_coef != 0.0:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
+    _check_agg(agg, old.shape)
+    clip_high = _check_clips(clip_low, clip_high, dual_clip)
+    logp, entropy = vocab_parallel_logprobs_and_entropy(local_logits, labels, group, temperature=temperature,
+                                                        vocab_start=vocab_start)
+    # The same per-token terms as the single-process reference, on replicated [B, T] tensors.
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                                  agg=agg)
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, ref_logprobs, kl_kind)
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * agg_loss(kl, mask, agg)
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * agg_loss(entropy, mask, agg)
+    stats["entropy"] = masked_mean(entropy.detach(), mask)
+    stats["loss"] = loss.detach()
+    return loss, stats
