@@ -6,7 +6,8 @@
   rollout.py     the batched KV-cached sampling loop (left-padded prompts, temperature / top-k / top-p, EOS)
   experience.py  logprobs, values, rewards with the KL penalty, GAE / GRPO / RLOO / REINFORCE++ advantages
   trainer.py     PPOTrainer: rollout -> experience -> ppo_epochs x minibatches; stats; checkpoints
-  checkpoint.py  atomic, verified checkpoints and exact resume
+  checkpoint.py  atomic, verified checkpoints and exact resume (skipping a corrupt newest one)
+  preflight.py   before any model work: the backend is usable; a resume's config matches its checkpoint
   tracking.py    metrics.jsonl, TensorBoard, curves.png
   cli.py         ``fastppo train [--config FILE] [--field value ...]`` / ``fastppo train --resume RUN_DIR``
 

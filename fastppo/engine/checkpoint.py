@@ -14,7 +14,8 @@ Layout: ``RUN_DIR/checkpoints/step_000050/`` holding
 A checkpoint is written into ``.tmp-step_N`` next to the others, every file fsynced, the manifest last, then the
 directory is renamed into place (``os.replace``) and its parent fsynced. A crash at any moment leaves either the
 complete new checkpoint or none; older checkpoints are pruned (keep the last K) only after the new one is in
-place. Loading verifies the manifest, so a truncated or edited file is a clear error, never a silent resume.
+place. Loading verifies the manifest, so a truncated or edited file is a clear error, never a silent resume;
+resuming skips such a checkpoint (with a warning naming it) for the newest valid one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,9 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    for _, path in checkpoint_dirs(run_dir)[:-keep]:
+    # Prune among this step and older ones only: after a resume that skipped a corrupt newer checkpoint, that
+    # one must never count among the kept ones (it would displace the good one just written).
+    for _, path in [c for c in checkpoint_dirs(run_dir) if c[0] <= step][:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
 
@@ -189,14 +193,38 @@ def verify(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped on resume because it is corrupt or incomplete."""
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of ``run_dir`` that passes ``verify``.
+
+    A newer one that fails (a disk error, a hand-edited file) is skipped with a ``CheckpointWarning`` naming it
+    and why, so the run resumes from the last good state instead of stopping; ``CheckpointError`` when no
+    checkpoint exists yet, or when none is valid (the message lists each one's problem).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
     ckpts = checkpoint_dirs(run_dir)
     if not ckpts:
-        raise CheckpointError(f"{run_dir} holds no complete checkpoint (checkpoints/step_*/); nothing to resume")
-    return ckpts[-1][1]
+        raise CheckpointError(
+            f"no checkpoint exists yet in {run_dir} (no complete checkpoints/step_*/; the run stopped before its "
+            "first save, e.g. during the warm-up): nothing to resume, start a new run"
+        )
+    problems = []
+    for _, path in reversed(ckpts):
+        try:
+            verify(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            warnings.warn(f"skipping a corrupt checkpoint: {problem}; resuming from {path} instead",
+                          CheckpointWarning, stacklevel=2)
+        return path
+    raise CheckpointError(f"no valid checkpoint in {run_dir}: " + "; ".join(problems))
 
 
 def load_checkpoint(
@@ -206,9 +234,12 @@ def load_checkpoint(
     critic: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    verified: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Restore modules, optimizer, scheduler and RNG states in place; returns ``(state, metrics)``."""
-    verify(ckpt)
+    """Restore modules, optimizer, scheduler and RNG states in place; returns ``(state, metrics)``.
+    ``verified``: ``ckpt`` was just checked by ``verify`` / ``latest_checkpoint`` (skip hashing it again)."""
+    if not verified:
+        verify(ckpt)
     _load_module(policy, ckpt / "policy.safetensors")
     if critic is not None:
         if not (ckpt / "critic.safetensors").is_file():

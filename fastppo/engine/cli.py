@@ -19,6 +19,8 @@ noisy demonstrations, then PPO against a verifier with an adaptive KL penalty to
 1-2 minutes on a 2-core CPU).
 Writes RUN_DIR (default runs/<timestamp>): config.yaml, metrics.jsonl, tensorboard/, curves.png,
 samples_before.txt / samples_after.txt, checkpoints/, final/, summary.json.
+--resume continues from the newest valid checkpoint (a corrupt newer one is skipped with a warning) with
+RUN_DIR/config.yaml, which may differ from the checkpoint's config only in: {mutable}.
 
 fields (YAML keys and --field overrides):
 """
@@ -63,7 +65,9 @@ def build_config(argv: list[str]) -> tuple[PPOConfig, Path, bool]:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + help_text())
+        from fastppo.engine.preflight import RESUME_MUTABLE
+
+        print(USAGE.format(mutable=", ".join(RESUME_MUTABLE)) + help_text())
         return 0
     try:
         cfg, run_dir, resume = build_config(argv)

@@ -7,6 +7,7 @@ Every field carries its help text in ``metadata["help"]``; ``fastppo train --hel
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any: 
     return field(default=default, metadata=meta)
 
 
+# Fields holding a local path: a missing one is named up front (transformers would say "Repo id must be ...").
+_PATH_FIELDS = ("model", "tokenizer", "critic_model", "reward_model", "prompts_file")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 _ESTIMATOR_OPS = {"grpo": "grpo_advantages", "rloo": "rloo_advantages", "reinforce_pp": "reinforce_pp_advantages"}
 
@@ -141,6 +144,15 @@ class PPOConfig:
             val = getattr(self, f.name)
             if choices and val not in choices:
                 raise ConfigError(f"{f.name}={val!r} is not one of {list(choices)}")
+            # NaN slips through every range check below (all comparisons are false) and inf passes the
+            # one-sided ones: a run would train on NaN and fail much later, so refuse them up front.
+            if isinstance(val, float) and not math.isfinite(val):
+                raise ConfigError(f"{f.name} must be a finite number, got {val}")
+        for name in _PATH_FIELDS:
+            path = getattr(self, name)
+            if path and not Path(path).exists():
+                raise ConfigError(f"{name}: path {path!r} does not exist (fastppo loads local files and "
+                                  "directories, e.g. one written by save_pretrained)")
         positive = ("total_steps", "batch_size", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
                     "mini_batch_size", "micro_batch_size", "forward_batch_size", "tiny_hidden_size", "tiny_layers",
                     "tiny_heads", "tiny_intermediate_size", "sft_batch_size", "task_num_prompts", "kl_horizon",
@@ -268,6 +280,12 @@ def coerce(name: str, value: Any, *, from_string: bool) -> Any:
         raise ConfigError(f"{name} expects {tp.__name__}, got null")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string: accept any numeric string for a float field.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} expects float, got str {value!r}") from None
     if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise ConfigError(f"{name} expects {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -21,6 +21,7 @@ from torch import Tensor
 
 import fastppo
 from fastppo.engine import checkpoint as ckpt_io
+from fastppo.engine import preflight
 from fastppo.engine import task as task_mod
 from fastppo.engine.config import PPOConfig
 from fastppo.engine.experience import Experience, make_experience, response_slice, score_rollout
@@ -92,8 +93,10 @@ class PPOTrainer:
         threads = cfg.torch_threads or (1 if not cfg.model else 0)
         if threads:
             torch.set_num_threads(threads)
-        seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
+        preflight.check_backend(cfg, self.device)
+        resume_from = preflight.resume_point(cfg, self.run_dir, echo) if resume else None
+        seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
         self.reward_fn = build_reward(cfg, self.device)
         self._setup_prompts()
@@ -130,9 +133,10 @@ class PPOTrainer:
         self.step = 0
         history: list[dict[str, Any]] = []
         if resume:
-            path = ckpt_io.latest_checkpoint(self.run_dir)
+            path = resume_from
             state, history = ckpt_io.load_checkpoint(path, policy=self.policy, critic=self.critic,
-                                                     optimizer=self.optimizer, scheduler=self.scheduler)
+                                                     optimizer=self.optimizer, scheduler=self.scheduler,
+                                                     verified=True)
             self.step = int(state["step"])
             self.stream.position = int(state["data_position"])
             self.kl_ctl.load_state_dict(state["kl_controller"])

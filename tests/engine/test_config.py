@@ -33,6 +33,14 @@ def test_yaml_int_for_float_field_is_accepted(tmp_path):
     assert load_yaml(path).lr == 1.0
 
 
+def test_yaml_numeric_string_for_float_field_is_accepted(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 (no dot) as the string '1e-3'
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nkl_coef: '2E-2'\ndual_clip: 3e0\n")
+    cfg = load_yaml(path).validate()
+    assert cfg.lr == 1e-3 and cfg.kl_coef == 0.02 and cfg.dual_clip == 3.0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -50,6 +58,13 @@ def test_yaml_int_for_float_field_is_accepted(tmp_path):
         (["--reward", "model"], "reward=model needs reward_model"),
         (["--lr"], "--lr needs a value"),
         (["lr", "1"], "expected --field value"),
+        (["--lr", "inf"], "lr must be a finite number, got inf"),
+        (["--kl_coef", "nan"], "kl_coef must be a finite number, got nan"),
+        (["--max_grad_norm", "-inf"], "max_grad_norm must be a finite number"),
+        (["--dual_clip", "inf"], "dual_clip must be a finite number"),
+        (["--model", "/no/such/model"], "model: path '/no/such/model' does not exist"),
+        (["--tokenizer", "no-such-dir/tok"], "tokenizer: path 'no-such-dir/tok' does not exist"),
+        (["--critic", "separate", "--critic_model", "/no/critic"], "critic_model: path '/no/critic' does not exist"),
     ],
 )
 def test_bad_cli_configs(args, message):
@@ -67,6 +82,7 @@ def test_bad_cli_configs(args, message):
         ("lr: null\n", "lr expects float, got null"),
         ("- 1\n- 2\n", "must hold a mapping"),
         ("lr: [1\n", "is not valid YAML"),
+        ("lr: fast\n", "lr expects float, got str 'fast'"),
     ],
 )
 def test_bad_yaml_configs(tmp_path, yaml_text, message):
@@ -88,6 +104,16 @@ def test_cli_reports_errors_and_exit_code(capsys, tmp_path):
     assert "takes no other arguments" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
     assert "--kl_in_loss bool" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("yaml_text, message", [("lr: .inf\n", "lr must be a finite number"),
+                                                 ("gamma: .nan\n", "gamma must be a finite number"),
+                                                 ("lr: '-inf'\n", "lr must be a finite number")])
+def test_non_finite_yaml_numbers_are_refused(tmp_path, yaml_text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        cli.build_config(["--config", str(path)])
 
 
 def test_parse_overrides_types():

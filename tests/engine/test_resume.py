@@ -94,31 +94,86 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_corrupt_checkpoint_is_a_clear_error(killed_and_resumed, tmp_path, capsys):
-    run = _copy(killed_and_resumed[1], tmp_path / "run")
-    f = run / "checkpoints/step_000008/policy.safetensors"
+def _flip_a_byte(f: Path) -> None:
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_valid_one(killed_and_resumed, tmp_path, capsys):
+    full = killed_and_resumed[0]
+    run = _copy(killed_and_resumed[1], tmp_path / "run")
+    _flip_a_byte(run / "checkpoints/step_000008/policy.safetensors")
+    with pytest.warns(ckpt_io.CheckpointWarning, match=r"step_000008: policy.safetensors is corrupt.*step_000006"):
+        assert cli.main(["--resume", str(run)]) == 0
+    assert "resumed from" in capsys.readouterr().out and "step_000006" in str(ckpt_io.checkpoint_dirs(run))
+    # steps 7-8 were redone from step 6: the same bits as the uninterrupted run, and a valid step_000008 again
+    a, b = load_file(str(full / "final/model.safetensors")), load_file(str(run / "final/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(run) == _metrics(full)
+    ckpt_io.verify(run / "checkpoints/step_000008")
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000006", "step_000008"]
+
+
+def test_a_corrupt_newer_checkpoint_never_displaces_the_good_one(killed_and_resumed, tmp_path):
+    # After falling back from a corrupt step_000008 to step_000006, saving step 7 with keep_checkpoints=1 must keep
+    # step 7 (pruning counts checkpoints up to the saved step only), not the corrupt step 8.
+    run = _copy(killed_and_resumed[1], tmp_path / "run")
+    _flip_a_byte(run / "checkpoints/step_000008/optimizer.pt")
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    ckpt_io.save_checkpoint(run, 7, policy=lin, critic=None, optimizer=opt, scheduler=sched, state={}, metrics=[],
+                            keep=1)
+    assert [s for s, _ in ckpt_io.checkpoint_dirs(run)] == [7, 8]
+    with pytest.warns(ckpt_io.CheckpointWarning, match="step_000008: optimizer.pt is corrupt"):
+        assert ckpt_io.latest_checkpoint(run).name == "step_000007"
+
+
+def test_no_valid_or_no_checkpoint_is_a_clear_error(killed_and_resumed, tmp_path, capsys):
+    run = _copy(killed_and_resumed[1], tmp_path / "run")
+    _flip_a_byte(run / "checkpoints/step_000008/policy.safetensors")
+    (run / "checkpoints/step_000006/optimizer.pt").unlink()
     assert cli.main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "policy.safetensors is corrupt" in err and "step_000008" in err
-
-
-def test_missing_checkpoint_file_is_a_clear_error(killed_and_resumed, tmp_path, capsys):
-    run = _copy(killed_and_resumed[1], tmp_path / "run")
-    (run / "checkpoints/step_000008/optimizer.pt").unlink()
+    assert "no valid checkpoint" in err and "step_000008: policy.safetensors is corrupt" in err
+    assert "step_000006 is missing optimizer.pt" in err
+    (run / "checkpoints/step_000006/manifest.json").unlink()
     assert cli.main(["--resume", str(run)]) == 2
-    assert "is missing optimizer.pt" in capsys.readouterr().err
-    (run / "checkpoints/step_000008/manifest.json").unlink()
-    assert cli.main(["--resume", str(run)]) == 2
-    assert "manifest.json is missing" in capsys.readouterr().err
+    assert "step_000006 is incomplete: manifest.json is missing" in capsys.readouterr().err
+    # killed during the warm-up: config.yaml (and maybe a reference) but no checkpoint yet
     shutil.rmtree(run / "checkpoints")
-    assert cli.main(["--resume", str(run)]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
     (run / "reference.safetensors").unlink()
     assert cli.main(["--resume", str(run)]) == 2
-    assert "reference.safetensors is missing" in capsys.readouterr().err
+    assert f"no checkpoint exists yet in {run}" in capsys.readouterr().err
+
+
+def test_resume_refuses_config_edits_except_the_allowed_ones(killed_and_resumed, tmp_path, capsys):
+    run = _copy(killed_and_resumed[1], tmp_path / "run")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+
+    def edit(**changes):
+        (run / "config.yaml").write_text(yaml.safe_dump({**saved, **changes}, sort_keys=False))
+
+    edit(lr=saved["lr"] * 2)
+    assert cli.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the config of the checkpoint in ['lr']" in err and "total_steps" in err
+    edit(batch_size=16, seed=1, lr="1e-3")
+    assert cli.main(["--resume", str(run)]) == 2
+    assert "in ['batch_size', 'lr', 'seed']" in capsys.readouterr().err
+    edit(total_steps=7)
+    assert cli.main(["--resume", str(run)]) == 2
+    assert "total_steps=7 is below the checkpoint's step 8" in capsys.readouterr().err
+    # allowed: one more step, saved every step; it takes effect and the checkpoint records it
+    edit(total_steps=9, save_every=1, output_dir=str(tmp_path / "elsewhere"))
+    assert cli.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "config changes applied: total_steps 8 -> 9, save_every 2 -> 1" in out
+    assert [m["step"] for m in _metrics(run)] == list(range(1, 10))
+    state = json.loads((run / "checkpoints/step_000009/state.json").read_text())
+    assert state["config"]["total_steps"] == 9 and state["config"]["save_every"] == 1
+    assert json.loads((run / "summary.json").read_text())["steps"] == 9
 
 
 def test_new_run_refuses_a_dir_with_checkpoints(killed_and_resumed, capsys):
