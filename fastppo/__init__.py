@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastppo._dispatch import BackendInfo, BackendUnavailableError
 from fastppo._dispatch import backends as _backends
+from fastppo.linear import linear_logprobs, linear_logprobs_and_entropy, ppo_loss_from_hidden
 from fastppo.ops import (
     gae,
     grpo_advantages,
@@ -43,10 +44,13 @@ __all__ = [
     "gae",
     "grpo_advantages",
     "kl_penalty",
+    "linear_logprobs",
+    "linear_logprobs_and_entropy",
     "logprobs_and_entropy",
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "ppo_loss_from_hidden",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
     "reinforce_pp_advantages",

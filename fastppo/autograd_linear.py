@@ -1,0 +1,357 @@
+"""Autograd glue of the fused LM head: chunked over tokens, the ``[N, V]`` logits never exist at once.
+
+Per chunk of ``C`` rows: ``logits_c = h_c @ W.T (+ b)`` (one matmul into a ``[C, V]`` buffer, the inputs' dtype),
+then the row kernels of the chosen backend (``logprobs_forward`` / ``ppo_loss_forward`` / ``logprobs_backward``
+of the launcher contract in ``fastppo/autograd.py``; on ``torch`` the same formulas in PyTorch) compute the
+per-token outputs and, when a gradient is wanted, write dlogits over that same buffer; then
+``dh_c = dlogits_c @ W``, ``dW += dlogits_c.T @ h_c``, ``db += dlogits_c.sum(0)``. Memory is ``O(C * V)`` plus
+the gradients themselves, on every backend.
+
+- ``fastppo::linear_logprobs`` returns per-token outputs, so the upstream gradient is any ``[N]`` vector: the
+  backward recomputes each chunk's logits (four matmuls in all).
+- ``fastppo::linear_ppo_loss`` returns the aggregated scalar loss. Aggregation is linear (``sum(w * loss_tok)``),
+  so the gradient is known up to the scalar upstream gradient during the forward: it is computed there (three
+  matmuls in all, each chunk's logits read twice while hot) and the backward only scales it.
+
+Weight-gradient accumulation is float32 (bf16/fp16 weights: a float32 accumulator, cast once at the end).
+Chunk size: ``chunk_rows`` (a function of V, H, dtype, device and a memory budget, never of N).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastppo import _dispatch
+from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo.reference.kl import kl_penalty
+from fastppo.reference.losses import LOG_RATIO_CLAMP, ppo_token_terms
+
+_T = {name: i for i, name in enumerate(PPO_TERMS)}
+
+# Memory for one chunk's logits (plus its fp32 hidden-sized rows) when the caller names no chunk size. CPU: small
+# enough that the buffer stays next to the weight gradient (which the op must return anyway) rather than dominate
+# it; GPU: large enough that each matmul keeps the tensor cores busy.
+DEFAULT_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
+
+
+def chunk_rows(v: int, h: int, dtype: torch.dtype, device: torch.device, budget_bytes: int | None = None) -> int:
+    """Tokens per chunk: as many ``[V]`` logits rows (+ an fp32 ``[H]`` row) as fit in ``budget_bytes``.
+
+    A function of V, H, dtype and device (and the budget) only, never of the number of tokens, so a token's result
+    does not depend on what else is in the batch. Rounded down to a multiple of 8 (matmul tiles) when >= 8.
+    """
+    if budget_bytes is None:
+        budget_bytes = DEFAULT_BUDGET_BYTES.get(device.type, DEFAULT_BUDGET_BYTES["cuda"])
+    per_row = v * torch.empty((), dtype=dtype).element_size() + 4 * h
+    rows = max(1, int(budget_bytes) // per_row)
+    return rows - rows % 8 if rows >= 8 else rows
+
+
+def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _opt(t: Tensor) -> Tensor | None:
+    return t if t.numel() > 0 else None
+
+
+def _launchers(backend: str):
+    mod = _dispatch.launcher_module(backend)
+    if mod is None:
+        raise _dispatch.BackendUnavailableError(f"backend {backend!r} has no launchers loaded")
+    return mod
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``[C, H] -> [C, V]`` logits of one chunk in the inputs' dtype (one BLAS call)."""
+    if bias is None:
+        return torch.mm(h, weight.t())
+    return torch.addmm(bias, h, weight.t())
+
+
+# ------------------------------------------------------------------------------ row work on one chunk's buffer
+def _torch_rows(x: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logp_all [C, V], logp [C], entropy [C], lse [C])`` in the promoted dtype (the reference's formulas)."""
+    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp_all = z - lse[:, None]
+    p = logp_all.exp()
+    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    return logp_all, logp_all.gather(-1, labels[:, None]).squeeze(-1), ent, lse
+
+
+def rows_forward(x: Tensor, labels: Tensor, temperature: float, with_entropy: bool, backend: str
+                 ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``x [C, V]`` logits -> ``(logp [C], entropy [C] | None, lse [C])``."""
+    if backend == "torch":
+        _, logp, ent, lse = _torch_rows(x, labels, temperature)
+        return logp, (ent if with_entropy else None), lse
+    return _launchers(backend).logprobs_forward(x.unsqueeze(0), labels, temperature, with_entropy)
+
+
+def rows_backward_(x: Tensor, labels: Tensor, lse: Tensor, ent: Tensor | None, g_lp: Tensor | None,
+                   g_h: Tensor | None, temperature: float, backend: str) -> None:
+    """Overwrite ``x [C, V]`` with dlogits for per-token grads ``g_lp``, ``g_h`` (``[C]``, None: zero)."""
+    if backend != "torch":
+        x3 = x.unsqueeze(0)
+        _launchers(backend).logprobs_backward(x3, labels, lse, ent, g_lp, g_h, temperature, x3)
+        return
+    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
+    logp_all = z - lse.to(z.dtype)[:, None]
+    p = logp_all.exp()
+    dz = torch.zeros_like(z)
+    active = torch.zeros_like(lse, dtype=torch.bool)
+    if g_lp is not None:
+        dz = -g_lp.to(z.dtype)[:, None] * p
+        dz.scatter_add_(1, labels[:, None], g_lp.to(z.dtype)[:, None])
+        active |= g_lp != 0
+    if g_h is not None:
+        dz = dz - g_h.to(z.dtype)[:, None] * torch.where(p > 0, p * (logp_all + ent.to(z.dtype)[:, None]), 0.0)
+        active |= g_h != 0
+    # Rows with no upstream gradient (masked tokens, whose saved lse is 0) get zeros, as in the kernels.
+    x.copy_(torch.where(active[:, None], dz / temperature, 0.0))
+
+
+def _torch_ppo_terms(x: Tensor, labels: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, mask: Tensor,
+                     temperature: float, clip_low: float, clip_high: float, dual_clip: float, kl_kind: int,
+                     kl_coef: float, entropy_coef: float) -> Tensor:
+    """The ``ppo_loss_forward`` launcher contract in PyTorch: terms ``[len(PPO_TERMS), C]`` (masked rows 0)."""
+    _, logp, ent, lse = _torch_rows(x, labels, temperature)
+    dt = logp.dtype
+    old, adv = old.to(dt), adv.to(dt)
+    pg, ratio, clipped, dual = ppo_token_terms(logp, old, adv, clip_low=clip_low, clip_high=clip_high,
+                                               dual_clip=dual_clip if dual_clip > 0.0 else None)
+    log_ratio = logp - old
+    grad_ok = ~clipped & ~dual & (log_ratio.abs() <= LOG_RATIO_CLAMP)
+    dpg = torch.where(grad_ok, -adv * ratio, torch.zeros_like(ratio))
+    zero = torch.zeros_like(logp)
+    kl, dkl = zero, zero
+    if ref is not None:
+        d = logp - ref.to(dt)
+        kind = KL_KINDS[kl_kind]
+        kl = kl_penalty(logp, ref.to(dt), kind)
+        dkl = {"k1": torch.ones_like(d), "k2": d, "k3": 1.0 - torch.exp(-d), "abs": torch.sign(d)}[kind]
+    loss = pg - entropy_coef * ent
+    if kl_coef != 0.0:
+        loss = loss + kl_coef * kl
+    rows = {"logp": logp, "entropy": ent, "lse": lse, "pg": pg, "ratio": ratio, "kl": kl, "dpg": dpg, "dkl": dkl,
+            "clipped": clipped.to(dt), "dual_clipped": dual.to(dt), "loss": loss}
+    valid = mask != 0
+    return torch.stack([torch.where(valid, rows[k], zero) for k in PPO_TERMS])
+
+
+# --------------------------------------------------------------------------------------------- chunk driver
+class _GradSink:
+    """The three gradients of one chunked pass: ``dh [N, H]`` (rows written per chunk), ``dW [V, H]`` and
+    ``db [V]`` accumulated over chunks (fp32 accumulators for low-precision weights, cast once in ``result``)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, n_chunks: int,
+                 need_h: bool, need_w: bool, need_b: bool) -> None:
+        self.dh = torch.empty_like(hidden) if need_h else None
+        # One chunk: the matmul's own fp32 accumulation and a single rounding, exactly like unchunked PyTorch.
+        self.acc_dtype = weight.dtype if n_chunks <= 1 or weight.dtype == torch.float64 else torch.float32
+        self.dw = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device) if need_w else None
+        self.db = torch.zeros(weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32),
+                              device=weight.device) if need_b and bias is not None else None
+        self.weight, self.bias = weight, bias
+
+    def add(self, s: int, e: int, dl: Tensor, h: Tensor) -> None:
+        if self.dh is not None:
+            torch.mm(dl, self.weight, out=self.dh[s:e])
+        if self.dw is not None:
+            if self.dw.dtype == dl.dtype:
+                self.dw.addmm_(dl.t(), h)
+            else:
+                self.dw.add_(torch.mm(dl.t(), h))
+        if self.db is not None:
+            self.db.add_(dl.sum(0, dtype=self.db.dtype))
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        dh = self.dh if self.dh is not None else _empty(self.weight, self.weight.dtype)
+        dw = self.dw.to(self.weight.dtype) if self.dw is not None else _empty(self.weight, self.weight.dtype)
+        db = self.db.to(self.bias.dtype) if self.db is not None else _empty(self.weight, self.weight.dtype)
+        self.dh = self.dw = self.db = None  # the caller owns them now (no second reference keeps fp32 copies)
+        return dh, dw, db
+
+
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                            with_entropy: bool, chunk: int, backend: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``hidden [N, H]`` -> ``(logp [N], entropy [N] | None, lse [N])`` float32 (float64 for float64 inputs)."""
+    n = hidden.shape[0]
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logp = hidden.new_empty((n,), dtype=out_dtype)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if with_entropy else None
+    for s, e in _chunks(n, chunk):
+        x = _chunk_logits(hidden[s:e], weight, bias)
+        lp, h, ls = rows_forward(x, labels[s:e], temperature, with_entropy, backend)
+        logp[s:e], lse[s:e] = lp, ls
+        if ent is not None:
+            ent[s:e] = h
+        del x
+    return logp, ent, lse
+
+
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
+                             ent: Tensor | None, g_lp: Tensor | None, g_h: Tensor | None, temperature: float,
+                             chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed)."""
+    n = hidden.shape[0]
+    spans = _chunks(n, chunk)
+    sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b)
+    for s, e in spans:
+        x = _chunk_logits(hidden[s:e], weight, bias)
+        rows_backward_(x, labels[s:e], lse[s:e], None if ent is None else ent[s:e],
+                       None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], temperature, backend)
+        sink.add(s, e, x, hidden[s:e])
+        del x
+    return sink.result()
+
+
+def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, old: Tensor, adv: Tensor,
+                       ref: Tensor | None, mask: Tensor, weights: Tensor, temperature: float, clip_low: float,
+                       clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float, entropy_coef: float,
+                       chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(weights * terms['loss'])`` and its
+    gradients for a unit upstream gradient (empty where not needed)."""
+    n = hidden.shape[0]
+    spans = _chunks(n, chunk)
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    terms = hidden.new_empty((len(PPO_TERMS), n), dtype=out_dtype)
+    need = need_h or need_w or need_b
+    sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b) if need else None
+    for s, e in spans:
+        x = _chunk_logits(hidden[s:e], weight, bias)
+        sl = (labels[s:e], old[s:e], adv[s:e], None if ref is None else ref[s:e], mask[s:e])
+        args = (temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef)
+        if backend == "torch":
+            t = _torch_ppo_terms(x, *sl, *args)
+        else:
+            t = _launchers(backend).ppo_loss_forward(x.unsqueeze(0), *sl, *args)
+        terms[:, s:e] = t
+        if sink is not None:
+            w = weights[s:e].to(out_dtype)
+            d_lp = t[_T["dpg"]] if kl_coef == 0.0 else t[_T["dpg"]] + kl_coef * t[_T["dkl"]]
+            g_lp = (w * d_lp).contiguous()  # kl_coef == 0: no 0 * inf from an infinite dkl
+            g_h = (w * -entropy_coef).contiguous() if entropy_coef != 0.0 else None
+            lse, ent = t[_T["lse"]].contiguous(), t[_T["entropy"]].contiguous()
+            rows_backward_(x, labels[s:e], lse, ent, g_lp, g_h, temperature, backend)
+            sink.add(s, e, x, hidden[s:e])
+        del x
+    loss = (weights.to(out_dtype) * terms[_T["loss"]]).sum()
+    if sink is None:  # three distinct empties: custom-op outputs may not alias each other
+        return loss, terms, _empty(hidden, hidden.dtype), _empty(hidden, hidden.dtype), _empty(hidden, hidden.dtype)
+    return (loss, terms, *sink.result())
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+def _b(bias: Tensor) -> Tensor | None:
+    return bias if bias.numel() > 0 else None
+
+
+@torch.library.custom_op("fastppo::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(
+    hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+    grad_entropy: Tensor, temperature: float, chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dhidden [N, H], dweight [V, H], dbias [V])`` (empty where not needed) from per-token grads ``[N]``."""
+    return linear_logprobs_backward(hidden, weight, _b(bias), labels, lse, _opt(entropy), _opt(grad_logp),
+                                    _opt(grad_entropy), temperature, chunk, backend, need_h, need_w, need_b)
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, chunk, backend, need_h,
+      need_w, need_b):
+    e = lambda: hidden.new_empty((0,))  # noqa: E731
+    return (torch.empty_like(hidden) if need_h else e(), torch.empty_like(weight) if need_w else e(),
+            torch.empty_like(bias) if need_b and bias.numel() > 0 else e())
+
+
+@torch.library.custom_op("fastppo::linear_logprobs", mutates_args=())
+def linear_logprobs_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, temperature: float, with_entropy: bool, chunk: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``hidden [N, H], weight [V, H], bias [V] or empty, labels [N] -> (logp [N], entropy [N] or empty, lse [N])``."""
+    logp, ent, lse = linear_logprobs_forward(hidden, weight, _b(bias), labels, temperature, with_entropy, chunk,
+                                             backend)
+    return logp, (ent if ent is not None else _empty(hidden, logp.dtype)), lse
+
+
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, with_entropy, chunk, backend):
+    n = hidden.shape[0]
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    vec = lambda: hidden.new_empty((n,), dtype=dt)  # noqa: E731
+    return vec(), (vec() if with_entropy else hidden.new_empty((0,), dtype=dt)), vec()
+
+
+def _lp_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, _with_entropy, chunk, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+    ctx.temperature, ctx.chunk, ctx.backend = temperature, chunk, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _lp_backward(ctx, g_logp, g_ent, _g_lse):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    vec = lambda g: _empty(lse, lse.dtype) if g is None else g.to(lse.dtype).contiguous()  # noqa: E731
+    g_h = vec(g_ent) if ent.numel() > 0 else _empty(lse, lse.dtype)
+    dh, dw, db = torch.ops.fastppo.linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, vec(g_logp), g_h,
+                                                       ctx.temperature, ctx.chunk, ctx.backend, need_h, need_w,
+                                                       need_b and bias.numel() > 0)
+    return (dh if need_h else None, dw if need_w else None, db if need_b and bias.numel() > 0 else None,
+            None, None, None, None, None)
+
+
+linear_logprobs_op.register_autograd(_lp_backward, setup_context=_lp_setup)
+
+
+@torch.library.custom_op("fastppo::linear_ppo_loss", mutates_args=())
+def linear_ppo_loss_op(
+    hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, old_logp: Tensor, adv: Tensor, ref_logp: Tensor,
+    mask: Tensor, weights: Tensor, temperature: float, clip_low: float, clip_high: float, dual_clip: float,
+    kl_kind: int, kl_coef: float, entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` over ``hidden [N, H]``; ``weights [N]`` aggregate."""
+    return linear_ppo_forward(hidden, weight, _b(bias), labels, old_logp, adv, _opt(ref_logp), mask, weights,
+                              temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk,
+                              backend, need_h, need_w, need_b)
+
+
+@linear_ppo_loss_op.register_fake
+def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, temperature, clip_low, clip_high,
+      dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h, need_w, need_b):
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    e = lambda: hidden.new_empty((0,))  # noqa: E731
+    return (hidden.new_empty((), dtype=dt), hidden.new_empty((len(PPO_TERMS), hidden.shape[0]), dtype=dt),
+            torch.empty_like(hidden) if need_h else e(), torch.empty_like(weight) if need_w else e(),
+            torch.empty_like(bias) if need_b and bias.numel() > 0 else e())
+
+
+def _ppo_setup(ctx, inputs, output):
+    _, terms, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.mark_non_differentiable(terms, dh, dw, db)
+
+
+def _ppo_backward(ctx, g_loss, _g_terms, _g_dh, _g_dw, _g_db):
+    dh, dw, db = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    # The forward computed the gradients for a unit upstream gradient; scale them (in place: they are ours).
+    def scaled(t: Tensor, need: bool) -> Tensor | None:
+        return t.mul_(g_loss.to(t.dtype)) if need and t.numel() > 0 else None
+    return (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b)) + (None,) * 18
+
+
+linear_ppo_loss_op.register_autograd(_ppo_backward, setup_context=_ppo_setup)

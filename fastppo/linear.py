@@ -1,0 +1,191 @@
+"""Fused LM head: logprobs, entropy and the PPO loss straight from the model's last hidden states.
+
+``hidden [..., H]`` (fp32/bf16/fp16, or fp64 on the reference path), ``weight [V, H]`` (the ``lm_head`` weight,
+same dtype), optional ``bias [V]``, ``labels [...]`` integer in ``[0, V)``. The ``[..., V]`` logits are never
+materialised: tokens are processed in chunks of ``chunk_size`` rows (default ``chunk_rows(V, H, dtype, device)``,
+a function of those and a memory budget, never of the number of tokens), each chunk one matmul into a ``[C, V]``
+buffer that the row kernels of ``backend`` read and overwrite with dlogits. Gradients reach ``hidden``,
+``weight`` (a weight tied to the input embedding accumulates as usual) and ``bias``. Outputs are float32
+(float64 for float64 inputs). See ``fastppo/autograd_linear.py`` for the algorithm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastppo import _validate as V
+from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo.autograd_linear import chunk_rows
+from fastppo.ops import _backend_for, _check_agg, _check_clips, _half_to_float, _loss_inputs
+from fastppo.reference import masked_mean
+from fastppo.reference.linear import agg_weights
+from fastppo.reference.losses import policy_stats
+
+__all__ = ["chunk_rows", "linear_logprobs", "linear_logprobs_and_entropy", "ppo_loss_from_hidden"]
+
+_T = {name: i for i, name in enumerate(PPO_TERMS)}
+
+
+def _inputs(hidden: object, weight: object, labels: object, bias: object | None, chunk_size: int | None,
+            op: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor, int]:
+    """Validate; return ``(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, chunk)``."""
+    hidden = V.float_tensor("hidden", hidden)
+    weight = V.float_tensor("weight", weight)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1 (an lm_head weight), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, H] = {tuple(weight.shape)} but hidden has H = {hidden.shape[-1]}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must have one dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        bias = V.float_tensor("bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)} needs "
+                         f"{tuple(hidden.shape[:-1])}")
+    V.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    v = weight.shape[0]
+    if labels.numel() > 0:
+        V.check_value(((labels >= 0) & (labels < v)).all(), f"{op}: labels out of range: every label must be in "
+                      f"[0, {v})")
+    if chunk_size is None:
+        chunk = chunk_rows(v, weight.shape[1], hidden.dtype, hidden.device)
+    else:
+        chunk = int(chunk_size)
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    return h2, weight, bias, labels.reshape(-1).to(torch.int64).contiguous(), chunk
+
+
+def _finite(op: str, lse: Tensor, valid: Tensor | None = None) -> None:
+    bad = ~torch.isfinite(lse.reshape(-1))
+    if valid is not None:
+        bad = bad & valid.reshape(-1).bool()
+    V.check_value(~bad.any(), f"{op}: non-finite result; hidden, weight or bias contain NaN or inf (or the logits "
+                  "overflow)")
+
+
+def _bias_arg(bias: Tensor | None, like: Tensor) -> Tensor:
+    return bias if bias is not None else like.new_empty((0,))
+
+
+def _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, with_entropy, op):
+    lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
+    h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
+    temperature = V.temperature(temperature)
+    name = _backend_for(backend, h, "logprobs")
+    logp, ent, lse = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, temperature, with_entropy, chunk,
+                                                       name)
+    if lse.numel() > 0:
+        _finite(op, lse.detach())
+    return logp.view(lead), (ent.view(lead) if with_entropy else None)
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``token_logprobs(hidden @ weight.T + bias, labels)`` without the logits. ``[..., H], [V, H], [...] -> [...]``."""
+    return _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, False, "linear_logprobs")[0]
+
+
+def linear_logprobs_and_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(logprobs, entropy)`` of ``softmax((hidden @ weight.T + bias) / T)``. ``-> ([...], [...])``."""
+    return _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, True,
+                       "linear_logprobs_and_entropy")
+
+
+def ppo_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    agg: str = "token-mean",
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without the logits: same keywords, same
+    ``(loss, stats)``. ``hidden [B, T, H]`` (any ``[..., H]`` for token-mean), ``weight [V, H]``, per-token tensors
+    ``[B, T]``. The gradient is computed during the forward (the loss is linear in its per-token terms), so the
+    backward only scales it: three matmuls in all.
+    """
+    op = "ppo_loss_from_hidden"
+    lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
+    h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
+    temperature = V.temperature(temperature)
+    (old, adv), mask = _loss_inputs(("old_logprobs", "advantages"), (old_logprobs, advantages), mask)
+    if old.shape != lead:
+        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(lead)} (hidden[..., 0])")
+    if ref_logprobs is not None:
+        V.float_tensor("ref_logprobs", ref_logprobs)
+        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
+        V.same_device(hidden=h, ref_logprobs=ref_logprobs)
+        ref_logprobs = _half_to_float(ref_logprobs)
+    elif kl_coef != 0.0:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    V.same_device(hidden=h, old_logprobs=old)
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
+    _check_agg(agg, lead)
+    clip_high = _check_clips(clip_low, clip_high, dual_clip)
+    name = _backend_for(backend, h, "ppo_loss")
+    vec_dtype = torch.promote_types(h.dtype, torch.float32)
+    flat = lambda t: t.reshape(-1).to(vec_dtype).contiguous()  # noqa: E731
+    wts = agg_weights(mask.to(vec_dtype), agg)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad for t in (h, w, b)]
+    loss, terms, _, _, _ = torch.ops.fastppo.linear_ppo_loss(
+        h, w, _bias_arg(b, h), lab, flat(old), flat(adv),
+        flat(ref_logprobs) if ref_logprobs is not None else h.new_empty((0,), dtype=vec_dtype),
+        flat(mask), flat(wts), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
+        KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), chunk, name, *need,
+    )
+    row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
+    _finite(op, row("lse").detach(), valid=mask)
+    with torch.no_grad():
+        pg_loss = (wts * row("pg")).sum()
+        stats = policy_stats(pg_loss, row("logp"), old.to(vec_dtype), row("ratio"), row("clipped"),
+                             row("dual_clipped"), mask)
+        if ref_logprobs is not None:
+            stats["kl"] = masked_mean(row("kl"), mask)
+        stats["entropy"] = masked_mean(row("entropy"), mask)
+        stats["loss"] = loss.detach()
+    return loss, stats
