@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fastppo.engine.models import position_ids_from_mask
+from fastppo.engine.streams import seed_to_uniform, token_seeds
 
 # Checking "all sequences finished?" costs a host sync; doing it every few tokens keeps the loop mostly async at
 # the price of at most this many wasted decode steps.
@@ -55,13 +56,24 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
-                generator: torch.Generator | None = None) -> Tensor:
-    """One token per row from ``logits [B, V]`` (float32). ``[B]`` int64."""
+                generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Tensor:
+    """One token per row from ``logits [B, V]`` (float32). ``[B]`` int64.
+
+    ``seeds [B]`` (int64, one per row): each row's draw depends on its own seed only (inverse CDF of one uniform
+    per row), so a sample's tokens do not depend on the batch it is generated in; else ``torch.multinomial``.
+    """
     if greedy:
         return logits.argmax(-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if seeds is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cum = probs.double().cumsum(-1)
+    target = seed_to_uniform(seeds).to(cum.device)[:, None] * cum[:, -1:]
+    idx = (cum < target).sum(-1)
+    # rounding can put the target above the last cumulative value: take the last token with mass then
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1)
+    return torch.minimum(idx, last)
 
 
 @torch.no_grad()
@@ -80,12 +92,14 @@ def generate(
     use_cache: bool = True,
     cache: str = "dynamic",
     generator: torch.Generator | None = None,
+    seeds: Tensor | None = None,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` per left-padded prompt ``[B, P]``; returns a ``Rollout``.
 
     ``cache="dynamic"`` grows the KV cache step by step; ``"static"`` preallocates ``P + max_new_tokens`` slots
     (fixed shapes, friendlier to torch.compile / CUDA graphs). ``use_cache=False`` recomputes the whole prefix
-    each step (the slow path the cached loop must equal).
+    each step (the slow path the cached loop must equal). ``seeds [B]`` (int64, see ``fastppo.engine.streams``):
+    per-sample random streams, token ``t`` of row ``b`` drawn with ``token_seeds(seeds, t)[b]``.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -110,7 +124,8 @@ def generate(
         out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=kv,
                  use_cache=use_cache)
         logits = out.logits[:, -1, :].float()
-        nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+        nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator,
+                          None if seeds is None else token_seeds(seeds, t))
         valid = ~finished
         nxt = torch.where(valid, nxt, torch.full_like(nxt, pad_token_id))
         tokens.append(nxt)

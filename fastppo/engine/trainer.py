@@ -36,6 +36,7 @@ from fastppo.engine.models import (
     resolve_device,
 )
 from fastppo.engine.rollout import Rollout, generate
+from fastppo.engine.streams import sample_seeds, stream_seed
 from fastppo.engine.tracking import MetricsLog, plot_curves
 
 # Crash tests set this to stretch each step so a SIGKILL reliably lands mid-run; never needed otherwise.
@@ -171,14 +172,14 @@ class PPOTrainer:
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _generate(self, prompts: list[str], greedy: bool) -> Rollout:
+    def _generate(self, prompts: list[str], greedy: bool, seeds: Tensor | None = None) -> Rollout:
         ids, mask = self._encode(prompts)
         cfg = self.cfg
         self.policy.eval()
         return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
-                        cache=cfg.kv_cache)
+                        cache=cfg.kv_cache, seeds=seeds)
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str]) -> tuple[float, list[str], list[str], list[float]]:
@@ -237,8 +238,10 @@ class PPOTrainer:
             self.critic.train()
         keys = ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac", "grad_norm")
         acc: dict[str, list[Tensor]] = {k: [] for k in keys}
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, device=exp.labels.device)
+        for epoch in range(cfg.ppo_epochs):
+            # the minibatch order is a function of (seed, step, epoch): the same in every process and on resume
+            gen = torch.Generator().manual_seed(stream_seed(cfg.seed, self.step, epoch, 0xB47C))
+            perm = torch.randperm(n, generator=gen).to(exp.labels.device)
             for mb in perm.split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mb.split(cfg.micro_batch_size):
@@ -265,7 +268,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompts = self.stream.take(cfg.batch_size // cfg.samples_per_prompt)
         prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # group members adjacent
-        rollout = self._generate(prompts, greedy=False)
+        seeds = sample_seeds(cfg.seed, self.step, torch.arange(len(prompts), device=self.device))
+        rollout = self._generate(prompts, greedy=False, seeds=seeds)
         scores, _, _ = score_rollout(rollout, self.tokenizer, self.reward_fn, cfg)
         self._sync()
         t1 = time.perf_counter()
