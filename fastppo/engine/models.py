@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,16 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA device is available")
     return dev
+
+
+def cache_kwarg(lm: nn.Module) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache under: ``cache`` (recent transformers) or
+    ``past_key_values`` (older releases, where ``cache`` is unknown). Passing the old name to a new release only
+    works through a deprecation shim, so ask the forward's signature (through a PEFT wrapper to the base model).
+    """
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

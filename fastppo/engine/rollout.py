@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastppo.engine.models import position_ids_from_mask
+from fastppo.engine.models import cache_kwarg, position_ids_from_mask
 from fastppo.engine.streams import seed_to_uniform, token_seeds
 
 # Checking "all sequences finished?" costs a host sync; doing it every few tokens keeps the loop mostly async at
@@ -116,13 +116,13 @@ def generate(
     if use_cache:
         kv = (DynamicCache(config=lm.config) if cache == "dynamic"
               else StaticCache(config=lm.config, max_cache_len=prompt_ids.shape[1] + max_new_tokens))
+    cache_kw = {cache_kwarg(lm): kv} if use_cache else {}
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
     tokens: list[Tensor] = []
     alive: list[Tensor] = []
     step_ids, step_pos = prompt_ids, pos
     for t in range(max_new_tokens):
-        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=kv,
-                 use_cache=use_cache)
+        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=use_cache, **cache_kw)
         logits = out.logits[:, -1, :].float()
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator,
                           None if seeds is None else token_seeds(seeds, t))
