@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the peer frameworks the compat tests compare against (tests/compat), into the active Python, fast and
-# without touching torch: run after torch==2.13.0 (CPU) and fastppo are installed.
+# without touching torch: run after fastppo (and so some torch >= 2.4, CPU or CUDA build) is installed.
 #
 # - TRL 1.16.0 with its own (light) dependencies, plus TRL 0.11.4's trl/core.py (the v0.x logprobs_from_logits /
 #   masked_* helpers) unpacked under $FASTPPO_PEERS_DIR (default ~/.cache/fastppo-peers) for the tests to load.
@@ -9,19 +9,20 @@
 #   verl.workers.utils.losses; openrlhf.models.utils / loss (deepspeed, built from source without its ops).
 #   flash-attn has no CPU build, so openrlhf.models/__init__ (the actor) cannot load here; the tests load the
 #   installed utils.py / loss.py directly (tests/compat/conftest.py).
-# At the end torch must still be 2.13.0 and every peer module the tests use must import.
+# At the end torch must be exactly the build it was before and every peer module the tests use must import.
 set -euo pipefail
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python}
 pip_install() { "$PY" -m pip install -q "$@"; }
 
 torch_version() { "$PY" -c "import torch; print(torch.__version__)"; }
-TORCH_BEFORE=$(torch_version)
-case "$TORCH_BEFORE" in 2.13.0*) ;; *) echo "install-peers: expected torch 2.13.0 first, found $TORCH_BEFORE" >&2; exit 1;; esac
-# Anything that asks for torch must be satisfied by the installed build, never replace it.
+TORCH_BEFORE=$(torch_version) || { echo "install-peers: no torch in $PY: pip install -e . first" >&2; exit 1; }
+# Anything that asks for torch must be satisfied by the installed build, never replace it. The constraint names
+# the version without its local label (2.14.1, not 2.14.1+cu130): an index has no "+cu130" release to resolve
+# against, while "==2.14.1" is satisfied by the installed 2.14.1+cu130 (PEP 440 ignores the label).
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
-echo "torch==$TORCH_BEFORE" > "$CONSTRAINTS"
+echo "torch==${TORCH_BEFORE%%+*}" > "$CONSTRAINTS"
 
 # --- TRL ---------------------------------------------------------------------------------------------------
 pip_install -c "$CONSTRAINTS" "trl==1.16.0"

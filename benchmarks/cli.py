@@ -1,14 +1,16 @@
 """``fastppo bench [ops|gae|e2e|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
 
 Runs the suites, prints a rich table and the issue targets (``targets.py``: pass / FAIL / not measured), writes
-CSV + JSON + PNG plots into ``--out`` (default
-``benchmarks/results/`` next to this file). ``--quick`` runs one small shape per op with short timing loops
+CSV + JSON + PNG plots into ``--out`` (default ``./fastppo-bench/<UTC timestamp>/`` in the working directory: the
+installed package is never written to; committed results are written with an explicit
+``--out benchmarks/results``). ``--quick`` runs one small shape per op with short timing loops
 (the CI smoke run: under 2 minutes on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -26,15 +28,12 @@ SUITES = {
 }
 
 
-def _default_out() -> Path:
-    """``benchmarks/results/`` of the checkout (editable install); from a wheel, ``./benchmarks/results``."""
-    here = Path(__file__).resolve().parent
-    if "site-packages" not in here.parts and "dist-packages" not in here.parts:
-        return here / "results"
-    return Path.cwd() / "benchmarks" / "results"
+DEFAULT_OUT_HELP = "./fastppo-bench/<UTC timestamp>/"
 
 
-DEFAULT_OUT = _default_out()
+def default_out() -> Path:
+    """A fresh ``./fastppo-bench/<UTC timestamp>/`` under the working directory, one per run."""
+    return Path.cwd() / "fastppo-bench" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"),
                    help="ops: logprobs, ppo_loss, kl, value_loss; gae; e2e: a whole PPO step; all (default)")
     p.add_argument("--quick", action="store_true", help="one small shape per op, short timing (CI smoke run)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT_HELP})")
     p.add_argument("--only", default="", help="comma-separated op names to keep, e.g. logprobs,gae")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta = report.metadata(device, suites, args.quick, {"elapsed_s": round(elapsed, 1), "argv": argv_used})
     checks = targets.evaluate([r.as_dict() for r in rows], meta)
-    paths = report.write_all(rows, meta, args.out, report.file_stem(device, suites), checks)
+    paths = report.write_all(rows, meta, args.out or default_out(), report.file_stem(device, suites), checks)
     if not args.no_table:
         report.print_table(rows)
     targets.print_checks(checks)

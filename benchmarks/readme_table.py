@@ -13,10 +13,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .cli import DEFAULT_OUT
 from .report import load_json
 
-RESULTS = DEFAULT_OUT
+# The committed runs of the checkout (read only: `fastppo bench` writes there only when told `--out`).
+RESULTS = Path(__file__).resolve().parent / "results"
 _ORDER = ("logprobs", "ppo_loss", "kl", "value_loss", "gae", "ppo_step")
 
 

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,15 @@ def test_e2e_engine_step_runs(tiny):
     assert row.status == "ok", row.status
     assert row.median_ms > 0 and row.extra["tokens_per_s"] > 0
     assert set(row.extra["time_split_s"]) == {"generation", "experience", "update"}
+
+
+def test_default_output_is_a_fresh_directory_under_the_working_directory(tiny, tmp_path, monkeypatch):
+    package = Path(cli.__file__).resolve().parent
+    before = sorted(p for p in package.rglob("*") if "__pycache__" not in p.parts)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["gae", "--quick", "--no-table"]) == 0
+    runs = list((tmp_path / "fastppo-bench").iterdir())
+    assert len(runs) == 1 and runs[0].is_dir()
+    assert len(list(runs[0].glob("bench-gae-*.json"))) == 1
+    assert {p.parent for p in tmp_path.rglob("bench-*")} == {runs[0]}
+    assert sorted(p for p in package.rglob("*") if "__pycache__" not in p.parts) == before
