@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/dtypes.h"
+#include "common/contract_bindings.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
@@ -22,7 +22,7 @@ T* ptr(uintptr_t p) {
 }
 
 LogitsView logits_view(uintptr_t data, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT) {
-  if (dtype < fastppo::kFloat32 || dtype > fastppo::kFloat16) {
+  if (dtype < 0 || dtype >= fastppo::kNumDTypes) {
     throw std::invalid_argument("fastppo._C_cpu: unknown logits dtype code " + std::to_string(dtype));
   }
   if (B < 0 || T < 0 || V < 1) throw std::invalid_argument("fastppo._C_cpu: need B, T >= 0 and V >= 1");
@@ -88,8 +88,8 @@ PYBIND11_MODULE(_C_cpu, m) {
          uintptr_t old_logp, uintptr_t adv, uintptr_t ref_logp, uintptr_t mask, double inv_temp, double clip_low,
          double clip_high, double dual_clip, int kl_kind, double kl_coef, double entropy_coef, uintptr_t terms,
          int threads) {
-        if (kl_kind < 0 || kl_kind > 3) {
-          throw std::invalid_argument("fastppo._C_cpu.ppo_loss_forward: kl_kind must be in [0, 4)");
+        if (kl_kind < 0 || kl_kind >= fastppo::kNumKlKinds) {
+          throw std::invalid_argument("fastppo._C_cpu.ppo_loss_forward: kl_kind must index KL_KINDS");
         }
         fastppo::cpu::PpoFwdArgs a{logits_view(logits, dtype, B, T, V, sB, sT),
                                    ptr<const int64_t>(labels),
@@ -132,6 +132,5 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("set_simd_level", &fastppo::cpu::set_simd_level, py::arg("level"),
         "Cap the row kernels at 'avx512', 'avx2' or 'scalar' (capped again by what the CPU supports); returns "
         "the level in use.");
-  m.attr("NUM_TERMS") = static_cast<int>(fastppo::cpu::kNumTerms);
-  m.attr("DTYPES") = py::make_tuple("float32", "bfloat16", "float16");
+  fastppo::add_contract_attrs(m);
 }

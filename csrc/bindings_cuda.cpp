@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/contract_bindings.h"
 #include "cuda/kernels.h"
 
 namespace py = pybind11;
@@ -25,7 +26,9 @@ void check(int code, const char* what) {
 }
 
 void check_logits(int dtype, int64_t B, int64_t T, int64_t V) {
-  if (dtype < 0 || dtype > 2) throw std::invalid_argument("fastppo._C_cuda: unknown logits dtype code");
+  if (dtype < 0 || dtype >= fastppo::kNumDTypes) {
+    throw std::invalid_argument("fastppo._C_cuda: unknown logits dtype code");
+  }
   if (B < 0 || T < 0 || V < 1) throw std::invalid_argument("fastppo._C_cuda: need B, T >= 0 and V >= 1");
   if (B * T > 0x7fffffffLL) throw std::invalid_argument("fastppo._C_cuda: more than 2^31-1 rows in one call");
 }
@@ -78,7 +81,9 @@ PYBIND11_MODULE(_C_cuda, m) {
          double clip_high, double dual_clip, int kl_kind, double kl_coef, double entropy_coef, uintptr_t terms,
          int device, uintptr_t stream) {
         check_logits(dtype, B, T, V);
-        if (kl_kind < 0 || kl_kind > 3) throw std::invalid_argument("fastppo._C_cuda: kl_kind must be in [0, 4)");
+        if (kl_kind < 0 || kl_kind >= fastppo::kNumKlKinds) {
+          throw std::invalid_argument("fastppo._C_cuda: kl_kind must index KL_KINDS");
+        }
         check(fastppo::cuda::ppo_loss_forward(
                   ptr<const void>(logits), dtype, B, T, V, sB, sT, ptr<const int64_t>(labels),
                   ptr<const float>(old_logp), ptr<const float>(adv), ptr<const float>(ref_logp),
@@ -108,6 +113,5 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("gamma"), py::arg("lam"), py::arg("advantages"), py::arg("returns"), py::arg("device"),
       py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
-  m.attr("NUM_TERMS") = fastppo::cuda::kNumTerms;
-  m.attr("DTYPES") = py::make_tuple("float32", "bfloat16", "float16");
+  fastppo::add_contract_attrs(m);
 }

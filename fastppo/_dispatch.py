@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 from fastppo import _native
+from fastppo._contract import triton_interpret
 
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 _CHOICES = ("auto", *BACKENDS)
@@ -56,10 +57,6 @@ class BackendInfo:
     reason: str  # why it is missing, or what it runs on
 
 
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @cache
 def _triton_import() -> tuple[ModuleType | None, str | None]:
     try:
@@ -77,7 +74,7 @@ def _probe(name: str) -> BackendInfo:
             return BackendInfo("triton", False, err or "fastppo.kernels failed to import")
         if triton_interpret():
             return BackendInfo("triton", True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")
-        if not torch.cuda.is_available():  # asked only here and for cuda: ~0.5 us on every cpp dispatch otherwise
+        if not torch.cuda.is_available():  # asked only here and for cuda, not on every cpp dispatch
             return BackendInfo("triton", False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
         return BackendInfo("triton", True, f"Triton on {torch.cuda.get_device_name()}")
     if name == "cpp":
@@ -176,5 +173,6 @@ def resolve(backend: str | None, device: torch.device, family: str | None) -> st
 
 # The backend choice is host-side configuration: under torch.compile it is evaluated once at trace time and
 # baked into the graph as a constant (tracing into it would reach importlib and break fullgraph=True). This is
-# what torch.compiler.assume_constant_result(resolve) does, without importing torch._dynamo with fastppo.
+# what torch.compiler.assume_constant_result(resolve) does, without importing torch._dynamo (seconds) with
+# fastppo; tests/ops/test_torch_private_apis.py checks that the public function still sets this very marker.
 resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]

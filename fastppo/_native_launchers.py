@@ -13,9 +13,22 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-# Must match csrc/cpu/dtypes.h (DType) and csrc/cuda/kernels.cuh.
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-NUM_TERMS = 11  # len(fastppo.autograd.PPO_TERMS); checked against the module's NUM_TERMS at load
+from fastppo._contract import DTYPE_CODES, DTYPES, KL_KINDS, LOG_RATIO_CLAMP, NUM_TERMS, PPO_TERMS
+
+
+def contract_mismatches(mod: ModuleType) -> list[str]:
+    """Where the constants a compiled module was built with (csrc/common/contract.h, exposed by its binding)
+    differ from fastppo/_contract.py; empty when they agree."""
+    want = {
+        "TERMS": PPO_TERMS,
+        "NUM_TERMS": NUM_TERMS,
+        "KL_KINDS": KL_KINDS,
+        "DTYPES": tuple(str(d).removeprefix("torch.") for d in DTYPES),
+        "LOG_RATIO_CLAMP": LOG_RATIO_CLAMP,
+    }
+    got = {name: getattr(mod, name, None) for name in want}
+    got = {name: tuple(v) if isinstance(v, (list, tuple)) else v for name, v in got.items()}
+    return [f"{k}: module {got[k]!r}, fastppo._contract {want[k]!r}" for k in want if got[k] != want[k]]
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -26,8 +39,10 @@ class NativeLaunchers:
     """``logprobs_forward``, ``logprobs_backward``, ``ppo_loss_forward``, ``gae_forward`` over ``mod``."""
 
     def __init__(self, kind: str, mod: ModuleType) -> None:
-        if int(getattr(mod, "NUM_TERMS", -1)) != NUM_TERMS:
-            raise ImportError(f"{mod.__name__} was built for a different PPO_TERMS layout; rebuild the extension")
+        bad = contract_mismatches(mod)
+        if bad:
+            raise ImportError(f"{mod.__name__} was built for another launcher contract ({'; '.join(bad)}); "
+                              "rebuild the extension")
         self.kind = kind
         self.device_type = "cpu" if kind == "cpp" else "cuda"
         self.module = mod
@@ -51,7 +66,7 @@ class NativeLaunchers:
         self._check_device("logits", logits)
         if logits.dim() != 3:
             raise ValueError(f"launchers take logits as [B, T, V], got shape {tuple(logits.shape)}")
-        code = _DTYPE_CODES.get(logits.dtype)
+        code = DTYPE_CODES.get(logits.dtype)
         if code is None:
             raise TypeError(f"backend {self.kind!r} takes fp32/bf16/fp16 logits, got {logits.dtype}")
         B, T, V = logits.shape
@@ -66,7 +81,7 @@ class NativeLaunchers:
         if t.numel() != n:
             raise ValueError(f"{name} must have {n} elements (one per row), got shape {tuple(t.shape)}")
         if t.dtype == dtype and t.is_contiguous():
-            return t  # its data_ptr() is already the flat [n] vector (skips ~1.5 us of view/to/contiguous calls)
+            return t  # its data_ptr() is already the flat [n] vector: no view/to/contiguous calls on the hot path
         return t.reshape(-1).to(dtype).contiguous()
 
     # ------------------------------------------------------------------------------------- launchers
@@ -131,11 +146,11 @@ class NativeLaunchers:
         kl_coef: float,
         entropy_coef: float,
     ) -> Tensor:
-        """Per-token PPO terms ``[len(PPO_TERMS), N]`` float32 (masked rows: zeros)."""
+        """Per-token PPO terms ``[NUM_TERMS, N]`` float32 in ``PPO_TERMS`` order (masked rows: zeros)."""
         view = self._logits(logits)
         n = view[2] * view[3]
-        if not 0 <= int(kl_kind) < 4:
-            raise ValueError(f"kl_kind must index KL_KINDS (0..3), got {kl_kind}")
+        if not 0 <= int(kl_kind) < len(KL_KINDS):
+            raise ValueError(f"kl_kind must index {KL_KINDS}, got {kl_kind}")
         labels = self._vec("labels", labels, n, torch.int64)
         old = self._vec("old_logp", old_logp, n)
         adv = self._vec("adv", adv, n)

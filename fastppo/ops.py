@@ -17,7 +17,8 @@ from torch import Tensor
 from fastppo import _dispatch
 from fastppo import _validate as V
 from fastppo import reference as ref
-from fastppo.autograd import KL_KINDS, PPO_TERMS, direct_call_ok, gae_launch
+from fastppo._contract import DTYPES, KL_KINDS, TERM
+from fastppo.autograd import direct_call_ok, gae_launch
 from fastppo.reference import advantages as ref_adv
 from fastppo.reference.losses import AGG_MODES, policy_stats
 
@@ -38,8 +39,7 @@ __all__ = [
     "value_loss",
 ]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_T = {name: i for i, name in enumerate(PPO_TERMS)}
+_KERNEL_DTYPES = DTYPES
 
 
 def _backend_for(backend: str | None, t: Tensor, family: str | None) -> str:
@@ -422,7 +422,7 @@ def ppo_loss_from_logits(
         flat(mask), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
         KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), name, inplace_backward,
     )
-    row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
+    row = lambda k: terms[TERM[k]].view(lead)  # noqa: E731
     V.finite_rows("ppo_loss_from_logits", row("lse").detach(), valid=mask)
     loss = ref.agg_loss(row("loss"), mask, agg)
     with torch.no_grad():

@@ -7,7 +7,6 @@ variable; wrapping at launch makes the choice follow the environment at the time
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +14,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from fastppo._contract import triton_interpret as interpreting
 
 
 class LateKernel:

@@ -14,14 +14,28 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from ._jit import interpreting, late_jit, next_pow2, on_device
+from fastppo._contract import KL_KINDS, LOG_RATIO_CLAMP, NUM_TERMS, PPO_TERMS, TERM, triton_interpret
 
-# Row order of the ``terms`` output of ``ppo_loss_forward``. It must equal ``fastppo.autograd.PPO_TERMS``
-# (kernels do not import the autograd layer; a test asserts the two agree).
-PPO_TERMS = ("logp", "entropy", "lse", "pg", "ratio", "kl", "dpg", "dkl", "clipped", "dual_clipped", "loss")
-KL_KINDS = ("k1", "k2", "k3", "abs")
-LOG_RATIO_CLAMP = 20.0
-_RATIO_CLAMP: tl.constexpr = tl.constexpr(LOG_RATIO_CLAMP)  # what the kernel uses: the constant the tests check
+from ._jit import late_jit, next_pow2, on_device
+
+__all__ = ["PPO_TERMS", "logprobs_backward", "logprobs_forward", "ppo_loss_forward", "row_config"]
+
+# The contract's constants as the kernel sees them (Triton reads module globals only as tl.constexpr).
+_RATIO_CLAMP: tl.constexpr = tl.constexpr(LOG_RATIO_CLAMP)
+_T_LOGP: tl.constexpr = tl.constexpr(TERM["logp"])
+_T_ENTROPY: tl.constexpr = tl.constexpr(TERM["entropy"])
+_T_LSE: tl.constexpr = tl.constexpr(TERM["lse"])
+_T_PG: tl.constexpr = tl.constexpr(TERM["pg"])
+_T_RATIO: tl.constexpr = tl.constexpr(TERM["ratio"])
+_T_KL: tl.constexpr = tl.constexpr(TERM["kl"])
+_T_DPG: tl.constexpr = tl.constexpr(TERM["dpg"])
+_T_DKL: tl.constexpr = tl.constexpr(TERM["dkl"])
+_T_CLIPPED: tl.constexpr = tl.constexpr(TERM["clipped"])
+_T_DUAL_CLIPPED: tl.constexpr = tl.constexpr(TERM["dual_clipped"])
+_T_LOSS: tl.constexpr = tl.constexpr(TERM["loss"])
+_KL_K1: tl.constexpr = tl.constexpr(KL_KINDS.index("k1"))
+_KL_K2: tl.constexpr = tl.constexpr(KL_KINDS.index("k2"))
+_KL_K3: tl.constexpr = tl.constexpr(KL_KINDS.index("k3"))
 
 # Tests set this to force several vocabulary chunks on small V (exercises the online rescaling paths).
 BLOCK_OVERRIDE: int | None = None
@@ -33,7 +47,7 @@ def row_config(v: int, dtype: torch.dtype) -> tuple[int, int]:
         return BLOCK_OVERRIDE, 4
     cap = 8192 if dtype.itemsize <= 2 else 4096  # 16 KiB of logits per chunk either way
     block = min(next_pow2(v), cap)
-    if interpreting():
+    if triton_interpret():
         return max(block, 16), 1
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
     return max(block, 16), warps
@@ -107,13 +121,13 @@ def _row_forward_kernel(
         dpg = tl.where(grad_ok, -a * ratio, 0.0)
         if HAS_REF:
             d_ref = logp - tl.load(ref_ptr + row)
-            if KL_KIND == 0:
+            if KL_KIND == _KL_K1:
                 kl = d_ref
                 dkl = tl.zeros_like(d_ref) + 1.0
-            elif KL_KIND == 1:
+            elif KL_KIND == _KL_K2:
                 kl = 0.5 * d_ref * d_ref
                 dkl = d_ref
-            elif KL_KIND == 2:
+            elif KL_KIND == _KL_K3:
                 em = tl.exp(-d_ref)
                 kl = em + d_ref - 1.0
                 dkl = 1.0 - em
@@ -126,17 +140,17 @@ def _row_forward_kernel(
         # kl_coef == 0 (ref given only for the KL statistic) adds nothing, not 0 * inf = NaN (as the reference)
         loss = pg + tl.where(kl_coef != 0.0, kl_coef * kl, 0.0) - entropy_coef * ent
         zero = 0.0
-        tl.store(terms_ptr + 0 * N + row, tl.where(valid, logp, zero))
-        tl.store(terms_ptr + 1 * N + row, tl.where(valid, ent, zero))
-        tl.store(terms_ptr + 2 * N + row, tl.where(valid, lse, zero))
-        tl.store(terms_ptr + 3 * N + row, tl.where(valid, pg, zero))
-        tl.store(terms_ptr + 4 * N + row, tl.where(valid, ratio, zero))
-        tl.store(terms_ptr + 5 * N + row, tl.where(valid, kl, zero))
-        tl.store(terms_ptr + 6 * N + row, tl.where(valid, dpg, zero))
-        tl.store(terms_ptr + 7 * N + row, tl.where(valid, dkl, zero))
-        tl.store(terms_ptr + 8 * N + row, tl.where(valid, clipped.to(tl.float32), zero))
-        tl.store(terms_ptr + 9 * N + row, tl.where(valid, dual_f, zero))
-        tl.store(terms_ptr + 10 * N + row, tl.where(valid, loss, zero))
+        tl.store(terms_ptr + _T_LOGP * N + row, tl.where(valid, logp, zero))
+        tl.store(terms_ptr + _T_ENTROPY * N + row, tl.where(valid, ent, zero))
+        tl.store(terms_ptr + _T_LSE * N + row, tl.where(valid, lse, zero))
+        tl.store(terms_ptr + _T_PG * N + row, tl.where(valid, pg, zero))
+        tl.store(terms_ptr + _T_RATIO * N + row, tl.where(valid, ratio, zero))
+        tl.store(terms_ptr + _T_KL * N + row, tl.where(valid, kl, zero))
+        tl.store(terms_ptr + _T_DPG * N + row, tl.where(valid, dpg, zero))
+        tl.store(terms_ptr + _T_DKL * N + row, tl.where(valid, dkl, zero))
+        tl.store(terms_ptr + _T_CLIPPED * N + row, tl.where(valid, clipped.to(tl.float32), zero))
+        tl.store(terms_ptr + _T_DUAL_CLIPPED * N + row, tl.where(valid, dual_f, zero))
+        tl.store(terms_ptr + _T_LOSS * N + row, tl.where(valid, loss, zero))
     else:
         tl.store(logp_ptr + row, logp)
         tl.store(lse_ptr + row, lse)
@@ -323,7 +337,7 @@ def ppo_loss_forward(
         _check_vec("ref_logp", ref_logp, n, x.device)
     if not 0 <= int(kl_kind) < len(KL_KINDS):
         raise ValueError(f"kl_kind must index {KL_KINDS}, got {kl_kind}")
-    terms = torch.empty((len(PPO_TERMS), n), dtype=torch.float32, device=x.device)
+    terms = torch.empty((NUM_TERMS, n), dtype=torch.float32, device=x.device)
     if n == 0:
         return terms
     block, warps = row_config(v, x.dtype)

@@ -1,16 +1,15 @@
 // Element types of the logits as the CPU kernels see them, and exact scalar conversions to/from float.
 //
-// The kernels never link libtorch: Python passes a dtype code (DType) next to each raw pointer.
+// The kernels never link libtorch: Python passes a dtype code (DType, common/contract.h) next to each raw pointer.
 // bf16/fp16 are plain 16-bit payloads here; the vector paths convert 8 at a time (simd_avx2.h).
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
 
-namespace fastppo {
+#include "common/contract.h"  // DType
 
-// Must match fastppo/_native_launchers.py (_DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace fastppo {
 
 struct BF16 {
   uint16_t bits;

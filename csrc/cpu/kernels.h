@@ -9,12 +9,14 @@
 
 #include <string>
 
+#include "common/contract.h"
+
 namespace fastppo {
 namespace cpu {
 
 struct LogitsView {
   const void* data;
-  int dtype;  // DType (dtypes.h)
+  int dtype;  // DType (common/contract.h)
   int64_t B, T, V;
   int64_t sB, sT;
 };
@@ -52,14 +54,11 @@ struct PpoFwdArgs {
   float inv_temp;
   float clip_low, clip_high;
   float dual_clip;          // 0 = off
-  int kl_kind;              // index into KL_KINDS = (k1, k2, k3, abs)
+  int kl_kind;              // KlKind (common/contract.h)
   float kl_coef, entropy_coef;
-  float* terms;             // [NUM_TERMS, N]
+  float* terms;             // [kNumTerms, N], Term order
   int threads;
 };
-
-// Row order of `terms`, = fastppo.autograd.PPO_TERMS.
-enum Term : int { kLogp, kEntropy, kLse, kPg, kRatio, kKl, kDpg, kDkl, kClipped, kDualClipped, kLoss, kNumTerms };
 
 struct GaeArgs {
   const float* rewards;    // [B, T]

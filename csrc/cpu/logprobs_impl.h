@@ -20,6 +20,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "common/ppo_epilogue.h"
 #include "dtypes.h"
 #include "kernels.h"
 
@@ -161,67 +162,6 @@ void row_backward(const E* x, E* out, int64_t V, int64_t label, float inv_t, flo
   }
 }
 
-// The per-token PPO terms of one valid row from its logp / entropy / lse (see fastppo.reference.losses).
-inline void ppo_terms(const PpoFwdArgs& a, int64_t r, int64_t N, const RowStats& st) {
-  const float lp = st.logp, A = a.adv[r];
-  float d = lp - a.old_logp[r];
-  const bool in_range = d >= -20.0f && d <= 20.0f;  // torch.clamp passes the gradient on the closed range
-  d = d < -20.0f ? -20.0f : (d > 20.0f ? 20.0f : d);
-  const float ratio = expf(d);
-  const float lo = 1.0f - a.clip_low, hi = 1.0f + a.clip_high;
-  const float ratio_c = ratio < lo ? lo : (ratio > hi ? hi : ratio);
-  const float pg1 = -A * ratio, pg2 = -A * ratio_c;
-  float pg = pg1 > pg2 ? pg1 : pg2;
-  const bool clipped = pg2 > pg1;
-  float dpg = (clipped || !in_range) ? 0.0f : -A * ratio;
-  bool dual = false;
-  if (a.dual_clip > 0.0f && A < 0.0f) {
-    const float pg3 = -A * a.dual_clip;
-    if (pg > pg3) {
-      dual = true;
-      pg = pg3;
-      dpg = 0.0f;
-    }
-  }
-  float kl = 0.0f, dkl = 0.0f;
-  if (a.ref_logp != nullptr) {
-    const float dk = lp - a.ref_logp[r];
-    switch (a.kl_kind) {
-      case 0:  // k1
-        kl = dk;
-        dkl = 1.0f;
-        break;
-      case 1:  // k2
-        kl = 0.5f * dk * dk;
-        dkl = dk;
-        break;
-      case 2: {  // k3 = exp(-d) + d - 1
-        const float e = expf(-dk);
-        kl = e + dk - 1.0f;
-        dkl = 1.0f - e;
-        break;
-      }
-      default:  // abs
-        kl = fabsf(dk);
-        dkl = dk > 0.0f ? 1.0f : (dk < 0.0f ? -1.0f : 0.0f);
-        break;
-    }
-  }
-  float* T_ = a.terms;
-  T_[kLogp * N + r] = lp;
-  T_[kEntropy * N + r] = st.entropy;
-  T_[kLse * N + r] = st.lse;
-  T_[kPg * N + r] = pg;
-  T_[kRatio * N + r] = ratio;
-  T_[kKl * N + r] = kl;
-  T_[kDpg * N + r] = dpg;
-  T_[kDkl * N + r] = dkl;
-  T_[kClipped * N + r] = clipped ? 1.0f : 0.0f;
-  T_[kDualClipped * N + r] = dual ? 1.0f : 0.0f;
-  // kl_coef == 0 (ref given only for the KL statistic) adds nothing, not 0 * inf = NaN (as the reference).
-  T_[kLoss * N + r] = pg + (a.kl_coef != 0.0f ? a.kl_coef * kl : 0.0f) - a.entropy_coef * st.entropy;
-}
-
 // Rows per OpenMP work item: enough elements per item that scheduling costs nothing next to the exps.
 inline int64_t chunk_rows(int64_t V) { return V >= 4096 ? 1 : 4096 / (V > 0 ? V : 1); }
 
@@ -284,6 +224,7 @@ void logprobs_backward(const LogprobsBwdArgs& a) {
 
 void ppo_loss_forward(const PpoFwdArgs& a) {
   const int64_t N = a.x.B * a.x.T;
+  const PpoParams params{a.clip_low, a.clip_high, a.dual_clip, a.kl_kind, a.kl_coef, a.entropy_coef};
   with_elem(a.x.dtype, [&](auto tag) {
     using E = typename decltype(tag)::type;
     for_each_row(a.x, a.threads, [&](int64_t r) {
@@ -292,7 +233,11 @@ void ppo_loss_forward(const PpoFwdArgs& a) {
         return;
       }
       const E* row = row_ptr<E>(a.x.data, a.x.sB, a.x.sT, a.x.T, r);
-      ppo_terms(a, r, N, row_forward(row, a.x.V, a.labels[r], a.inv_temp, true));
+      const RowStats st = row_forward(row, a.x.V, a.labels[r], a.inv_temp, true);
+      float t[kNumTerms];
+      ppo_epilogue(st.logp, st.entropy, st.lse, a.old_logp[r], a.adv[r], a.ref_logp != nullptr,
+                   a.ref_logp != nullptr ? a.ref_logp[r] : 0.0f, params, t);
+      for (int k = 0; k < kNumTerms; ++k) a.terms[k * N + r] = t[k];
     });
   });
 }

@@ -7,10 +7,12 @@
 
 #include <stdint.h>
 
+#include "common/contract.h"  // DType, KlKind, Term
+
 namespace fastppo {
 namespace cuda {
 
-// dtype codes as fastppo/_native_launchers.py: 0 float32, 1 bfloat16, 2 float16.
+// `dtype` is a DType code, `kl_kind` a KlKind, `terms` is [kNumTerms, B*T] in Term order (common/contract.h).
 int logprobs_forward(const void* logits, int dtype, int64_t B, int64_t T, int64_t V, int64_t sB, int64_t sT,
                      const int64_t* labels, float inv_temp, float* logp, float* entropy, float* lse, int device,
                      void* stream);
@@ -29,8 +31,6 @@ int gae_forward(const float* rewards, const float* values, const uint8_t* mask, 
                 int64_t T, double gamma, double lam, float* advantages, float* returns, int device, void* stream);
 
 const char* error_string(int code);
-
-constexpr int kNumTerms = 11;  // = len(fastppo.autograd.PPO_TERMS)
 
 }  // namespace cuda
 }  // namespace fastppo

@@ -11,6 +11,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "common/ppo_epilogue.h"
 #include "kernels.h"
 
 namespace fastppo {
@@ -139,54 +140,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__device__ void ppo_terms(int64_t r, int64_t N, const RowOut& st, const float* old_logp, const float* adv,
-                          const float* ref_logp, float clip_low, float clip_high, float dual_clip, int kl_kind,
-                          float kl_coef, float entropy_coef, float* terms) {
-  const float lp = st.logp, A = adv[r];
-  float d = lp - old_logp[r];
-  const bool in_range = d >= -20.0f && d <= 20.0f;  // torch.clamp passes the gradient on the closed range
-  d = fminf(fmaxf(d, -20.0f), 20.0f);
-  const float ratio = expf(d);
-  const float ratio_c = fminf(fmaxf(ratio, 1.0f - clip_low), 1.0f + clip_high);
-  const float pg1 = -A * ratio, pg2 = -A * ratio_c;
-  float pg = pg1 > pg2 ? pg1 : pg2;
-  const bool clipped = pg2 > pg1;
-  float dpg = (clipped || !in_range) ? 0.0f : -A * ratio;
-  bool dual = false;
-  if (dual_clip > 0.0f && A < 0.0f) {
-    const float pg3 = -A * dual_clip;
-    if (pg > pg3) {
-      dual = true;
-      pg = pg3;
-      dpg = 0.0f;
-    }
-  }
-  float kl = 0.0f, dkl = 0.0f;
-  if (ref_logp != nullptr) {
-    const float dk = lp - ref_logp[r];
-    if (kl_kind == 0) {
-      kl = dk;
-      dkl = 1.0f;
-    } else if (kl_kind == 1) {
-      kl = 0.5f * dk * dk;
-      dkl = dk;
-    } else if (kl_kind == 2) {
-      const float e = expf(-dk);
-      kl = e + dk - 1.0f;
-      dkl = 1.0f - e;
-    } else {
-      kl = fabsf(dk);
-      dkl = dk > 0.0f ? 1.0f : (dk < 0.0f ? -1.0f : 0.0f);
-    }
-  }
-  const float vals[kNumTerms] = {lp,  st.entropy, st.lse, pg, ratio, kl, dpg, dkl, clipped ? 1.0f : 0.0f,
-                                 dual ? 1.0f : 0.0f,
-                                 // kl_coef == 0: no 0 * inf = NaN from an infinite KL (as the reference)
-                                 pg + (kl_coef != 0.0f ? kl_coef * kl : 0.0f) - entropy_coef * st.entropy};
-#pragma unroll
-  for (int k = 0; k < kNumTerms; ++k) terms[k * N + r] = vals[k];
-}
-
 template <class E>
 __global__ void __launch_bounds__(kThreads)
     ppo_fwd_kernel(const E* __restrict__ x, int64_t T, int64_t V, int64_t sB, int64_t sT,
@@ -203,8 +156,12 @@ __global__ void __launch_bounds__(kThreads)
   const Online st = row_online(xr, V, inv_t);
   if (threadIdx.x == 0) {
     const RowOut o = finish(st, xr, V, labels[r], inv_t);
-    ppo_terms(r, N, o, old_logp, adv, ref_logp, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef,
-              terms);
+    const PpoParams params{clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef};
+    float t[kNumTerms];
+    ppo_epilogue(o.logp, o.entropy, o.lse, old_logp[r], adv[r], ref_logp != nullptr,
+                 ref_logp != nullptr ? ref_logp[r] : 0.0f, params, t);
+#pragma unroll
+    for (int k = 0; k < kNumTerms; ++k) terms[k * N + r] = t[k];
   }
 }
 
@@ -276,9 +233,9 @@ int launch_rows(int64_t N, int dtype, int device, void* stream, F&& launch) {
   const auto s = static_cast<cudaStream_t>(stream);
   const auto blocks = static_cast<unsigned>(N);
   switch (dtype) {
-    case 0: launch(Elem<float>{}, blocks, s); break;
-    case 1: launch(Elem<__nv_bfloat16>{}, blocks, s); break;
-    case 2: launch(Elem<__half>{}, blocks, s); break;
+    case kFloat32: launch(Elem<float>{}, blocks, s); break;
+    case kBFloat16: launch(Elem<__nv_bfloat16>{}, blocks, s); break;
+    case kFloat16: launch(Elem<__half>{}, blocks, s); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KL_KINDS = ("k1", "k2", "k3", "abs")
+from fastppo._contract import KL_KINDS
 
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k1", *, clamp: float | None = None) -> Tensor:

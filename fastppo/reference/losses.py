@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastppo._contract import LOG_RATIO_CLAMP
 from fastppo.reference.kl import kl_penalty
 from fastppo.reference.logprobs import logprobs_and_entropy
 from fastppo.reference.stats import masked_mean
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
-# Log-ratios are clamped before exp so a wildly off-policy token cannot overflow to inf (verl does the same).
-LOG_RATIO_CLAMP = 20.0
+# Log-ratios are clamped to +-LOG_RATIO_CLAMP before exp so a wildly off-policy token cannot overflow to inf
+# (verl does the same).
 
 
 def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
