@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def emu_cuda_module(tmp_path_factory):
+    """csrc/cuda built for the CPU SIMT emulator (tests/csrc/cuda_emu), once per session: the contract suite and
+    the emulator's own tests share it."""
+    from tests.csrc import cuda_emu
+
+    return cuda_emu.build(tmp_path_factory.mktemp("cuda_emu"))

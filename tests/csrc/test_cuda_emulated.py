@@ -32,13 +32,8 @@ _T = {name: i for i, name in enumerate(PPO_TERMS)}
 
 
 @pytest.fixture(scope="module")
-def emu_module(tmp_path_factory):
-    return cuda_emu.build(tmp_path_factory.mktemp("cuda_emu"))
-
-
-@pytest.fixture(scope="module")
-def cu(emu_module):
-    return cuda_emu.EmulatedCudaLaunchers(emu_module)
+def cu(emu_cuda_module):
+    return cuda_emu.EmulatedCudaLaunchers(emu_cuda_module)
 
 
 @pytest.fixture
@@ -85,6 +80,14 @@ __global__ void racy_shift(const float* x, float* out) {
   out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
 }
 
+// uninitialised: block 1 reads shared slots only block 0 wrote (a GPU leaves them undefined)
+__global__ void stale_shared(float* out) {
+  __shared__ float slot[32];
+  if (blockIdx.x == 0) slot[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[blockIdx.x * 32 + threadIdx.x] = slot[threadIdx.x];
+}
+
 __global__ void divergent_barrier(float* out) {
   if (threadIdx.x < 16) __syncthreads();
   out[threadIdx.x] = 1.0f;
@@ -106,6 +109,11 @@ int main() {
     for (int i = 0; i < 256; ++i) differs += out[i] != x[(i + 1) % 256];
   }
   printf("race %d\n", differs > 0);
+  float stale[64];
+  stale_shared<<<2, 32>>>(stale);
+  int written = 0, poisoned = 0;
+  for (int i = 0; i < 32; ++i) written += stale[i] == 1.0f, poisoned += stale[32 + i] != stale[32 + i];
+  printf("uninit %d %d %d\n", (int)cudaGetLastError(), written, poisoned);
   divergent_barrier<<<1, 64>>>(out);
   cudaError_t e = cudaGetLastError();
   printf("divergent %d %s\n", (int)e, cudaGetErrorString(e));
@@ -121,7 +129,8 @@ int main() {
 
 def test_emulator_runs_correct_kernels_and_catches_broken_ones(tmp_path):
     """The emulator is itself tested: right sums from shuffles + shared memory; a missing barrier shows up as
-    an order-dependent result; a divergent barrier, a shuffle with an exited lane and an oversized block fail
+    an order-dependent result; a read of shared memory the block did not write gives NaN (not the previous
+    block's value, nor a zero); a divergent barrier, a shuffle with an exited lane and an oversized block fail
     the launch with a message."""
     cxx = shutil.which("c++") or shutil.which("g++")
     src = tmp_path / "selftest.cpp"
@@ -135,6 +144,7 @@ def test_emulator_runs_correct_kernels_and_catches_broken_ones(tmp_path):
     lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
     assert lines["sum"] == f"0 {sum(range(128))} {sum(range(128, 256))}"
     assert lines["race"] == "1"
+    assert lines["uninit"] == "0 32 32"  # block 0 reads what it wrote; block 1 reads NaN in all 32 slots
     assert lines["divergent"].startswith("719 ") and "divergent barrier" in lines["divergent"]
     assert lines["exited"].startswith("719 ") and "31 of 32 lanes" in lines["exited"]
     assert lines["too_big"] == "9"

@@ -10,7 +10,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Every __shared__ variable lands in one linker section, which the scheduler fills with NaN bytes before each block
+// (simt.cpp), so a read of shared memory that the block did not write first shows up as NaN / -1.
+#define __shared__ static __attribute__((section("fastppo_emu_shared")))
 
 typedef struct CUstream_st* cudaStream_t;
 

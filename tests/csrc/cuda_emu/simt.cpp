@@ -13,8 +13,20 @@ thread_local dim3 blockIdx;
 thread_local dim3 blockDim;
 thread_local dim3 gridDim;
 
+// Bounds of the section holding every __shared__ variable (cuda_runtime.h), defined by the linker when the section
+// exists; weak, so that a program without shared memory links too.
+extern "C" char __start_fastppo_emu_shared[] __attribute__((weak));
+extern "C" char __stop_fastppo_emu_shared[] __attribute__((weak));
+
 namespace fastppo_emu {
 namespace {
+
+// Shared memory is undefined at block start on a GPU: poison it (0xff bytes are NaN in every float width).
+void poison_shared_memory() {
+  char* const begin = __start_fastppo_emu_shared;
+  char* const end = __stop_fastppo_emu_shared;
+  if (begin != nullptr && end > begin) memset(begin, 0xff, static_cast<size_t>(end - begin));
+}
 
 constexpr int kLaunchFailure = 719;            // cudaErrorLaunchFailure
 constexpr int kInvalidConfiguration = 9;       // cudaErrorInvalidConfiguration
@@ -124,6 +136,7 @@ bool release(Launch& L) {
 
 void run_block(Launch& L, std::mt19937_64& rng) {
   const int n = L.threads;
+  poison_shared_memory();
   for (int t = 0; t < n; ++t) {
     Fiber& f = L.fibers[t];
     f.state = State::Ready;

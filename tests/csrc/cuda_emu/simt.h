@@ -12,8 +12,12 @@
 // __syncthreads, a shuffle inside divergent code), a __syncthreads after some threads of the block exited,
 // a full-mask shuffle in a warp with exited or missing lanes, a block of more than 1024 threads.
 //
-// Not emulated: timing, memory spaces (device pointers are host pointers), __shared__ variables start zeroed
-// rather than undefined and keep their values between blocks, only the intrinsics csrc/cuda uses exist.
+// __shared__ variables are statics in one linker section (cuda_runtime.h) that is filled with 0xff bytes before
+// every block: NaN as float, double, half and bf16, -1 as an integer. A kernel that reads shared memory its block
+// has not written (a value a GPU leaves undefined, or the previous block's) gets NaN instead of a plausible 0.
+//
+// Not emulated: timing, memory spaces (device pointers are host pointers), dynamic (extern) shared memory, only
+// the intrinsics csrc/cuda uses exist.
 #pragma once
 
 #include <stddef.h>
