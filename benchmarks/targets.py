@@ -234,7 +234,7 @@ def print_checks(checks: list[Check], console: Any = None) -> None:
         console = Console()
         if not console.is_terminal:
             console = Console(width=200)
-    table = Table(title="Targets of issues #3, #4 and #5 (cases and claims: the -targets.csv / JSON)",
+    table = Table(title="Performance targets (cases and claims: the -targets.csv / JSON)",
                   header_style="bold", title_justify="left")
     for col in ("target", "provider", "measured", "target value", "status"):
         table.add_column(col, no_wrap=True, justify="right" if col == "measured" else "left")
