@@ -254,8 +254,8 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
 
     The custom op exists for tracing (``torch.compile(fullgraph=True)``, ``torch.jit.trace``, FakeTensor,
     ``make_fx``) and for the autograd error on inputs that require grad; around a short kernel its dispatch
-    costs as much as the kernel. So only a call outside any tracer or dispatch mode, on plain tensors none of which requires
-    grad, skips it.
+    costs as much as the kernel. So only a call outside any tracer or dispatch mode, on plain tensors none of
+    which requires grad, skips it.
     """
     if _dispatch_stack_len is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
