@@ -23,11 +23,10 @@ import torch
 from torch import Tensor
 
 from fastppo import _dispatch
-from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo._contract import KL_KINDS, LOG_RATIO_CLAMP, PPO_TERMS
+from fastppo._contract import TERM as _T
 from fastppo.reference.kl import kl_penalty
-from fastppo.reference.losses import LOG_RATIO_CLAMP, ppo_token_terms
-
-_T = {name: i for i, name in enumerate(PPO_TERMS)}
+from fastppo.reference.losses import ppo_token_terms
 
 # Memory for one chunk's logits (plus its fp32 hidden-sized rows) when the caller names no chunk size. CPU: small
 # enough that the buffer stays next to the weight gradient (which the op must return anyway) rather than dominate

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from fastppo import _validate as V
-from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo._contract import KL_KINDS
+from fastppo._contract import TERM as _T
 from fastppo.autograd_linear import chunk_rows
 from fastppo.ops import _backend_for, _check_agg, _check_clips, _half_to_float, _loss_inputs
 from fastppo.reference import masked_mean
@@ -23,8 +24,6 @@ from fastppo.reference.linear import agg_weights
 from fastppo.reference.losses import policy_stats
 
 __all__ = ["chunk_rows", "linear_logprobs", "linear_logprobs_and_entropy", "ppo_loss_from_hidden"]
-
-_T = {name: i for i, name in enumerate(PPO_TERMS)}
 
 
 def _inputs(hidden: object, weight: object, labels: object, bias: object | None, chunk_size: int | None,

@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastppo import _validate as V
+from fastppo._contract import KL_KINDS
 from fastppo.ops import _check_agg, _check_clips, _half_to_float, _loss_inputs
-from fastppo.reference.kl import KL_KINDS, kl_penalty
+from fastppo.reference.kl import kl_penalty
 from fastppo.reference.losses import agg_loss, ppo_policy_loss
 from fastppo.reference.stats import masked_mean
 

@@ -25,7 +25,7 @@ def test_cpu_extension_loads_and_reports():
     assert "fastppo._C_cpu" in info.reason
     mod = _native.module("cpp")
     assert mod.simd_level() in ("avx512", "avx2", "scalar")
-    assert mod.NUM_TERMS == len(fastppo.autograd.PPO_TERMS)
+    assert mod.NUM_TERMS == len(fastppo._contract.PPO_TERMS)
     launchers = _dispatch.launcher_module("cpp")
     for fn in ("logprobs_forward", "logprobs_backward", "ppo_loss_forward", "gae_forward"):
         assert callable(getattr(launchers, fn))
@@ -106,7 +106,7 @@ def test_cuda_extension_links_and_imports(cuda_objects, tmp_path):
              "'gae_forward')); print(mod.NUM_TERMS)")
     res = subprocess.run([sys.executable, "-c", probe, str(so)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == str(len(fastppo.autograd.PPO_TERMS))
+    assert res.stdout.strip() == str(len(fastppo._contract.PPO_TERMS))
 
 
 def test_cuda_sources_exist():

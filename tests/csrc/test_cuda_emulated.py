@@ -15,7 +15,7 @@ import torch
 import fastppo
 from fastppo import _dispatch, _native
 from fastppo import reference as ref
-from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo._contract import KL_KINDS, PPO_TERMS, TERM
 from tests.csrc import cuda_emu
 from tests.csrc.checks import (
     check_public_ppo_loss,
@@ -28,7 +28,7 @@ from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32 = torch.float32
 NEG_INF = float("-inf")
-_T = {name: i for i, name in enumerate(PPO_TERMS)}
+_T = TERM
 
 
 @pytest.fixture(scope="module")

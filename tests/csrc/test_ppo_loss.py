@@ -9,12 +9,12 @@ import torch
 
 import fastppo
 from fastppo import reference as ref
-from fastppo.autograd import KL_KINDS, PPO_TERMS
+from fastppo._contract import KL_KINDS, PPO_TERMS, TERM
 from fastppo.reference.losses import AGG_MODES
 from tests.tolerances import assert_close
 
 F32 = torch.float32
-_T = {name: i for i, name in enumerate(PPO_TERMS)}
+_T = TERM
 
 
 def _batch(b: int, t: int, v: int, seed: int, dtype=F32, temperature: float = 1.0):
