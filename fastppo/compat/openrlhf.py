@@ -65,7 +65,8 @@ def compute_approx_kl(
     if kl_estimator in ("k1", "k2"):
         value = fastppo.kl_penalty(lp, base, kl_estimator, clamp=10.0)
     elif kl_estimator == "k3":
-        # Bound the log-ratio below before exp so the clamped region has a finite (zero) gradient.
+        # Bound the log-ratio below before exp so the clamped region has a finite (zero) gradient. fastppo's k3 is
+        # exp(-d) - 1 + d, OpenRLHF's operation order, so (d, 0) gives its bits exactly.
         d = (lp - base).clamp(min=-10)
         value = fastppo.kl_penalty(d, torch.zeros_like(d), "k3", clamp=10.0)
     else:

@@ -5,7 +5,11 @@ that import them by name), then scans every loaded module of the framework for r
 objects -- module attributes under any name, values of module-level dicts (registries such as verl's
 ``POLICY_LOSS_REGISTRY``) and attributes of the framework's classes -- and points them at the adapter.
 ``unpatch("verl")`` scans again and puts the originals back everywhere a replacement is found, including in
-modules imported after the patch. Patching twice is a no-op.
+modules imported after the patch. Patching twice is a no-op. ``patch`` returns the dotted names it replaced:
+a function that the installed version does not define (an older or newer peer) is skipped, not an error.
+
+Callers that load a peer's source file by path under another module name (OpenRLHF's own unit tests do this)
+hold a private copy of each function that no ``patch`` can reach.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +39,10 @@ class _Framework:
     pip: str  # what to install
     targets: tuple[_Target, ...]
     consumers: tuple[str, ...] = ()  # modules that import targets by name; imported when possible
+    # Subpackages whose __init__ needs a heavy extra the targets do not (OpenRLHF's models/__init__ imports the
+    # actor, which needs flash-attn's CUDA build): when that __init__ fails, the targets' modules are loaded under a
+    # bare package over the same directory.
+    bare_ok: tuple[str, ...] = ()
 
 
 def _targets(module: str, adapter: str, names: str, required: bool = True) -> tuple[_Target, ...]:
@@ -49,8 +58,9 @@ FRAMEWORKS: dict[str, _Framework] = {
         package="trl",
         pip="trl==1.16.0",
         targets=(
-            *_targets("trl.trainer.utils", "trl",
-                      "selective_log_softmax entropy_from_logits selective_log_softmax_and_entropy"),
+            *_targets("trl.trainer.utils", "trl", "selective_log_softmax entropy_from_logits"),
+            # TRL >= 1.14 only
+            *_targets("trl.trainer.utils", "trl", "selective_log_softmax_and_entropy", False),
             # TRL v0.x helpers, and their later home in the experimental PPO trainer.
             *_targets("trl.core", "trl", "logprobs_from_logits masked_mean masked_var masked_whiten", False),
             *_targets("trl.experimental.ppo.ppo_trainer", "trl", "masked_mean masked_var masked_whiten", False),
@@ -85,6 +95,7 @@ FRAMEWORKS: dict[str, _Framework] = {
                       "RemoteExperienceMaker.get_cumulative_returns=_get_cumulative_returns_method", False),
         ),
         consumers=("openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ray.ppo_critic"),
+        bare_ok=("openrlhf.models",),
     ),
 }
 
@@ -92,6 +103,7 @@ FRAMEWORKS: dict[str, _Framework] = {
 @dataclass
 class _State:
     pairs: list[tuple[Any, Any]] = field(default_factory=list)  # (original, replacement)
+    names: list[str] = field(default_factory=list)  # "module.attr" of each replaced target
     records: list[tuple[Any, Any, str, Any]] = field(default_factory=list)  # where each replacement went
 
 
@@ -108,6 +120,36 @@ def _framework(name: str) -> _Framework:
             name=fw.package,
         )
     return fw
+
+
+def _bare_package(name: str, reason: Exception) -> None:
+    """Register package ``name`` without running its ``__init__`` (which failed with ``reason``), so its
+    submodules import from the installed directory; a name only the ``__init__`` defines says why it is missing."""
+    parent, _, last = name.rpartition(".")
+    directory = Path(importlib.import_module(parent).__file__).parent / last
+    pkg = ModuleType(name, f"{name} without its __init__ (it failed: {reason})")
+    pkg.__path__ = [str(directory)]
+    pkg.__package__ = name
+
+    def missing(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise AttributeError(f"{name}.{attr} is unavailable: {name}/__init__.py failed to import ({reason}); "
+                             "fastppo.compat.patch loaded the submodules it patches without it")
+
+    pkg.__getattr__ = missing  # type: ignore[method-assign]
+    sys.modules[name] = pkg
+
+
+def _import(fw: _Framework, module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pkg = next((p for p in fw.bare_ok if module.startswith(p + ".")), None)
+        if pkg is None or sys.modules.get(pkg) is not None:
+            raise
+        _bare_package(pkg, exc)
+        return importlib.import_module(module)
 
 
 def _resolve(ref: str) -> Any:
@@ -161,20 +203,22 @@ def _swap_everywhere(package: str, mapping: dict[int, tuple[Any, Any]]) -> list[
     return done
 
 
-def patch(name: str) -> dict[str, int]:
+def patch(name: str) -> list[str]:
     """Swap fastppo's adapters into the installed framework ``name`` ("trl", "verl" or "openrlhf").
 
-    Returns ``{"targets": n_functions_replaced, "references": n_references_rewritten}``. Raises
-    ``ModuleNotFoundError`` (with a pip hint) when the framework is not installed, ``ImportError`` when a
-    module that defines a required target cannot be imported. Idempotent.
+    Returns the dotted names of the functions replaced (e.g. ``"trl.trainer.utils.selective_log_softmax"``);
+    functions the installed version does not define are skipped. Raises ``ModuleNotFoundError`` (with a pip
+    hint) when the framework is not installed, ``ImportError`` when a module that defines a required target
+    cannot be imported. Idempotent: patching again returns the same list.
     """
     fw = _framework(name)
     if name in _PATCHED:
-        return {"targets": len(_PATCHED[name].pairs), "references": 0}
+        return list(_PATCHED[name].names)
     pairs: list[tuple[Any, Any]] = []
+    names: list[str] = []
     for t in fw.targets:
         try:
-            module = importlib.import_module(t.module)
+            module = _import(fw, t.module)
             original = _lookup(module, t.attr)
         except (ImportError, AttributeError, KeyError) as e:
             if t.required:
@@ -184,6 +228,7 @@ def patch(name: str) -> dict[str, int]:
                 ) from e
             continue
         pairs.append((original, _resolve(t.replacement)))
+        names.append(f"{t.module}.{t.attr}")
     for consumer in fw.consumers:
         try:
             importlib.import_module(consumer)
@@ -191,8 +236,8 @@ def patch(name: str) -> dict[str, int]:
             pass
     mapping = {id(orig): (orig, repl) for orig, repl in pairs}
     records = _swap_everywhere(fw.package, mapping)
-    _PATCHED[name] = _State(pairs, records)
-    return {"targets": len(pairs), "references": len(records)}
+    _PATCHED[name] = _State(pairs, names, records)
+    return list(names)
 
 
 def unpatch(name: str) -> int:

@@ -7,9 +7,12 @@ plus a GAE with TRL's PPOTrainer conventions (``compute_gae``).
 
 Conventions kept from TRL: ``masked_mean`` divides by the plain mask sum (no epsilon); ``masked_var`` is
 Bessel-corrected when ``unbiased`` and raises on an all-zero mask; ``masked_whiten`` uses the unbiased variance
-and ``rsqrt(var + 1e-8)``; ``row_mask`` rows return 0. Deliberate difference: log-probs and entropies of
-bf16/fp16 logits come back in float32 (fastppo accumulates in fp32 and never rounds them to bf16); torch's
-type promotion makes them drop-in wherever TRL's bf16 results were used.
+and ``rsqrt(var + 1e-8)``; ``row_mask`` rows return 0.
+
+Output dtype as TRL's: the logits' dtype (TRL's PyTorch path), except where TRL >= 1.14 runs its own Triton
+kernel (CUDA/XPU, one label per row, fp32/bf16/fp16 logits), which returns float32. Documented difference:
+fastppo computes in fp32 and then casts, so bf16/fp16 results are the fp32 values rounded once, not bit-equal
+to TRL's half-precision ``log_softmax`` arithmetic (and closer to the float64 truth).
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ def _row_mask_fill(x: Tensor, row_mask: Tensor | None) -> Tensor:
     return x if row_mask is None else x.masked_fill(row_mask == 0, 0.0)
 
 
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _trl_dtype(logits: Tensor, index: Tensor | None = None, row_mask: Tensor | None = None) -> torch.dtype:
+    """The dtype TRL returns for these inputs: float32 where TRL >= 1.14 dispatches to its Triton kernel (the
+    conditions of TRL's ``_supports_trl_loss_kernel``), else the logits' dtype."""
+    kernel = (
+        logits.device.type in ("cuda", "xpu")
+        and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and 1 <= logits.dim() <= 3
+        and logits.stride(-1) == 1
+        and (index is None or (index.shape == logits.shape[:-1] and index.dtype in _INDEX_DTYPES))
+        and (row_mask is None or (index is not None and row_mask.dtype in (torch.bool, *_INDEX_DTYPES)))
+    )
+    return torch.float32 if kernel else logits.dtype
+
+
 def selective_log_softmax(
     logits: Tensor, index: Tensor, temperature: float = 1.0, row_mask: Tensor | None = None
 ) -> Tensor:
@@ -45,8 +65,10 @@ def selective_log_softmax(
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
+    out_dtype = _trl_dtype(logits, index, row_mask)
     if index.dim() == logits.dim() - 1:
-        return _row_mask_fill(fastppo.token_logprobs(logits, index, temperature=temperature), row_mask)
+        out = fastppo.token_logprobs(logits, index, temperature=temperature)
+        return _row_mask_fill(out, row_mask).to(out_dtype)
     if index.dim() != logits.dim() or index.shape[:-1] != logits.shape[:-1]:
         raise ValueError(f"index must be [...] or [..., K] for logits {tuple(logits.shape)}, got {tuple(index.shape)}")
     # K labels per row: one fused pass gives logp of the first label, i.e. x0/T - lse; every other label is
@@ -54,13 +76,13 @@ def selective_log_softmax(
     first = fastppo.token_logprobs(logits, index[..., 0], temperature=temperature)
     picked = torch.gather(logits, -1, index.long()).to(first.dtype) / temperature
     out = picked - picked[..., :1] + first.unsqueeze(-1)
-    return _row_mask_fill(out, row_mask)
+    return _row_mask_fill(out, row_mask).to(out_dtype)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     """Entropy of ``softmax(logits)`` per row, ``[..., V] -> [...]`` (``chunk_size`` is accepted for signature
     compatibility; fastppo's kernels never materialise the softmax, so there is nothing to chunk)."""
-    return fastppo.token_entropy(logits)
+    return fastppo.token_entropy(logits).to(_trl_dtype(logits))
 
 
 def selective_log_softmax_and_entropy(
@@ -76,7 +98,9 @@ def selective_log_softmax_and_entropy(
     logp, ent = fastppo.logprobs_and_entropy(logits, index, temperature=temperature)
     if not entropy_requires_grad:
         ent = ent.detach()
-    return _row_mask_fill(logp, row_mask), _row_mask_fill(ent, row_mask)
+    # TRL's kernel path returns both in float32; its PyTorch path returns them in the logits' dtype
+    out_dtype = _trl_dtype(logits, index, row_mask)
+    return _row_mask_fill(logp, row_mask).to(out_dtype), _row_mask_fill(ent, row_mask).to(out_dtype)
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, gather: bool = True) -> Tensor:
@@ -86,7 +110,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, gather: bool = True) ->
         return torch.log_softmax(logits, dim=2)
     if logits.dim() != 3:
         raise ValueError(f"logprobs_from_logits takes logits [B, T, V], got {tuple(logits.shape)}")
-    return fastppo.token_logprobs(logits, labels)
+    return fastppo.token_logprobs(logits, labels).to(logits.dtype)  # TRL v0.x returns the logits' dtype
 
 
 def masked_mean(values: Tensor, mask: Tensor, axis: int | None = None) -> Tensor:

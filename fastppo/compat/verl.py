@@ -401,9 +401,10 @@ def kl_penalty_forward(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) ->
     if kl_penalty in ("mse", "k2"):
         return fastppo.kl_penalty(logprob, ref_logprob, "k2")
     if kl_penalty in ("low_var_kl", "k3"):
-        # k3(d) with d = -clamp(ref - lp, +-20): feeding (d, 0) keeps verl's exact operation order.
-        d = -torch.clamp(ref_logprob - logprob, min=-20, max=20)
-        return fastppo.kl_penalty(d, torch.zeros_like(d), "k3", clamp=10.0).contiguous()
+        # verl's own operation order, exp(r) - r - 1 with r = ref - lp (fastppo.kl_penalty evaluates k3 as
+        # exp(-d) - 1 + d, which differs in the last bits): an elementwise formula, as cheap as the op.
+        r = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+        return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10).contiguous()
     raise NotImplementedError
 
 

@@ -3,7 +3,9 @@
 ``logprob [...]``, ``ref_logprob [...]`` -> ``[...]``, with ``d = logprob - ref_logprob``:
   k1  = d                      unbiased, high variance, can be negative
   k2  = 0.5 * d**2             low variance, biased
-  k3  = exp(-d) + d - 1        unbiased, low variance, non-negative (Schulman's estimator)
+  k3  = exp(-d) - 1 + d        unbiased, low variance, non-negative (Schulman's estimator); evaluated in this
+                               order, which is closer to float64 than exp(-d) + d - 1 (tests/reference/test_kl.py
+                               measures both)
   abs = |d|
 ``clamp`` (optional) clips the estimate to ``[-clamp, clamp]`` (verl clamps k3 at 10).
 """
@@ -23,7 +25,7 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k1", *, clamp:
     elif kind == "k2":
         kl = 0.5 * d.square()
     elif kind == "k3":
-        kl = torch.exp(-d) + d - 1.0
+        kl = torch.exp(-d) - 1.0 + d
     elif kind == "abs":
         kl = d.abs()
     else:

@@ -81,6 +81,17 @@ def test_compute_approx_kl(peer, dtype, estimator, unbiased):
         assert_close(g_mine, g_theirs, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_compute_approx_kl_forward_is_bitwise_openrlhfs(peer, estimator):
+    # OpenRLHF evaluates k3 as exp(-d) - 1 + d; its own test (test_kl_estimator_gradient.py::
+    # test_flag_off_matches_legacy) compares at allclose's default tolerance, which exp(-d) + d - 1 misses by ~6e-8
+    utils, _ = peer
+    for seed in range(4):
+        lp, base = _rand((64, 97), 20 + seed, torch.float32, 0.5), _rand((64, 97), 30 + seed, torch.float32, 0.5)
+        assert torch.equal(fo.compute_approx_kl(lp, base, kl_estimator=estimator),
+                           utils.compute_approx_kl(lp, base, kl_estimator=estimator))
+
+
 def _ppo_inputs(dtype, seed):
     lp = _rand((6, 13), seed, dtype, 0.3) - 1
     old = lp + _rand((6, 13), seed + 1, dtype, 0.3)

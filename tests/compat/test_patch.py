@@ -66,8 +66,10 @@ def test_trl_patch_and_unpatch(spy):
     ids = torch.randint(0, 97, (2, 5), generator=g)
     before = sdpo.compute_sampled_token_self_distillation_loss(student, teacher, ids, distillation_alpha=1.0)
 
-    info = compat.patch("trl")
-    assert info["targets"] >= 3 and compat.is_patched("trl")
+    replaced = compat.patch("trl")
+    assert replaced[:3] == ["trl.trainer.utils.selective_log_softmax", "trl.trainer.utils.entropy_from_logits",
+                            "trl.trainer.utils.selective_log_softmax_and_entropy"]
+    assert compat.is_patched("trl")
     assert tu.selective_log_softmax is ft.selective_log_softmax
     assert tu.entropy_from_logits is ft.entropy_from_logits
     assert sdpo.selective_log_softmax is ft.selective_log_softmax
@@ -75,7 +77,7 @@ def test_trl_patch_and_unpatch(spy):
     after = sdpo.compute_sampled_token_self_distillation_loss(student, teacher, ids, distillation_alpha=1.0)
     assert spy.get("token_logprobs", 0) == 2
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
-    assert compat.patch("trl")["references"] == 0  # idempotent
+    assert compat.patch("trl") == replaced  # idempotent
 
     assert compat.unpatch("trl") > 0 and not compat.is_patched("trl")
     assert (tu.selective_log_softmax, tu.entropy_from_logits, tu.selective_log_softmax_and_entropy) == originals
@@ -106,12 +108,12 @@ def test_verl_patch_and_unpatch(spy):
             ca.compute_entropy_loss(logits, mask),  # calls verl_F.entropy_from_logits and agg_loss by name
             ca.get_adv_estimator_fn("grpo")(rewards, mask, uids)[0],  # through verl's registry
             losses.get_policy_loss_fn("vanilla")(old, lp, adv, mask, "token-mean", cfg)[0],  # by-name importer
-            losses.kl_penalty(lp, old, "low_var_kl"),
+            losses.kl_penalty(lp, old, "mse"),
         )
 
     before = run()
-    info = compat.patch("verl")
-    assert info["targets"] >= 16 and info["references"] > info["targets"]
+    replaced = compat.patch("verl")
+    assert len(replaced) >= 16 and "verl.trainer.ppo.core_algos.compute_policy_loss_vanilla" in replaced
     assert vF.logprobs_from_logits is fv.logprobs_from_logits and ca.agg_loss is fv.agg_loss
     assert losses.agg_loss is fv.agg_loss and losses.kl_penalty is fv.kl_penalty
     assert ca.POLICY_LOSS_REGISTRY["vanilla"] is fv.compute_policy_loss_vanilla
@@ -154,3 +156,37 @@ def test_openrlhf_patch_and_unpatch(spy):
 
     compat.unpatch("openrlhf")
     assert (utils.log_probs_from_logits, utils.compute_approx_kl, loss.PolicyLoss, loss.ValueLoss) == orig
+
+
+def test_trl_patch_replaces_only_what_the_installed_version_defines(monkeypatch):
+    # TRL 1.12 / 1.13 have no selective_log_softmax_and_entropy (added in 1.14): patch the rest, say what it did
+    tu = peer_module("trl.trainer.utils")
+    original = tu.selective_log_softmax
+    monkeypatch.delattr(tu, "selective_log_softmax_and_entropy")
+    replaced = compat.patch("trl")
+    assert "trl.trainer.utils.selective_log_softmax" in replaced and "trl.trainer.utils.entropy_from_logits" in replaced
+    assert not any(n.endswith("selective_log_softmax_and_entropy") for n in replaced)
+    assert tu.selective_log_softmax is ft.selective_log_softmax
+    compat.unpatch("trl")
+    assert tu.selective_log_softmax is original
+
+
+def test_openrlhf_patch_without_flash_attn(monkeypatch):
+    # openrlhf.models/__init__ imports the actor, which needs flash-attn's CUDA build; the patched functions don't
+    peer_module("openrlhf")
+    for name in [n for n in sys.modules if n == "openrlhf" or n.startswith("openrlhf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ImportError, on any machine
+    with pytest.raises(ImportError, match="flash_attn"):
+        importlib.import_module("openrlhf.models")
+    replaced = compat.patch("openrlhf")
+    assert replaced == ["openrlhf.models.utils.log_probs_from_logits", "openrlhf.models.utils.compute_approx_kl",
+                        "openrlhf.models.loss.PolicyLoss", "openrlhf.models.loss.ValueLoss"]
+    from openrlhf.models.loss import PolicyLoss
+    from openrlhf.models.utils import compute_approx_kl
+
+    assert PolicyLoss is fo.PolicyLoss and compute_approx_kl is fo.compute_approx_kl
+    with pytest.raises(AttributeError, match="Actor is unavailable.*flash_attn"):
+        sys.modules["openrlhf.models"].Actor  # noqa: B018
+    compat.unpatch("openrlhf")
+    assert sys.modules["openrlhf.models.loss"].PolicyLoss is not fo.PolicyLoss
