@@ -128,6 +128,28 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("gamma"), py::arg("lam"), py::arg("advantages"), py::arg("returns"), py::arg("threads"),
       py::call_guard<py::gil_scoped_release>(), "GAE reverse scan: advantages, returns [B, T] (float32).");
 
+  m.def(
+      "sample_forward",
+      [](uintptr_t logits, int dtype, int64_t B, int64_t V, int64_t sB, uintptr_t uniforms, double inv_temp,
+         int top_k, double top_p, uintptr_t out, int threads) {
+        if (dtype < fastppo::kFloat32 || dtype > fastppo::kFloat16) {
+          throw std::invalid_argument("fastppo._C_cpu.sample_forward: unknown logits dtype code " +
+                                      std::to_string(dtype));
+        }
+        if (B < 0 || V < 1) throw std::invalid_argument("fastppo._C_cpu.sample_forward: need B >= 0, V >= 1");
+        if (B > 0 && (logits == 0 || uniforms == 0 || out == 0)) {
+          throw std::invalid_argument("fastppo._C_cpu.sample_forward: null pointer");
+        }
+        fastppo::cpu::SampleArgs a{ptr<const void>(logits), dtype, B, V, sB, ptr<const double>(uniforms),
+                                   static_cast<float>(inv_temp), top_k, top_p, ptr<int64_t>(out),
+                                   threads_or_default(threads)};
+        fastppo::cpu::sample_forward(a);
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("B"), py::arg("V"), py::arg("sB"), py::arg("uniforms"),
+      py::arg("inv_temp"), py::arg("top_k"), py::arg("top_p"), py::arg("out"), py::arg("threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "One sampled token per row of logits [B, V] (temperature, top-k, top-p, inverse-CDF draw) into out [B].");
+
   m.def("simd_level", &fastppo::cpu::simd_level, "'avx512', 'avx2' or 'scalar': the row kernels that run.");
   m.def("set_simd_level", &fastppo::cpu::set_simd_level, py::arg("level"),
         "Cap the row kernels at 'avx512', 'avx2' or 'scalar' (capped again by what the CPU supports); returns "

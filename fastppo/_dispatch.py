@@ -34,6 +34,7 @@ FAMILY_LAUNCHERS: dict[str, tuple[str, ...]] = {
     "ppo_loss": ("ppo_loss_forward", "logprobs_backward"),
     "gae": ("gae_forward",),
     "gae_whiten": ("gae_whiten_forward",),
+    "sampling": ("sample_forward",),
 }
 
 _INSTALL_HINT = {

@@ -46,6 +46,8 @@ class NativeLaunchers:
         self.kind = kind
         self.device_type = "cpu" if kind == "cpp" else "cuda"
         self.module = mod
+        if hasattr(mod, "sample_forward"):  # the sampling family, where this build has it
+            self.sample_forward = self._sample_forward
 
     def __repr__(self) -> str:
         return f"NativeLaunchers({self.kind!r}, {self.module.__name__})"
@@ -182,3 +184,19 @@ class NativeLaunchers:
             self.module.gae_forward(_ptr(r), _ptr(v), _ptr(m), _ptr(boot), B, T, float(gamma), float(lam),
                                     adv.data_ptr(), ret.data_ptr(), *self._tail(rewards))
         return adv, ret
+
+    def _sample_forward(self, logits: Tensor, uniforms: Tensor, temperature: float, top_k: int,
+                        top_p: float) -> Tensor:
+        """``logits [B, V]`` (unit stride on V), ``uniforms [B]`` float64 in (0, 1) -> tokens ``[B]`` int64."""
+        self._check_device("logits", logits)
+        code = _DTYPE_CODES.get(logits.dtype)
+        if logits.dim() != 2 or code is None or (logits.stride(1) != 1 and logits.shape[1] > 1):
+            raise ValueError("sample_forward takes fp32/bf16/fp16 logits [B, V] with unit stride on V")
+        B, V = logits.shape
+        u = self._vec("uniforms", uniforms, B, torch.float64)
+        out = torch.empty(B, dtype=torch.int64, device=logits.device)
+        if B > 0:
+            self.module.sample_forward(logits.data_ptr(), code, B, V, logits.stride(0), _ptr(u),
+                                       1.0 / float(temperature), int(top_k), float(top_p), out.data_ptr(),
+                                       *self._tail(logits))
+        return out

@@ -34,6 +34,7 @@ __all__ = [
     "ppo_policy_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "sample_tokens",
     "token_entropy",
     "token_logprobs",
     "value_loss",
@@ -525,3 +526,55 @@ def reinforce_pp_advantages(
     if not whiten:
         return ret.clone(), ret
     return ref.masked_whiten(ret, mask, eps=eps) * mask.to(ret.dtype), ret
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def sample_tokens(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seeds: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """One token per row of ``logits [..., V]`` from ``softmax(logits / temperature)`` after top-k / top-p
+    filtering, in one fused pass per row (no probabilities materialised). ``-> [...]`` int64.
+
+    Randomness: ``seeds`` (int64, one per row, shape ``[...]``) fixes each row's draw by itself (the same seed
+    gives the same token on every backend and in any batch), for per-sample streams such as a hash of (seed,
+    step, sample index, position); without ``seeds``, one int64 per row is drawn from ``generator`` (or torch's
+    default generator of the logits' device). Same distribution as ``softmax`` + ``torch.multinomial``; the
+    filtering rules (ties kept together) are in ``fastppo.reference.sampling``. No gradient flows.
+    """
+    logits = V.float_tensor("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    temperature = V.temperature(temperature)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    top_p = float(top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    lead = logits.shape[:-1]
+    if seeds is None:
+        seeds = torch.randint(-(2**63), 2**63 - 1, lead, dtype=torch.int64, device=logits.device,
+                              generator=generator)
+    elif not isinstance(seeds, Tensor) or seeds.dtype != torch.int64 or seeds.shape != lead:
+        got = f"{seeds.dtype} {tuple(seeds.shape)}" if isinstance(seeds, Tensor) else type(seeds).__name__
+        raise ValueError(f"seeds must be an int64 tensor of shape {tuple(lead)} (one per row), got {got}")
+    V.same_device(logits=logits, seeds=seeds)
+    x = logits.detach().reshape(-1, logits.shape[-1])
+    if x.shape[0] > 0:
+        # NaN/+inf logits, or a row with no finite logit, have no distribution to draw from
+        V.finite_rows("sample_tokens", x.amax(-1))
+    uniforms = ref.sampling.seed_uniforms(seeds.reshape(-1))
+    name = _backend_for(backend, x, "sampling")
+    if name == "torch" or x.shape[0] == 0:
+        out = ref.sampling.sample_tokens(x, uniforms, temperature=temperature, top_k=top_k, top_p=top_p)
+    else:
+        if x.stride(-1) != 1:
+            x = x.contiguous()  # explicit copy: the kernels need unit stride along the vocabulary
+        out = _dispatch.launcher_module(name).sample_forward(x, uniforms, temperature, top_k, top_p)
+    return out.view(lead)

@@ -10,6 +10,7 @@ if __name__ == "fastppo.kernels":
 
     from .gae import gae_forward, gae_whiten_forward
     from .logprobs import PPO_TERMS, logprobs_backward, logprobs_forward, ppo_loss_forward
+    from .sampling import sample_forward
 
     __all__ = [
         "PPO_TERMS",
@@ -18,6 +19,7 @@ if __name__ == "fastppo.kernels":
         "logprobs_backward",
         "logprobs_forward",
         "ppo_loss_forward",
+        "sample_forward",
     ]
 else:
     # Imported as a top-level `kernels` (the repo root on sys.path, e.g. `python -m pytest` from a checkout):

@@ -72,6 +72,20 @@ struct GaeArgs {
   int threads;
 };
 
+// Token sampling (sampling.cpp): one token per row of logits [B, V] (row r at logits + r*sB, unit stride on V).
+struct SampleArgs {
+  const void* logits;
+  int dtype;  // DType (dtypes.h)
+  int64_t B, V, sB;
+  const double* uniforms;  // [B], each in (0, 1)
+  float inv_temp;
+  int top_k;               // 0 = off
+  double top_p;            // 1 = off
+  int64_t* out;            // [B]
+  int threads;
+};
+
+void sample_forward(const SampleArgs& a);
 void logprobs_forward(const LogprobsFwdArgs& a);
 void logprobs_backward(const LogprobsBwdArgs& a);
 void ppo_loss_forward(const PpoFwdArgs& a);

@@ -4,6 +4,7 @@ These functions define the numbers. They compute in the promoted dtype of their 
 float64 when fed float64) so tests can evaluate them in float64. They are never edited to match a kernel.
 """
 
+from fastppo.reference import sampling
 from fastppo.reference.gae import gae
 from fastppo.reference.kl import kl_penalty
 from fastppo.reference.logprobs import logprobs_and_entropy, token_entropy, token_logprobs
@@ -27,6 +28,7 @@ __all__ = [
     "ppo_loss_from_logits",
     "ppo_policy_loss",
     "ppo_token_terms",
+    "sampling",
     "token_entropy",
     "token_logprobs",
     "value_loss",
