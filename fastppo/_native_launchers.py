@@ -189,7 +189,7 @@ class NativeLaunchers:
                         top_p: float) -> Tensor:
         """``logits [B, V]`` (unit stride on V), ``uniforms [B]`` float64 in (0, 1) -> tokens ``[B]`` int64."""
         self._check_device("logits", logits)
-        code = _DTYPE_CODES.get(logits.dtype)
+        code = DTYPE_CODES.get(logits.dtype)
         if logits.dim() != 2 or code is None or (logits.stride(1) != 1 and logits.shape[1] > 1):
             raise ValueError("sample_forward takes fp32/bf16/fp16 logits [B, V] with unit stride on V")
         B, V = logits.shape

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import fastppo
 from fastppo.engine.models import cache_kwarg, position_ids_from_mask
-from fastppo.engine.streams import seed_to_uniform, token_seeds
+from fastppo.engine.streams import token_seeds
 
-# Checking "all sequences finished?" costs a host sync; doing it every few tokens keeps the loop mostly async at
-# the price of at most this many wasted decode steps.
+# Checking "all sequences finished?" costs a host sync on a GPU; doing it every few tokens keeps the loop mostly
+# async at the price of at most this many wasted decode steps. On CPU the check is free and runs every step.
 _EOS_CHECK_EVERY = 4
 
 
@@ -40,40 +41,32 @@ class Rollout:
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx])
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set logits outside the top-k / nucleus (top-p) set to -inf. ``[B, V] -> [B, V]``; keeps >= 1 token."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
                 generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Tensor:
-    """One token per row from ``logits [B, V]`` (float32). ``[B]`` int64.
+    """One token per row from ``logits [B, V]``. ``[B]`` int64.
 
-    ``seeds [B]`` (int64, one per row): each row's draw depends on its own seed only (inverse CDF of one uniform
-    per row), so a sample's tokens do not depend on the batch it is generated in; else ``torch.multinomial``.
+    Greedy: argmax. Else the fused ``fastppo.sample_tokens`` (temperature, top-k, top-p and an inverse-CDF draw in
+    one pass over each row, no probabilities materialised). ``seeds [B]`` (int64, one per row): each row's draw
+    depends on its own seed only (one uniform per row, ``fastppo.engine.streams.seed_to_uniform``), so a sample's
+    tokens do not depend on the batch it is generated in; else one seed per row is drawn from ``generator``.
     """
     if greedy:
         return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    if seeds is None:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    cum = probs.double().cumsum(-1)
-    target = seed_to_uniform(seeds).to(cum.device)[:, None] * cum[:, -1:]
-    idx = (cum < target).sum(-1)
-    # rounding can put the target above the last cumulative value: take the last token with mass then
-    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), -1).amax(-1)
-    return torch.minimum(idx, last)
+    return fastppo.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+                                 generator=generator)
+
+
+def _forward_last(lm: torch.nn.Module, last_only: list[bool], **kw):
+    """Forward asking for the last position's logits only (``logits_to_keep=1``: the prefill skips the LM head
+    over the prompt); a model whose forward does not take it gets full logits (``last_only[0]`` turns False)."""
+    if last_only[0]:
+        try:
+            return lm(logits_to_keep=1, **kw)
+        except TypeError as exc:
+            if "logits_to_keep" not in str(exc):
+                raise
+            last_only[0] = False
+    return lm(**kw)
 
 
 @torch.no_grad()
@@ -118,12 +111,14 @@ def generate(
               else StaticCache(config=lm.config, max_cache_len=prompt_ids.shape[1] + max_new_tokens))
     cache_kw = {cache_kwarg(lm): kv} if use_cache else {}
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
+    last_only = [True]
     tokens: list[Tensor] = []
     alive: list[Tensor] = []
     step_ids, step_pos = prompt_ids, pos
     for t in range(max_new_tokens):
-        out = lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=use_cache, **cache_kw)
-        logits = out.logits[:, -1, :].float()
+        out = _forward_last(lm, last_only, input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                            use_cache=use_cache, **cache_kw)
+        logits = out.logits[:, -1, :]
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator,
                           None if seeds is None else token_seeds(seeds, t))
         valid = ~finished
@@ -139,7 +134,8 @@ def generate(
             step_ids, step_pos = nxt[:, None], new_pos
         else:
             step_ids, step_pos = torch.cat([prompt_ids, torch.stack(tokens, 1)], dim=1), pos
-        if (t + 1) % _EOS_CHECK_EVERY == 0 and t + 1 < max_new_tokens and bool(finished.all()):
+        if (dev.type == "cpu" or (t + 1) % _EOS_CHECK_EVERY == 0) and t + 1 < max_new_tokens \
+                and bool(finished.all()):
             break
     resp = torch.stack(tokens, dim=1)
     mask = torch.stack(alive, dim=1)

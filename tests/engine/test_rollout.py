@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastppo.engine.models import build_causal_lm, build_tokenizer
-from fastppo.engine.rollout import filter_logits, generate
+from fastppo.engine.rollout import generate
 from tests.engine.tiny import tiny_config
 
 PROMPTS = ["3 1 =", "9 8 7 6 5 4 =", "0 =", "4 4 2 1 ="]
@@ -88,13 +88,3 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(lm_tok):
     g = _gen(lm, tok, PROMPTS, greedy=True)
     k1 = _gen(lm, tok, PROMPTS, top_k=1)
     assert torch.equal(g.response_ids, k1.response_ids)
-
-
-def test_filter_logits_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
-    kept = torch.isfinite(filter_logits(logits, top_k=2))
-    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
-    kept = torch.isfinite(filter_logits(logits, top_p=0.7))  # 0.5 + 0.3 reaches 0.7: the third is dropped
-    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
-    kept = torch.isfinite(filter_logits(logits, top_p=0.1))  # the top token always survives
-    assert kept.sum(1).tolist() == [1, 1]
