@@ -49,25 +49,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated op names to keep, e.g. logprobs,gae")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
+    p.add_argument("--targets", action="store_true",
+                   help="run only the cases that the performance targets for this device read (the GPU kit's run)")
     return p
 
 
 def run_suites(suites: list[str], device: torch.device, quick: bool, only: set[str],
-               log=print) -> list[Row]:
+               log=print, targets_only: bool = False) -> list[Row]:
+    """Every case of ``suites`` (``only``: these ops; ``targets_only``: the cases some target reads)."""
     timing = QUICK if quick else FULL
     rows: list[Row] = []
+    wanted = targets.targeted_ops(device.type) if targets_only else None
     for suite in suites:
         for mod in SUITES[suite]:
-            if only and mod.OP not in only:
+            if (only and mod.OP not in only) or (wanted is not None and mod.OP not in wanted):
                 continue
             for case in mod.cases(device, quick, suite=suite):
+                if targets_only and not targets.case_is_targeted(case.op, case.mode, dtype_name(case.dtype),
+                                                                 case.shape, device.type):
+                    continue
                 t0 = time.perf_counter()
                 case_rows = run_case(case, mod.providers(device), timing, log=log)
                 rows += case_rows
                 ran = sum(r.status == "ok" for r in case_rows)
                 log(f"[{suite}] {case.op} {case.mode} {dtype_name(case.dtype)} {case.shape}: "
                     f"{ran}/{len(case_rows)} providers ran ({time.perf_counter() - t0:.1f}s)")
-        if suite == "e2e" and (not only or "ppo_step" in only):
+        if suite == "e2e" and (not only or "ppo_step" in only) and (wanted is None or "ppo_step" in wanted):
             from . import bench_e2e
 
             rows += bench_e2e.run(device, quick, log=log)
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     t0 = time.perf_counter()
-    rows = run_suites(suites, device, args.quick, only, log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = run_suites(suites, device, args.quick, only, log=lambda m: print(m, file=sys.stderr, flush=True),
+                      targets_only=args.targets)
     elapsed = time.perf_counter() - t0
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta = report.metadata(device, suites, args.quick, {"elapsed_s": round(elapsed, 1), "argv": argv_used})

@@ -1,33 +1,67 @@
 #!/usr/bin/env bash
-# One-command GPU run for the targets of issues #3 and #4: environment, GPU tests, the full benchmark suite.
+# The GPU kit: on a GPU machine, offline, install this checkout, run the GPU tests and the benchmark cases that the
+# GPU performance targets read, and end with the targets table.
 #
-#   bash benchmarks/gpu_run.sh OUT_DIR [all|tests|bench]
+#   bash benchmarks/gpu_wheels.sh .whl              # first, where pip reaches an index (a few MiB of wheels)
+#   bash benchmarks/gpu_run.sh OUT_DIR [all|install|tests|bench]
 #
-# Writes into OUT_DIR: env.txt (nvidia-smi, versions, fastppo backends), pytest-gpu.log, bench.log, run.log
-# (phase timestamps) and the suite's bench-*.csv/.json/-targets.csv/.png; the targets table (pass / FAIL / not
-# measured) ends bench.log. Commit OUT_DIR's files under benchmarks/results/ afterwards.
-# Needs an NVIDIA GPU, a CUDA build of torch, this checkout installed (pip install -e ".[test]", then
-# .ci/install-peers.sh; liger-kernel and flash-attn give their rows). Budgeted for < 10 min on an H100 (estimate,
-# not yet timed: ~2 min of GPU tests, ~7 min of suite, mostly torch.compile of the 9 logits cases); the second
-# argument splits the run in two commands if needed, and FASTPPO_BENCH_ARGS (e.g. "--only logprobs,ppo_loss,gae")
-# narrows the suite to the cases the targets read. FASTPPO_BENCH_DEVICE=cpu FASTPPO_BENCH_ARGS=--quick dry-runs
-# the script on a machine without a GPU.
+# Phases (`all` runs the three in order; each can be run alone, `install` first in a fresh machine):
+#   install  the wheels of $FASTPPO_GPU_WHEELS (default ./.whl) with `pip --no-index --no-deps` into
+#            $FASTPPO_GPU_SITE (default /tmp/fastppo-gpu-site, put first on PYTHONPATH), then this checkout with
+#            `pip install --no-index --no-deps --no-build-isolation -e .`, building the CUDA extension with the
+#            machine's nvcc for $FASTPPO_CUDA_ARCHS (default 90: sm_90 only) -> install.log
+#   tests    python -m pytest -m gpu tests -> pytest-gpu.log
+#   bench    fastppo bench all --targets (the target cases only; FASTPPO_BENCH_ARGS replaces --targets) ->
+#            bench.log, bench-*.json, bench-*.csv, bench-*-targets.csv, plots.tar (the PNGs)
+# run.log gets the environment (nvidia-smi, versions, backends) and a timestamp per phase. Every phase writes its
+# files into OUT_DIR when it ends, so a run cut short still returns what it did; 8 files in all.
+# Budget: <= 8 minutes of wall time on one H100/H200 for `all` (install ~1-2 min of nvcc, GPU tests ~2 min, the
+# target cases ~3 min): an estimate until the first GPU run is timed.
+# Dry run without a GPU (CI does this, tests/benchmarks/test_gpu_kit.py): FASTPPO_BENCH_DEVICE=cpu
+# FASTPPO_BENCH_ARGS=--quick, with wheels fetched for the local Python (FASTPPO_GPU_PY).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [all|tests|bench]}
+out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [all|install|tests|bench]}
 what=${2:-all}
+case "$what" in all|install|tests|bench) ;; *) echo "gpu_run.sh: unknown phase $what" >&2; exit 2;; esac
 device=${FASTPPO_BENCH_DEVICE:-cuda}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
+repo=$(pwd)
+wheels=${FASTPPO_GPU_WHEELS:-$repo/.whl}
+site=${FASTPPO_GPU_SITE:-/tmp/fastppo-gpu-site}
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
 log() { echo "== $(date -u +%FT%TZ) $*" | tee -a "$out/run.log"; }
 
 if [ "$device" = cuda ] && ! nvidia-smi >/dev/null 2>&1; then
     echo "gpu_run.sh: nvidia-smi failed: no NVIDIA GPU here (FASTPPO_BENCH_DEVICE=cpu for a dry run)" >&2
     exit 2
 fi
-command -v fastppo >/dev/null || { echo "gpu_run.sh: no 'fastppo' command: pip install -e '.[test]'" >&2; exit 2; }
 
-log "environment -> env.txt"
+rc=0
+phase_failed() { log "phase $1 FAILED (rc=$2)"; rc=$2; }
+
+if [ "$what" = all ] || [ "$what" = install ]; then
+    log "install: wheels from $wheels into $site, then this checkout (-e, CUDA archs ${FASTPPO_CUDA_ARCHS:-90}) -> install.log"
+    {
+        set -e
+        if compgen -G "$wheels/*.whl" >/dev/null; then
+            "$PY" -m pip install --no-index --no-deps --no-compile --upgrade --target "$site" "$wheels"/*.whl
+        else
+            echo "no wheels in $wheels: the peer rows (trl, liger) will say missing"
+        fi
+        build_cuda=0
+        [ "$device" = cuda ] && build_cuda=1
+        FASTPPO_BUILD_CUDA=${FASTPPO_BUILD_CUDA:-$build_cuda} FASTPPO_CUDA_ARCHS=${FASTPPO_CUDA_ARCHS:-90} \
+            "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+    } > "$out/install.log" 2>&1
+    install_rc=$?
+    tail -n 3 "$out/install.log"
+    [ "$install_rc" = 0 ] || phase_failed install "$install_rc"
+fi
+
+log "environment"
 {
     if [ "$device" = cuda ]; then
         nvidia-smi
@@ -35,24 +69,34 @@ log "environment -> env.txt"
             --format=csv
     fi
     echo "commit $(git rev-parse HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed paths"
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-        'triton', triton.__version__)"
-    python -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|trl|verl|openrlhf|liger|flash)'
-    fastppo backends
-} 2>&1 | tee "$out/env.txt"
+    "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__,
+        'cuda', torch.version.cuda)"
+    "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|trl|verl|openrlhf|liger|flash|datasets)'
+    "$PY" -m fastppo.cli backends
+} >> "$out/run.log" 2>&1
 
-tests_rc=0
-bench_rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
-    log "python -m pytest -m gpu -q tests -> pytest-gpu.log"
-    python -m pytest -m gpu -q tests 2>&1 | tee "$out/pytest-gpu.log"
-    tests_rc=${PIPESTATUS[0]}
+    log "tests: python -m pytest -m gpu -q tests -> pytest-gpu.log"
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests > "$out/pytest-gpu.log" 2>&1
+    tests_rc=$?
+    tail -n 3 "$out/pytest-gpu.log"
+    [ "$tests_rc" = 0 ] || phase_failed tests "$tests_rc"
 fi
+
 if [ "$what" = all ] || [ "$what" = bench ]; then
-    log "fastppo bench all --device $device ${FASTPPO_BENCH_ARGS:-} -> bench.log"
-    # shellcheck disable=SC2086  # FASTPPO_BENCH_ARGS is a list of options
-    fastppo bench all --device "$device" --out "$out" ${FASTPPO_BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
-    bench_rc=${PIPESTATUS[0]}
+    args=${FASTPPO_BENCH_ARGS:---targets}
+    log "bench: fastppo bench all --device $device $args -> bench.log"
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2086  # args is a list of options
+    "$PY" -m fastppo.cli bench all --device "$device" --out "$tmp" $args > "$out/bench.log" 2>&1
+    bench_rc=$?
+    cp "$tmp"/bench-*.json "$tmp"/bench-*.csv "$out/" 2>/dev/null
+    if compgen -G "$tmp/*.png" >/dev/null; then
+        tar -C "$tmp" -cf "$out/plots.tar" $(cd "$tmp" && ls ./*.png)
+    fi
+    rm -rf "$tmp"
+    tail -n 25 "$out/bench.log"
+    [ "$bench_rc" = 0 ] || phase_failed bench "$bench_rc"
 fi
-log "done: pytest rc=$tests_rc, bench rc=$bench_rc; files in $out"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+log "done ($what): rc=$rc; files in $out: $(cd "$out" && ls | tr '\n' ' ')"
+exit "$rc"

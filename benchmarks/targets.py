@@ -119,6 +119,17 @@ def _matches(row: dict, t: Target) -> bool:
             and all(row.get(k) == v for k, v in t.shape.items()))
 
 
+def case_is_targeted(op: str, mode: str, dtype: str, shape: dict[str, int], device_type: str,
+                     targets: tuple[Target, ...] = TARGETS) -> bool:
+    """Whether a case (op, mode, dtype name, shape) is one that some target for ``device_type`` reads."""
+    row = {"op": op, "mode": mode, "dtype": dtype, **shape}
+    return any(t.device == device_type and _matches(row, t) for t in targets)
+
+
+def targeted_ops(device_type: str, targets: tuple[Target, ...] = TARGETS) -> set[str]:
+    return {t.op for t in targets if t.device == device_type}
+
+
 def peak_allowance_bytes(t: Target) -> float:
     n = t.shape["N"]
     return t.threshold * n * t.shape["V"] * _ELEMENT_BYTES[t.dtype] + PER_TOKEN_SLACK * n + ALLOCATOR_SLACK

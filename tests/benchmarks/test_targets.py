@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from fastppo.benchmarks import bench_gae, bench_logprobs, cli, targets
 from fastppo.benchmarks.targets import TARGETS, evaluate
 
@@ -215,3 +216,15 @@ def test_targets_cli_write_updates_the_stored_checks(tmp_path, capsys):
     assert stored["4-cpu-vs-loop", "fastppo[cpp]"]["status"] == "FAIL"  # 75x
     with open(tmp_path / "bench-x-targets.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(stored)
+
+
+def test_targets_option_runs_exactly_the_targeted_cases(monkeypatch):
+    from fastppo.benchmarks import bench_gae, bench_logprobs, cli
+
+    # one targeted CPU shape (issue #4's GAE case) next to one that no target reads
+    monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(3, 41), (256, 1024)])
+    rows = cli.run_suites(["gae"], torch.device("cpu"), True, set(), log=lambda m: None, targets_only=True)
+    assert rows and {(r.B, r.T) for r in rows} == {(256, 1024)}
+    assert all(targets.case_is_targeted(r.op, r.mode, r.dtype, {"B": r.B, "T": r.T}, "cpu") for r in rows)
+    assert not targets.case_is_targeted("logprobs", "fwd", "float32", {"N": 41, "V": 257}, "cpu")
+    assert bench_logprobs.OP in targets.targeted_ops("cuda")
