@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def quick_start_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = re.search(r"^## Quick start$(.*?)^## ", text, re.M | re.S)
+    section = re.search(r"^## Quick start$(.*?)^#+ ", text, re.M | re.S)
     assert section, "README has no '## Quick start' section"
     blocks = re.findall(r"```bash\n(.*?)```", section.group(1), re.S)
     assert blocks, "the quick start has no bash block"
