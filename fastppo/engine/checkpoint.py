@@ -187,7 +187,10 @@ def verify(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {ckpt} is missing {name}")
         if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt}: {name} is corrupt (size/sha256 differ from {MANIFEST})")
-    for need in ("policy.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "state.json"):
+    # multi-process runs write sharded checkpoints (torch.distributed.checkpoint, see engine/distributed.py)
+    needs = ("dcp/.metadata", "scheduler.pt", "state.json") if manifest.get("format") == "dcp" else \
+        ("policy.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "state.json")
+    for need in needs:
         if need not in files:
             raise CheckpointError(f"checkpoint {ckpt} does not list {need} in its manifest")
     return manifest
@@ -238,8 +241,12 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Restore modules, optimizer, scheduler and RNG states in place; returns ``(state, metrics)``.
     ``verified``: ``ckpt`` was just checked by ``verify`` / ``latest_checkpoint`` (skip hashing it again)."""
-    if not verified:
-        verify(ckpt)
+    manifest = verify(ckpt) if not verified else json.loads((ckpt / MANIFEST).read_text())
+    if manifest.get("format") == "dcp":
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by a {manifest.get('world_size')}-process run (sharded, "
+            "torch.distributed.checkpoint); a single process cannot resume it: resume with "
+            "fastppo train --resume RUN_DIR --nproc N (N >= 2, any N)")
     _load_module(policy, ckpt / "policy.safetensors")
     if critic is not None:
         if not (ckpt / "critic.safetensors").is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,14 +12,17 @@ import yaml
 from fastppo.engine.checkpoint import CheckpointError, write_text_atomic
 from fastppo.engine.config import ConfigError, PPOConfig, from_dict, help_text, load_yaml, parse_overrides
 
-USAGE = """usage: fastppo train [--config FILE.yaml] [--field value ...]
-       fastppo train --resume RUN_DIR
+USAGE = """usage: fastppo train [--config FILE.yaml] [--field value ...] [--nproc N]
+       fastppo train --resume RUN_DIR [--nproc N]
+       torchrun --nproc_per_node N [--nnodes M --rdzv_endpoint HOST:PORT ...] -m fastppo train ...
 
 With no arguments: the embedded default (a tiny Llama learns to reverse digit strings: supervised warm-up on
 noisy demonstrations, then PPO against a verifier with an adaptive KL penalty to the warm-up model; about
 1-2 minutes on a 2-core CPU).
 Writes RUN_DIR (default runs/<timestamp>): config.yaml, metrics.jsonl, tensorboard/, curves.png,
 samples_before.txt / samples_after.txt, checkpoints/, final/, summary.json.
+--nproc N runs N data-parallel processes on this machine (it starts torchrun for you; FSDP2 over gloo on CPU, NCCL
+on GPUs); the global batch and the results do not depend on N. Several nodes: call torchrun yourself.
 --resume continues from the newest valid checkpoint (a corrupt newer one is skipped with a warning) with
 RUN_DIR/config.yaml, which may differ from the checkpoint's config only in: {mutable}.
 
@@ -63,30 +67,79 @@ def build_config(argv: list[str]) -> tuple[PPOConfig, Path, bool]:
     return cfg, run_dir, False
 
 
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``fastppo train --nproc N ...``: the same command under ``torchrun --standalone --nproc_per_node N``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fastppo", "train", *argv]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         from fastppo.engine.preflight import RESUME_MUTABLE
 
         print(USAGE.format(mutable=", ".join(RESUME_MUTABLE)) + help_text())
         return 0
+    from fastppo.engine.distributed_launch import launched_by_torchrun
+
+    argv = list(argv)
     try:
+        nproc = _pop_option(argv, "--nproc")
+        if nproc is not None and (not nproc.isdigit() or int(nproc) < 1):
+            raise ConfigError(f"--nproc expects a number of processes >= 1, got {nproc!r}")
+        if nproc is not None and int(nproc) > 1 and launched_by_torchrun():
+            raise ConfigError("--nproc starts torchrun itself: under torchrun, set --nproc_per_node instead")
         cfg, run_dir, resume = build_config(argv)
     except (ConfigError, CheckpointError) as exc:
         print(f"fastppo train: error: {exc}", file=sys.stderr)
         return 2
+    if nproc is not None and int(nproc) > 1:
+        return _launch_torchrun(int(nproc), argv)
+    if launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        # record: an exception on any rank is written where torchrun reports it as the run's root cause
+        return record(_run)(cfg, run_dir, resume, True)
+    return _run(cfg, run_dir, resume, False)
+
+
+def _run(cfg: PPOConfig, run_dir: Path, resume: bool, distributed: bool) -> int:
     from fastppo.engine.trainer import PPOTrainer
 
     t0 = time.perf_counter()
+    ctx = None
     try:
-        if not resume:
+        if distributed:
+            from fastppo.engine import distributed as dist_mod
+
+            ctx = dist_mod.init(cfg)
+            if not resume:
+                # rank 0's run directory (a default one is named by a timestamp that may differ across ranks)
+                run_dir = Path(ctx.broadcast_object(str(run_dir)))
+                cfg.output_dir = str(run_dir)
+            dist_mod.check_config(cfg, ctx.world)
+            ctx.check_same_config(cfg)
+        is_main = ctx is None or ctx.is_main
+        if not resume and is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        print(f"fastppo train: run dir {run_dir}{' (resuming)' if resume else ''}", flush=True)
-        trainer = PPOTrainer(cfg, run_dir, resume=resume)
+        if is_main:
+            procs = f" on {ctx.world} processes" if ctx is not None else ""
+            print(f"fastppo train: run dir {run_dir}{' (resuming)' if resume else ''}{procs}", flush=True)
+        trainer = PPOTrainer(cfg, run_dir, resume=resume, dist_ctx=ctx)
         summary = trainer.train()
     except (ConfigError, CheckpointError) as exc:
-        print(f"fastppo train: error: {exc}", file=sys.stderr)
+        rank = f" (rank {ctx.rank})" if ctx is not None else ""
+        print(f"fastppo train: error{rank}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if ctx is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if ctx is not None and not ctx.is_main:
+        return 0
     wall = time.perf_counter() - t0
     print(
         f"fastppo train: done {summary['steps']} PPO steps in {wall:.0f}s | mean reward first 10% of steps "

@@ -43,6 +43,8 @@ class PPOConfig:
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     dtype: str = _f("float32", "model parameter dtype", ("float32", "bfloat16", "float16"))
     backend: str = _f("auto", "fastppo kernel backend for the fused ops", ("auto", "torch", "triton", "cpp", "cuda"))
+    dist_timeout: float = _f(300.0, "multi-process runs (torchrun): seconds a rank waits in a collective before it "
+                             "fails, so a dead or stuck rank ends the run instead of hanging it")
     torch_threads: int = _f(0, "torch.set_num_threads(N); 0 = auto: 1 for the tiny built-in model (its ops are too "
                             "small to gain from threads, and on a busy CPU they lose badly), else torch's default")
     # --- models -----------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class PPOConfig:
             raise ConfigError(f"dual_clip must be > 1 (or none), got {self.dual_clip}")
         if self.value_clip is not None and self.value_clip <= 0:
             raise ConfigError(f"value_clip must be > 0 (or none), got {self.value_clip}")
-        for name in ("lr", "kl_target"):
+        for name in ("lr", "kl_target", "dist_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kl_coef < 0:

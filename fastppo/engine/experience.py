@@ -8,6 +8,7 @@ slices below; values are read at the same positions (the state before the token 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -79,8 +80,13 @@ def make_experience(
     critic: torch.nn.Module | None,
     cfg: PPOConfig,
     kl_coef: float,
+    gather: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> Experience:
-    """One no-grad forward each through policy (+ value head), reference and (separate) critic."""
+    """One no-grad forward each through policy (+ value head), reference and (separate) critic.
+
+    ``gather`` (multi-process runs): turns this rank's rows into the global batch's (concatenated in rank order)
+    after the forwards, so rewards, advantages and their whitening are computed over the whole batch.
+    """
     ids, attn = rollout.input_ids, rollout.attention_mask
     pos = position_ids_from_mask(attn)
     labels, mask = rollout.response_ids, rollout.response_mask.float()
@@ -104,6 +110,12 @@ def make_experience(
     ref_logprobs = torch.cat(ref_lp) * mask
     entropy = torch.cat(ent) * mask
     values_t = torch.cat(values).float() * mask
+    if gather is not None:
+        g = gather({"ids": ids, "attn": attn, "pos": pos, "labels": labels, "mask": mask, "old": old_logprobs,
+                    "ref": ref_logprobs, "entropy": entropy, "values": values_t, "scores": scores})
+        ids, attn, pos, labels, mask = g["ids"], g["attn"], g["pos"], g["labels"], g["mask"]
+        old_logprobs, ref_logprobs, entropy, values_t, scores = g["old"], g["ref"], g["entropy"], g["values"], \
+            g["scores"]
 
     kl = fastppo.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_kind) * mask
     rewards = torch.zeros_like(old_logprobs)

@@ -7,6 +7,7 @@ bitwise).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,8 @@ from fastppo.engine.tracking import MetricsLog, plot_curves
 
 # Crash tests set this to stretch each step so a SIGKILL reliably lands mid-run; never needed otherwise.
 _STEP_DELAY_ENV = "FASTPPO_TEST_STEP_DELAY"
+# Fault tests: this rank raises after its first step, to check that the other ranks stop instead of hanging.
+_FAIL_RANK_ENV = "FASTPPO_TEST_FAIL_RANK"
 
 
 class KLController:
@@ -85,16 +88,21 @@ def seed_everything(seed: int) -> None:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, run_dir: str | Path, *, resume: bool = False, echo=print) -> None:
+    def __init__(self, cfg: PPOConfig, run_dir: str | Path, *, resume: bool = False, echo=print,
+                 dist_ctx: Any = None) -> None:
+        """``dist_ctx``: a ``fastppo.engine.distributed.DistContext`` when launched by torchrun, else None."""
         cfg.validate()
         self.cfg = cfg
+        self.dist = dist_ctx
+        self.is_main = dist_ctx is None or dist_ctx.is_main
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.echo = echo
+        self.echo = echo if self.is_main else (lambda *a, **k: None)
+        echo = self.echo
         threads = cfg.torch_threads or (1 if not cfg.model else 0)
         if threads:
             torch.set_num_threads(threads)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device) if dist_ctx is None else dist_ctx.device
         preflight.check_backend(cfg, self.device)
         resume_from = preflight.resume_point(cfg, self.run_dir, echo) if resume else None
         seed_everything(cfg.seed)
@@ -105,8 +113,9 @@ class PPOTrainer:
         lm = build_causal_lm(cfg, self.tokenizer, cfg.model).to(self.device)
         ref_path = self.run_dir / "reference.safetensors"
         if not resume:
-            self._warmup(lm)
-            ckpt_io.save_module(lm, ref_path)  # the reference is fixed for the whole run; resume reloads it
+            self._warmup(lm)  # every rank runs the same seeded warm-up: identical weights, no broadcast needed
+            if self.is_main:
+                ckpt_io.save_module(lm, ref_path)  # the reference is fixed for the whole run; resume reloads it
         if cfg.lora_r:
             # the base weights (after warm-up) stay frozen under the adapter and are the reference; they travel in
             # the policy checkpoint, so resume needs nothing else
@@ -122,6 +131,10 @@ class PPOTrainer:
             trunk = build_causal_lm(cfg, self.tokenizer, cfg.critic_model).to(self.device) if cfg.critic_model \
                 else frozen_copy(lm).requires_grad_(True)
             self.critic = ValueModel(trunk).to(self.device)
+        if dist_ctx is not None:
+            for model in (self.ref_lm, self.policy, self.critic):
+                if model is not None:
+                    dist_ctx.shard(model)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if self.critic is not None:
             params += [p for p in self.critic.parameters() if p.requires_grad]
@@ -135,14 +148,32 @@ class PPOTrainer:
         history: list[dict[str, Any]] = []
         if resume:
             path = resume_from
-            state, history = ckpt_io.load_checkpoint(path, policy=self.policy, critic=self.critic,
-                                                     optimizer=self.optimizer, scheduler=self.scheduler,
-                                                     verified=True)
+            if dist_ctx is None:
+                state, history = ckpt_io.load_checkpoint(path, policy=self.policy, critic=self.critic,
+                                                         optimizer=self.optimizer, scheduler=self.scheduler,
+                                                         verified=True)
+            else:
+                from fastppo.engine import distributed
+
+                state, history = distributed.load_checkpoint(dist_ctx, path, models=self._models(),
+                                                             optimizer=self.optimizer, scheduler=self.scheduler,
+                                                             echo=self.echo)
             self.step = int(state["step"])
             self.stream.position = int(state["data_position"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.echo(f"resumed from {path} at step {self.step}/{cfg.total_steps}")
-        self.metrics = MetricsLog(self.run_dir, cfg.tensorboard, history)
+        if self.is_main:
+            self.metrics = MetricsLog(self.run_dir, cfg.tensorboard, history)
+        else:
+            from fastppo.engine.distributed import MemoryLog
+
+            self.metrics = MemoryLog(history)  # type: ignore[assignment]
+
+    def _models(self) -> dict[str, torch.nn.Module]:
+        models: dict[str, torch.nn.Module] = {"policy": self.policy}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        return models
 
     # --------------------------------------------------------------------------------------------- set-up
     def _setup_prompts(self) -> None:
@@ -172,14 +203,19 @@ class PPOTrainer:
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _generate(self, prompts: list[str], greedy: bool, seeds: Tensor | None = None) -> Rollout:
+    def _generate(self, prompts: list[str], greedy: bool, seeds: Tensor | None = None,
+                  rows: slice | None = None) -> Rollout:
+        """Generate for ``prompts[rows]``, encoded with the whole list (one prompt width for every rank)."""
         ids, mask = self._encode(prompts)
+        if rows is not None:
+            ids, mask = ids[rows], mask[rows]
         cfg = self.cfg
         self.policy.eval()
-        return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
-                        cache=cfg.kv_cache, seeds=seeds)
+        with contextlib.nullcontext() if self.dist is None else self.dist.unsharded(self.policy):
+                return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
+                            cache=cfg.kv_cache, seeds=seeds)
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str]) -> tuple[float, list[str], list[str], list[float]]:
@@ -197,7 +233,8 @@ class PPOTrainer:
         n = self.cfg.num_samples
         lines = [f"# greedy generations ({name}); mean score over {len(ps)} held-out prompts: {mean:.4f}"]
         lines += [f"{p!r} -> {r!r}  score={s:.3f}" for p, r, s in zip(ps[:n], rs[:n], ss[:n], strict=False)]
-        ckpt_io.write_text_atomic(self.run_dir / f"samples_{name}.txt", "\n".join(lines) + "\n")
+        if self.is_main:
+            ckpt_io.write_text_atomic(self.run_dir / f"samples_{name}.txt", "\n".join(lines) + "\n")
         return mean
 
     # ------------------------------------------------------------------------------------------------- update
@@ -245,18 +282,38 @@ class PPOTrainer:
             for mb in perm.split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mb.split(cfg.micro_batch_size):
-                    loss, st = self.micro_loss(exp.select(micro))
-                    (loss / accum).backward()
+                    if self.dist is None:
+                        loss, st = self.micro_loss(exp.select(micro))
+                    else:
+                        # this rank's piece of the global micro-batch, weighted by its share of the aggregation
+                        piece, w = self.dist.micro_piece(micro, exp.mask, cfg.loss_agg)
+                        loss, st = self.micro_loss(exp.select(piece))
+                        loss, st = loss * w, {k: v * w for k, v in st.items()}
+                    (loss / accum if self.dist is None else loss * (self.dist.grad_scale / accum)).backward()
                     for k in ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac"):
                         acc[k].append(st[k].detach().float())
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                acc["grad_norm"].append(torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach())
+                norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor holding the global norm
+                    norm = norm.full_tensor()
+                acc["grad_norm"].append(norm.detach())
                 self.optimizer.step()
                 self.scheduler.step()
         self.policy.eval()
         if self.critic is not None:
             self.critic.eval()
-        return {k: torch.stack(v).float().mean() for k, v in acc.items()}
+        out = {k: torch.stack(v).float().mean() for k, v in acc.items()}
+        return out if self.dist is None else self.dist.reduce_stats(out, keep=("grad_norm",))
+
+    def _pad_responses(self, ro: Rollout) -> Rollout:
+        """Pad this rank's responses to the longest response of any rank (the width one process would have)."""
+        width = self.dist.max_int(ro.response_ids.shape[1])
+        extra = width - ro.response_ids.shape[1]
+        if extra == 0:
+            return ro
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, extra), value=v)  # noqa: E731
+        return Rollout(ro.prompt_ids, ro.prompt_mask, pad(ro.response_ids, self.tokenizer.pad_token_id),
+                       pad(ro.response_mask, 0))
 
     # --------------------------------------------------------------------------------------------------- step
     def _sync(self) -> None:
@@ -268,13 +325,19 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompts = self.stream.take(cfg.batch_size // cfg.samples_per_prompt)
         prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # group members adjacent
-        seeds = sample_seeds(cfg.seed, self.step, torch.arange(len(prompts), device=self.device))
-        rollout = self._generate(prompts, greedy=False, seeds=seeds)
+        # every rank holds the global prompt list and generates its rows of it
+        rows = slice(0, len(prompts)) if self.dist is None else self.dist.local_rows(len(prompts))
+        seeds = sample_seeds(cfg.seed, self.step, torch.arange(len(prompts), device=self.device)[rows])
+        rollout = self._generate(prompts, greedy=False, seeds=seeds, rows=rows)
         scores, _, _ = score_rollout(rollout, self.tokenizer, self.reward_fn, cfg)
+        gather = None
+        if self.dist is not None:
+            rollout = self._pad_responses(rollout)
+            gather = self.dist.gather_experience
         self._sync()
         t1 = time.perf_counter()
         kl_coef = self.kl_ctl.value
-        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef)
+        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef, gather=gather)
         self._sync()
         t2 = time.perf_counter()
         up = self.update(exp)
@@ -320,6 +383,12 @@ class PPOTrainer:
     def save(self) -> Path:
         state = {"data_position": self.stream.position, "kl_controller": self.kl_ctl.state_dict(),
                  "config": self.cfg.to_dict()}
+        if self.dist is not None:
+            from fastppo.engine import distributed
+
+            return distributed.save_checkpoint(self.dist, self.run_dir, self.step, models=self._models(),
+                                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                                               metrics=self.metrics.history, keep=self.cfg.keep_checkpoints)
         return ckpt_io.save_checkpoint(self.run_dir, self.step, policy=self.policy, critic=self.critic,
                                        optimizer=self.optimizer, scheduler=self.scheduler, state=state,
                                        metrics=self.metrics.history, keep=self.cfg.keep_checkpoints)
@@ -332,7 +401,7 @@ class PPOTrainer:
             self.echo(f"greedy score before PPO (held-out prompts): {before:.3f}")
         delay = float(os.environ.get(_STEP_DELAY_ENV, "0") or 0)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.total_steps, initial=self.step, desc="PPO", unit="step", dynamic_ncols=True)
@@ -349,6 +418,8 @@ class PPOTrainer:
                 last_saved = self.step
             if delay:
                 time.sleep(delay)
+            if self.dist is not None and os.environ.get(_FAIL_RANK_ENV) == str(self.dist.rank):
+                raise RuntimeError(f"injected failure on rank {self.dist.rank} ({_FAIL_RANK_ENV})")
         if bar is not None:
             bar.close()
         if last_saved != self.step:
@@ -359,6 +430,16 @@ class PPOTrainer:
         cfg = self.cfg
         self.metrics.close()
         after = self.write_samples("after")
+        lm_to_save, v_head = self.policy.lm, self.policy.v_head
+        if self.dist is not None:
+            from fastppo.engine import distributed
+
+            full_sd = distributed.full_state_dict(self.policy)  # a collective: every rank takes part
+            if not self.is_main:
+                return {"steps": self.step, "run_dir": str(self.run_dir)}
+            full = ValueModel(build_causal_lm(cfg, self.tokenizer, cfg.model))
+            full.load_state_dict(full_sd)
+            lm_to_save, v_head = full.lm, full.v_head
         before_line = (self.run_dir / "samples_before.txt").read_text().splitlines()[0]
         before = float(before_line.rsplit(":", 1)[1])
         final = self.run_dir / "final"
@@ -368,12 +449,12 @@ class PPOTrainer:
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise under our own bar
         try:
-            self.policy.lm.save_pretrained(final)
+            lm_to_save.save_pretrained(final)
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(final)
-        ckpt_io.save_module(self.policy.v_head, final / "value_head.safetensors")
+        ckpt_io.save_module(v_head, final / "value_head.safetensors")
         hist = self.metrics.history
         k = max(len(hist) // 10, 1)
         first = sum(h["reward_mean"] for h in hist[:k]) / k
