@@ -2,7 +2,7 @@
 
 One module-scoped set of runs (started concurrently; process start-up is the slow part):
   single   one process                                         (the reference for world-size invariance)
-  full     2 processes, uninterrupted                          (the reference for resume)
+  full     2 processes (fastppo train --nproc 2), uninterrupted (the reference for resume)
   killed   2 processes, rank 1 SIGKILLed after the step-2 checkpoint, then resumed with 2 processes
   reshard  a copy of the killed run resumed with 1 torchrun process (DCP reshards 2 -> 1)
   failing  2 processes, rank 1 raises after its first step
@@ -79,7 +79,7 @@ def runs(tmp_path_factory):
     conf.write_text(yaml.safe_dump(cfg))
     r = {name: tmp / name for name in ("single", "full", "killed", "reshard", "failing")}
     ps = _single(["--config", str(conf), "--output_dir", str(r["single"])])
-    pf = _torchrun(2, ["--config", str(conf), "--output_dir", str(r["full"])])
+    pf = _single(["--config", str(conf), "--output_dir", str(r["full"]), "--nproc", "2"])  # the shorthand
     pk = _torchrun(2, ["--config", str(conf), "--output_dir", str(r["killed"])], {"FASTPPO_TEST_STEP_DELAY": "1.0"})
     deadline = time.monotonic() + 240
     while not (r["killed"] / "checkpoints" / "step_000002").is_dir():
