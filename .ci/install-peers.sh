@@ -63,6 +63,28 @@ for d in sorted(stray, key=lambda p: len(p.parts)):
         shutil.rmtree(d, ignore_errors=True)
 EOF
 
+# --- the peers' own unit tests (tests/compat/test_peer_suites.py runs them with fastppo.compat.patch applied) --
+# verl's and OpenRLHF's wheels ship their test suites (as a top-level `tests` package, dropped above); keep a copy
+# from the same wheels under $PEERS_DIR/<name>-<version>/tests. TRL ships no tests in its wheel or sdist.
+for PEER in "verl==0.9.1" "openrlhf==0.11.2"; do
+  DEST="$PEERS_DIR/${PEER/==/-}"
+  if [ ! -f "$DEST/tests/__init__.py" ]; then
+    TMP=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps "$PEER" -d "$TMP"
+    "$PY" - "$TMP" "$DEST" <<'EOF'
+import glob, pathlib, re, sys, zipfile
+wheel, dest = glob.glob(f"{sys.argv[1]}/*.whl")[0], pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        rel = re.sub(r"^[^/]+[.]data/purelib/", "", name)
+        if rel.startswith("tests/") and not name.endswith("/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(z.read(name))
+EOF
+    rm -rf "$TMP"
+  fi
+done
+
 # --- checks ----------------------------------------------------------------------------------------------
 TORCH_AFTER=$(torch_version)
 if [ "$TORCH_AFTER" != "$TORCH_BEFORE" ]; then
