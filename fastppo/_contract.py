@@ -33,3 +33,47 @@ DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
 def triton_interpret() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (Triton kernels on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------------- the launchers' inputs
+# Every launcher (Triton, C++, CUDA) checks its tensors with these same functions and converts nothing: the
+# public ops (fastppo/ops.py) are the one place that reshapes, copies or casts user inputs into this form.
+def check_logits(logits: torch.Tensor) -> None:
+    """``logits [B, T, V]``: fp32/bf16/fp16, any strides on B and T, unit stride along V."""
+    if logits.dim() != 3:
+        raise ValueError(f"launchers take logits as [B, T, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(f"launchers take fp32/bf16/fp16 logits, got {logits.dtype}")
+    if logits.stride(2) != 1 and logits.shape[2] > 1:
+        raise ValueError("launchers need unit stride along the vocabulary (logits.stride(-1) == 1)")
+
+
+def check_out(out: torch.Tensor, logits: torch.Tensor) -> None:
+    """``out`` (dlogits): logits' shape, dtype and device, unit stride along V (may be ``logits`` itself)."""
+    if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
+            or (out.stride(2) != 1 and out.shape[2] > 1)):
+        raise ValueError(f"out must be [B, T, V] like logits ({tuple(logits.shape)} {logits.dtype} on "
+                         f"{logits.device}) with unit stride on V, got {tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def check_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """A per-row input: exactly ``shape`` (``(N,)`` for the row ops, ``(B, T)`` for GAE), ``dtype``, contiguous,
+    on ``device``."""
+    if t.shape != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got "
+                         f"{'' if t.is_contiguous() else 'non-contiguous '}{tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def check_gae_inputs(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bootstrap: torch.Tensor | None
+) -> None:
+    """``rewards, values`` float32 ``[B, T]``, ``mask`` bool ``[B, T]``, ``bootstrap`` float32 ``[B]`` or None, all
+    contiguous on one device."""
+    if rewards.dim() != 2:
+        raise ValueError(f"GAE launchers take rewards, values and mask as [B, T], got shape {tuple(rewards.shape)}")
+    shape, dev = tuple(rewards.shape), rewards.device
+    check_vector("rewards", rewards, shape, torch.float32, dev)
+    check_vector("values", values, shape, torch.float32, dev)
+    check_vector("mask", mask, shape, torch.bool, dev)
+    if bootstrap is not None:
+        check_vector("bootstrap", bootstrap, shape[:1], torch.float32, dev)

@@ -13,7 +13,18 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from fastppo._contract import DTYPE_CODES, DTYPES, KL_KINDS, LOG_RATIO_CLAMP, NUM_TERMS, PPO_TERMS
+from fastppo._contract import (
+    DTYPE_CODES,
+    DTYPES,
+    KL_KINDS,
+    LOG_RATIO_CLAMP,
+    NUM_TERMS,
+    PPO_TERMS,
+    check_gae_inputs,
+    check_logits,
+    check_out,
+    check_vector,
+)
 
 
 def contract_mismatches(mod: ModuleType) -> list[str]:
@@ -66,25 +77,15 @@ class NativeLaunchers:
     def _logits(self, logits: Tensor) -> tuple[int, ...]:
         """``(ptr, dtype code, B, T, V, sB, sT)`` of a ``[B, T, V]`` view with unit stride on V."""
         self._check_device("logits", logits)
-        if logits.dim() != 3:
-            raise ValueError(f"launchers take logits as [B, T, V], got shape {tuple(logits.shape)}")
-        code = DTYPE_CODES.get(logits.dtype)
-        if code is None:
-            raise TypeError(f"backend {self.kind!r} takes fp32/bf16/fp16 logits, got {logits.dtype}")
+        check_logits(logits)
         B, T, V = logits.shape
-        if logits.stride(2) != 1 and V > 1:
-            raise ValueError("launchers need unit stride along the vocabulary (logits.stride(-1) == 1)")
-        return (logits.data_ptr(), code, B, T, V, logits.stride(0), logits.stride(1))
+        return (logits.data_ptr(), DTYPE_CODES[logits.dtype], B, T, V, logits.stride(0), logits.stride(1))
 
-    def _vec(self, name: str, t: Tensor | None, n: int, dtype: torch.dtype = torch.float32) -> Tensor | None:
-        if t is None:
-            return None
-        self._check_device(name, t)
-        if t.numel() != n:
-            raise ValueError(f"{name} must have {n} elements (one per row), got shape {tuple(t.shape)}")
-        if t.dtype == dtype and t.is_contiguous():
-            return t  # its data_ptr() is already the flat [n] vector: no view/to/contiguous calls on the hot path
-        return t.reshape(-1).to(dtype).contiguous()
+    @staticmethod
+    def _vec(name: str, t: Tensor | None, like: Tensor, n: int, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        if t is not None:
+            check_vector(name, t, (n,), dtype, like.device)
+        return t
 
     # ------------------------------------------------------------------------------------- launchers
     def logprobs_forward(
@@ -93,7 +94,7 @@ class NativeLaunchers:
         """``logits [B, T, V]``, ``labels [N]`` -> ``(logp [N], entropy [N] | None, lse [N])`` float32."""
         view = self._logits(logits)
         n = view[2] * view[3]
-        labels = self._vec("labels", labels, n, torch.int64)
+        labels = self._vec("labels", labels, logits, n, torch.int64)
         logp = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if with_entropy else None
@@ -116,16 +117,14 @@ class NativeLaunchers:
         """dlogits into ``out [B, T, V]`` (logits' dtype, unit stride on V; may be ``logits`` itself)."""
         view = self._logits(logits)
         n = view[2] * view[3]
-        self._check_device("out", out)
-        if out.shape != logits.shape or out.dtype != logits.dtype or (out.stride(2) != 1 and out.shape[2] > 1):
-            raise ValueError("out must be [B, T, V] like logits, in logits' dtype, with unit stride on V")
+        check_out(out, logits)
         if grad_entropy is not None and entropy is None:
             raise ValueError("grad_entropy needs the forward entropy")
-        labels = self._vec("labels", labels, n, torch.int64)
-        lse = self._vec("lse", lse, n)
-        entropy = self._vec("entropy", entropy, n)
-        g_lp = self._vec("grad_logp", grad_logp, n)
-        g_h = self._vec("grad_entropy", grad_entropy, n)
+        labels = self._vec("labels", labels, logits, n, torch.int64)
+        lse = self._vec("lse", lse, logits, n)
+        entropy = self._vec("entropy", entropy, logits, n)
+        g_lp = self._vec("grad_logp", grad_logp, logits, n)
+        g_h = self._vec("grad_entropy", grad_entropy, logits, n)
         if n > 0:
             self.module.logprobs_backward(*view, _ptr(labels), _ptr(lse), _ptr(entropy), _ptr(g_lp), _ptr(g_h),
                                           1.0 / float(temperature), out.data_ptr(), out.stride(0), out.stride(1),
@@ -153,11 +152,11 @@ class NativeLaunchers:
         n = view[2] * view[3]
         if not 0 <= int(kl_kind) < len(KL_KINDS):
             raise ValueError(f"kl_kind must index {KL_KINDS}, got {kl_kind}")
-        labels = self._vec("labels", labels, n, torch.int64)
-        old = self._vec("old_logp", old_logp, n)
-        adv = self._vec("adv", adv, n)
-        ref = self._vec("ref_logp", ref_logp, n)
-        mask = self._vec("mask", mask, n)
+        labels = self._vec("labels", labels, logits, n, torch.int64)
+        old = self._vec("old_logp", old_logp, logits, n)
+        adv = self._vec("adv", adv, logits, n)
+        ref = self._vec("ref_logp", ref_logp, logits, n)
+        mask = self._vec("mask", mask, logits, n)
         terms = torch.empty((NUM_TERMS, n), dtype=torch.float32, device=logits.device)
         if n > 0:
             self.module.ppo_loss_forward(*view, _ptr(labels), _ptr(old), _ptr(adv), _ptr(ref), _ptr(mask),
@@ -171,13 +170,9 @@ class NativeLaunchers:
     ) -> tuple[Tensor, Tensor]:
         """``rewards, values [B, T]`` float32, ``mask [B, T]`` bool, ``bootstrap [B]`` -> ``(adv, returns) [B, T]``."""
         self._check_device("rewards", rewards)
-        if rewards.dim() != 2 or values.shape != rewards.shape or mask.shape != rewards.shape:
-            raise ValueError("gae_forward takes rewards, values and mask of one shape [B, T]")
+        check_gae_inputs(rewards, values, mask, bootstrap)
         B, T = rewards.shape
-        r = self._vec("rewards", rewards, B * T)
-        v = self._vec("values", values, B * T)
-        m = self._vec("mask", mask, B * T, torch.bool)
-        boot = self._vec("bootstrap", bootstrap, B)
+        r, v, m, boot = rewards, values, mask, bootstrap
         adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
         ret = torch.empty_like(adv)
         if B * T > 0:

@@ -3,6 +3,15 @@
 Triton decides at decoration time whether a kernel is compiled or interpreted (``TRITON_INTERPRET=1``). Test
 suites and users import ``fastppo`` (and so, lazily, ``fastppo.kernels``) in any order relative to setting that
 variable; wrapping at launch makes the choice follow the environment at the time of the call.
+
+Why plain ``@triton.jit`` kernels have not replaced this wrapper: a ``@triton.jit`` helper is bound to the mode of
+its own decoration, and an interpreted kernel cannot call a compiled-mode helper (Triton raises "Cannot call
+@triton.jit'd outside of the scope of a kernel"), nor a compiled kernel a plain Python helper. With plain decorators
+every kernel and helper would follow the environment at import, which breaks processes that import fastppo before
+setting the variable (tests/kernels/test_logprobs.py::test_kernels_follow_triton_interpret_at_launch_time). So the
+kernels stay single functions: the online-softmax merge of kernels/gae.py and the PPO epilogue of
+kernels/logprobs.py are written inline. A shared helper would need a late helper that this wrapper rebinds into
+each kernel's globals per mode.
 """
 
 from __future__ import annotations

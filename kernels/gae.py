@@ -25,6 +25,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
+from fastppo._contract import check_gae_inputs
+
 from ._jit import late_jit, next_pow2, on_device
 
 # Tests set this to force many chunks on short sequences (exercises the cross-chunk carry).
@@ -176,27 +178,13 @@ _moments = late_jit(_moments_kernel)
 _whiten = late_jit(_whiten_kernel)
 
 
-def _check_inputs(rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None) -> None:
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
-    n_b, n_t = rewards.shape
-    dev = rewards.device
-    for name, x in (("rewards", rewards), ("values", values)):
-        if x.shape != (n_b, n_t) or x.dtype != torch.float32 or not x.is_contiguous() or x.device != dev:
-            raise ValueError(f"{name} must be a contiguous float32 [{n_b}, {n_t}] tensor on {dev}")
-    if mask.shape != (n_b, n_t) or mask.device != dev:
-        raise ValueError(f"mask must be [{n_b}, {n_t}] on {dev}, got {tuple(mask.shape)} on {mask.device}")
-    if bootstrap is not None and (bootstrap.shape != (n_b,) or bootstrap.device != dev):
-        raise ValueError(f"bootstrap must be [{n_b}] on {dev}, got {tuple(bootstrap.shape)}")
-
-
 def _scan(rewards: Tensor, values: Tensor, mask: Tensor, bootstrap: Tensor | None, gamma: float, lam: float,
           stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    _check_inputs(rewards, values, mask, bootstrap)
+    check_gae_inputs(rewards, values, mask, bootstrap)
     n_b, n_t = rewards.shape
     dev = rewards.device
-    m8 = mask.to(torch.bool).contiguous().view(torch.uint8)  # bytes: bool pointers are awkward in kernels
-    boot = None if bootstrap is None else bootstrap.to(torch.float32).contiguous()
+    m8 = mask.view(torch.uint8)  # bytes: bool pointers are awkward in kernels
+    boot = bootstrap
     adv = torch.empty((n_b, n_t), dtype=torch.float32, device=dev)
     ret = torch.empty((n_b, n_t), dtype=torch.float32, device=dev)
     if adv.numel() == 0:

@@ -14,7 +14,17 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from fastppo._contract import KL_KINDS, LOG_RATIO_CLAMP, NUM_TERMS, PPO_TERMS, TERM, triton_interpret
+from fastppo._contract import (
+    KL_KINDS,
+    LOG_RATIO_CLAMP,
+    NUM_TERMS,
+    PPO_TERMS,
+    TERM,
+    check_logits,
+    check_out,
+    check_vector,
+    triton_interpret,
+)
 
 from ._jit import late_jit, next_pow2, on_device
 
@@ -211,39 +221,24 @@ _row_backward = late_jit(_row_backward_kernel)
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _rows3d(logits: Tensor) -> Tensor:
-    """``[B, T, V]`` (2-D ``[N, V]`` is promoted) with unit stride along V, copying only if it has none."""
-    if logits.dim() == 2:
-        logits = logits.unsqueeze(0)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        logits = logits.contiguous()  # explicit copy: the kernels need unit stride along the vocabulary
-    return logits
+def _rows(logits: Tensor, labels: Tensor) -> tuple[int, int, int, int]:
+    """``(B, T, V, N)`` of launcher inputs that follow the contract (fastppo._contract), else a clear error."""
+    check_logits(logits)
+    n_b, n_t, v = logits.shape
+    check_vector("labels", labels, (n_b * n_t,), torch.int64, logits.device)
+    return n_b, n_t, v, n_b * n_t
 
 
-def _check_vec(name: str, t: Tensor, n: int, device: torch.device) -> None:
-    if t.shape != (n,) or t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
-        raise ValueError(
-            f"{name} must be a contiguous float32 [{n}] tensor on {device}, got {tuple(t.shape)} {t.dtype} "
-            f"on {t.device}"
-        )
-
-
-def _labels(labels: Tensor, n: int, device: torch.device) -> Tensor:
-    if labels.shape != (n,) or labels.device != device:
-        raise ValueError(f"labels must be [{n}] on {device}, got {tuple(labels.shape)} on {labels.device}")
-    return labels.to(torch.int64).contiguous()
+def _check_f32(name: str, t: Tensor, n: int, device: torch.device) -> None:
+    check_vector(name, t, (n,), torch.float32, device)
 
 
 def logprobs_forward(
     logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """``logits [B, T, V]``, ``labels [N]`` -> ``(logp [N], entropy [N] or None, lse [N])`` float32."""
-    x = _rows3d(logits)
-    n_b, n_t, v = x.shape
-    n = n_b * n_t
-    lab = _labels(labels, n, x.device)
+    x, lab = logits, labels
+    n_b, n_t, v, n = _rows(x, lab)
     logp = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     ent = torch.empty(n, dtype=torch.float32, device=x.device) if with_entropy else None
@@ -276,23 +271,18 @@ def logprobs_backward(
 
     ``dx_j = [g_lp*(1[j=t] - p_j) - g_H*p_j*(log p_j + H)] / T``; rows with ``g_lp == g_H == 0`` get zeros.
     """
-    x = _rows3d(logits)
-    n_b, n_t, v = x.shape
-    n = n_b * n_t
-    o = out.unsqueeze(0) if out.dim() == 2 else out
-    if o.shape != x.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
-    if o.stride(-1) != 1 and v > 1:
-        raise ValueError("out needs unit stride along the vocabulary (the kernel writes it in place)")
-    lab = _labels(labels, n, x.device)
-    _check_vec("lse", lse, n, x.device)
+    x, lab, o = logits, labels, out
+    n_b, n_t, v, n = _rows(x, lab)
+    check_out(o, x)
+    _check_f32("lse", lse, n, x.device)
     if grad_logp is not None:
-        _check_vec("grad_logp", grad_logp, n, x.device)
+        _check_f32("grad_logp", grad_logp, n, x.device)
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("grad_entropy needs the forward entropy")
+    if entropy is not None:
+        _check_f32("entropy", entropy, n, x.device)
     if grad_entropy is not None:
-        if entropy is None:
-            raise ValueError("grad_entropy needs the forward's entropy")
-        _check_vec("grad_entropy", grad_entropy, n, x.device)
-        _check_vec("entropy", entropy, n, x.device)
+        _check_f32("grad_entropy", grad_entropy, n, x.device)
     if n == 0:
         return out
     block, warps = row_config(v, x.dtype)
@@ -327,14 +317,12 @@ def ppo_loss_forward(
 
     ``old_logp, adv, ref_logp, mask`` float32 ``[N]`` (mask 0/1); masked rows skip the vocabulary and get zeros.
     """
-    x = _rows3d(logits)
-    n_b, n_t, v = x.shape
-    n = n_b * n_t
-    lab = _labels(labels, n, x.device)
+    x, lab = logits, labels
+    n_b, n_t, v, n = _rows(x, lab)
     for name, t in (("old_logp", old_logp), ("adv", adv), ("mask", mask)):
-        _check_vec(name, t, n, x.device)
+        _check_f32(name, t, n, x.device)
     if ref_logp is not None:
-        _check_vec("ref_logp", ref_logp, n, x.device)
+        _check_f32("ref_logp", ref_logp, n, x.device)
     if not 0 <= int(kl_kind) < len(KL_KINDS):
         raise ValueError(f"kl_kind must index {KL_KINDS}, got {kl_kind}")
     terms = torch.empty((NUM_TERMS, n), dtype=torch.float32, device=x.device)
