@@ -188,7 +188,7 @@ class NativeLaunchers:
         if logits.dim() != 2 or code is None or (logits.stride(1) != 1 and logits.shape[1] > 1):
             raise ValueError("sample_forward takes fp32/bf16/fp16 logits [B, V] with unit stride on V")
         B, V = logits.shape
-        u = self._vec("uniforms", uniforms, B, torch.float64)
+        u = self._vec("uniforms", uniforms, logits, B, torch.float64)
         out = torch.empty(B, dtype=torch.int64, device=logits.device)
         if B > 0:
             self.module.sample_forward(logits.data_ptr(), code, B, V, logits.stride(0), _ptr(u),

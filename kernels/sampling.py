@@ -13,6 +13,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from fastppo._contract import DTYPE_CODES, check_vector
+
 from ._jit import interpreting, late_jit, next_pow2, on_device
 
 _ONE_BITS = 0x3F800000  # bits of 1.0f: every p = exp(z - max) is <= 1
@@ -106,10 +108,11 @@ def sample_block(v: int) -> tuple[int, int]:
 
 def sample_forward(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """``logits [B, V]`` (unit stride on V), ``uniforms [B]`` float64 in (0, 1) -> tokens ``[B]`` int64."""
-    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
-        raise ValueError("sample_forward takes logits [B, V] with unit stride on V")
+    if logits.dim() != 2 or logits.dtype not in DTYPE_CODES or (logits.stride(1) != 1 and logits.shape[1] > 1):
+        raise ValueError("sample_forward takes fp32/bf16/fp16 logits [B, V] with unit stride on V")
     B, V = logits.shape
-    u = uniforms.reshape(-1).to(torch.float64).contiguous()
+    check_vector("uniforms", uniforms, (B,), torch.float64, logits.device)
+    u = uniforms
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out

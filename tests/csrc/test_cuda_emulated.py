@@ -2,8 +2,8 @@
 float64 reference. Runs in CI (no GPU needed): the same kernel source, binding and launcher layer as
 ``backend="cuda"``, built with the emulated CUDA headers. This file tests the emulator itself and what is specific
 to the CUDA kernels (alignment heads/tails, rows without gradient left unread, the chunked GAE scan across tiles);
-the row ops' values, grads, layouts, dtypes and PPO terms run on the emulator in tests/contract (cuda-emulated). Speed, the real
-memory system and nvcc's code generation are only covered by ``test_cuda.py`` on a GPU (marked ``gpu``)."""
+the row ops' values, grads, layouts, dtypes and PPO terms run on the emulator in tests/contract (cuda-emulated).
+Speed, the real memory system and nvcc's code generation are only covered on a GPU (marked ``gpu``)."""
 
 from __future__ import annotations
 
