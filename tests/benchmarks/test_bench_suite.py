@@ -55,7 +55,7 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     csvs = [p for p in tmp_path.glob("bench-*.csv") if not p.name.endswith("-targets.csv")]
     jsons = list(tmp_path.glob("bench-*.json"))
-    assert len(list(tmp_path.glob("bench-*-targets.csv"))) == 1 and "Targets of issues" in out
+    assert len(list(tmp_path.glob("bench-*-targets.csv"))) == 1 and "Performance targets" in out
     pngs = sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("bench-*.png"))
     assert len(csvs) == 1 and len(jsons) == 1, list(tmp_path.iterdir())
     assert pngs == ["speedup.png", "time_vs_V.png"]
