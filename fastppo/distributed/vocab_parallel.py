@@ -2,8 +2,9 @@
 ranks of a process group (tensor-parallel LM head), each rank holding ``local_logits [..., V_r]`` for its slice
 ``[vocab_start_r, vocab_start_r + V_r)`` of the vocabulary; the slices need not be equal.
 
-Forward, per row, with ``z = logits / T``: one all-reduce (MAX) of the local row max ``m``, then ONE all-reduce
-(SUM) of a packed ``[4, N]`` tensor holding the partial sums
+Forward, per row, with ``z = logits / T``: each rank computes its slice's max ``m_r`` and partial sums relative
+to it; one all-reduce (MAX) gives the row max ``m``, then ONE all-reduce (SUM) of a packed ``[4, N]`` tensor
+holding the partials rescaled by ``exp(m_r - m)``:
 
   S = sum_j exp(z_j - m)            (softmax denominator)
   U = sum_j exp(z_j - m) * z_j      (for the entropy: H = m + log S - U / S)
@@ -52,8 +53,51 @@ def _collective_device(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
 
 def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
     buf = _collective_device(t, group)
+    buf = buf.clone() if buf is t else buf  # all_reduce works in place: never on the caller's tensor
     dist.all_reduce(buf, op=op, group=group)
     return buf.to(t.device)
+
+
+def local_partials(z: Tensor, idx: Tensor, owned: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """This rank's row statistics of ``z [C, V_r]`` (logits / T): ``(local max, sum exp(z - max),
+    sum exp(z - max) * z, label logit or 0)``, each ``[C]``. A row whose slice is all -inf gives ``(-inf, 0, 0, 0)``."""
+    m = z.amax(-1)
+    e = torch.exp(z - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[:, None])
+    # exp(-inf) = 0 would meet z = -inf in e * z: a masked vocabulary entry contributes nothing
+    ez = torch.where(e > 0, e * z, torch.zeros_like(e))
+    y = torch.where(owned, z.gather(-1, idx[:, None]).squeeze(-1), torch.zeros_like(m))
+    return m, e.sum(-1), ez.sum(-1), y
+
+
+def combine_partials(m_local: Tensor, s_local: Tensor, u_local: Tensor, y: Tensor, owned: Tensor,
+                     group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Global row statistics from every rank's partials, in two collectives: the max, then one packed sum of the
+    rescaled partials. Returns ``(max m, log S, E_p[z], label logit)``, each ``[N]``, equal on every rank."""
+    m = _all_reduce(m_local, dist.ReduceOp.MAX, group)
+    V.finite_rows("vocab_parallel_logprobs_and_entropy", m)
+    scale = torch.where(torch.isfinite(m_local), torch.exp(m_local - m), torch.zeros_like(m))
+    packed = torch.stack([s_local * scale, u_local * scale, y, owned.to(m.dtype)])  # [4, N]: one collective
+    s, u, y, owners = _all_reduce(packed, dist.ReduceOp.SUM, group).unbind(0)
+    V.check_value((owners == 1).all(), "labels out of range: every label must lie in [0, V) of the global "
+                                       "vocabulary (no rank owns some of them)")
+    return m, torch.log(s), u / s, y
+
+
+def local_label_index(labels: Tensor, vocab_start: int, local_vocab: int) -> tuple[Tensor, Tensor]:
+    """``(index into this rank's slice (0 where not owned), owned)`` for global ``labels [N]``."""
+    local = labels.long() - vocab_start
+    owned = (local >= 0) & (local < local_vocab)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def dlogits_local(z: Tensor, m: Tensor, log_s: Tensor, expect: Tensor, idx: Tensor, owned: Tensor, dlogp: Tensor,
+                  dentropy: Tensor, temperature: float) -> Tensor:
+    """Gradient w.r.t. this rank's logits ``[C, V_r]`` (the module docstring's formulas; no communication)."""
+    p = torch.exp(z - (m + log_s)[:, None])
+    dz_h = torch.where(p > 0, p * (z - expect[:, None]), torch.zeros_like(p))
+    dz = -p * dlogp.to(p.dtype)[:, None] - dz_h * dentropy.to(p.dtype)[:, None]
+    dz = dz.scatter_add(-1, idx[:, None], (dlogp.to(p.dtype) * owned.to(p.dtype))[:, None])
+    return dz / temperature
 
 
 class VocabParallelLogprobsEntropy(torch.autograd.Function):
@@ -63,22 +107,8 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, labels: Tensor, vocab_start: int, temperature: float,
                 group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
         z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        m = _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group)  # [N]
-        V.finite_rows("vocab_parallel_logprobs_and_entropy", m)
-        e = torch.exp(z - m[:, None])
-        local = labels.long() - vocab_start
-        owned = (local >= 0) & (local < z.shape[-1])
-        idx = torch.where(owned, local, torch.zeros_like(local))
-        y = torch.where(owned, z.gather(-1, idx[:, None]).squeeze(-1), torch.zeros_like(m))
-        # exp(-inf - m) = 0 would meet z = -inf in e * z: a masked vocabulary entry contributes nothing
-        ez = torch.where(e > 0, e * z, torch.zeros_like(e))
-        packed = torch.stack([e.sum(-1), ez.sum(-1), y, owned.to(z.dtype)])  # [4, N]: one collective for all
-        packed = _all_reduce(packed, dist.ReduceOp.SUM, group)
-        s, u, y, owners = packed.unbind(0)
-        V.check_value((owners == 1).all(), "labels out of range: every label must lie in [0, V) of the global "
-                                           "vocabulary (no rank owns some of them)")
-        log_s = torch.log(s)
-        expect = u / s  # E_p[z]
+        idx, owned = local_label_index(labels, vocab_start, z.shape[-1])
+        m, log_s, expect, y = combine_partials(*local_partials(z, idx, owned), owned, group)
         logp = y - m - log_s  # float32 (float64 for float64 logits, as the reference)
         entropy = m + log_s - expect
         ctx.save_for_backward(logits, idx, owned, m, log_s, expect)
@@ -90,12 +120,8 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
         logits, idx, owned, m, log_s, expect = ctx.saved_tensors
         t = ctx.temperature
         z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / t
-        p = torch.exp(z - (m + log_s)[:, None])
-        dz_h = torch.where(p > 0, p * (z - expect[:, None]), torch.zeros_like(p))
-        dz = -p * dlogp.to(p.dtype)[:, None] - dz_h * dentropy.to(p.dtype)[:, None]
-        onehot = dlogp.to(p.dtype) * owned.to(p.dtype)
-        dz = dz.scatter_add(-1, idx[:, None], onehot[:, None])
-        return (dz / t).to(logits.dtype), None, None, None, None
+        dz = dlogits_local(z, m, log_s, expect, idx, owned, dlogp, dentropy, t)
+        return dz.to(logits.dtype), None, None, None, None
 
 
 def vocab_parallel_logprobs_and_entropy(
@@ -171,7 +197,16 @@ def vocab_parallel_ppo_loss(
     clip_high = _check_clips(clip_low, clip_high, dual_clip)
     logp, entropy = vocab_parallel_logprobs_and_entropy(local_logits, labels, group, temperature=temperature,
                                                         vocab_start=vocab_start)
-    # The same per-token terms as the single-process reference, on replicated [B, T] tensors.
+    return ppo_loss_from_logprobs(logp, entropy, old, adv, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+                                  kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, agg=agg)
+
+
+def ppo_loss_from_logprobs(logp: Tensor, entropy: Tensor, old: Tensor, adv: Tensor, mask: Tensor, *,
+                           ref_logprobs: Tensor | None, kl_coef: float, kl_kind: str, entropy_coef: float,
+                           clip_low: float, clip_high: float, dual_clip: float | None,
+                           agg: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """The same per-token PPO terms as the single-process reference, on replicated ``[B, T]`` tensors."""
     loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                   agg=agg)
     if ref_logprobs is not None:

@@ -230,6 +230,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     raise CheckpointError(f"no valid checkpoint in {run_dir}: " + "; ".join(problems))
 
 
+def check_format(ckpt: Path, *, multi_process: bool) -> None:
+    """Single-process runs write safetensors checkpoints, multi-process runs sharded DCP ones; neither kind of run
+    resumes the other's (checked before any model is built, with what to do instead)."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    sharded = manifest.get("format") == "dcp"
+    if sharded and not multi_process:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by a {manifest.get('world_size')}-process run (sharded, "
+            "torch.distributed.checkpoint); a single process cannot resume it: resume with "
+            "fastppo train --resume RUN_DIR --nproc N (N >= 2, any N)")
+    if multi_process and not sharded:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by a single-process run (safetensors); a multi-process run cannot "
+            "resume it: resume it with one process (fastppo train --resume RUN_DIR)")
+
+
 def load_checkpoint(
     ckpt: Path,
     *,
@@ -241,12 +257,9 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Restore modules, optimizer, scheduler and RNG states in place; returns ``(state, metrics)``.
     ``verified``: ``ckpt`` was just checked by ``verify`` / ``latest_checkpoint`` (skip hashing it again)."""
-    manifest = verify(ckpt) if not verified else json.loads((ckpt / MANIFEST).read_text())
-    if manifest.get("format") == "dcp":
-        raise CheckpointError(
-            f"checkpoint {ckpt} was written by a {manifest.get('world_size')}-process run (sharded, "
-            "torch.distributed.checkpoint); a single process cannot resume it: resume with "
-            "fastppo train --resume RUN_DIR --nproc N (N >= 2, any N)")
+    if not verified:
+        verify(ckpt)
+    check_format(ckpt, multi_process=False)
     _load_module(policy, ckpt / "policy.safetensors")
     if critic is not None:
         if not (ckpt / "critic.safetensors").is_file():

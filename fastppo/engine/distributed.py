@@ -292,11 +292,7 @@ def load_checkpoint(ctx: DistContext, ckpt: Path, *, models: dict[str, nn.Module
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    manifest = json.loads((ckpt / ckpt_io.MANIFEST).read_text())
-    if manifest.get("format") != DCP_FORMAT:
-        raise ckpt_io.CheckpointError(
-            f"checkpoint {ckpt} was written by a single-process run (safetensors); a multi-process run cannot "
-            "resume it: resume it with one process (fastppo train --resume RUN_DIR)")
+    ckpt_io.check_format(ckpt, multi_process=True)
     state = json.loads((ckpt / "state.json").read_text())
     if list(models) != state["models"]:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt} holds models {state['models']}, this run has "

@@ -105,6 +105,8 @@ class PPOTrainer:
         self.device = resolve_device(cfg.device) if dist_ctx is None else dist_ctx.device
         preflight.check_backend(cfg, self.device)
         resume_from = preflight.resume_point(cfg, self.run_dir, echo) if resume else None
+        if resume_from is not None:
+            ckpt_io.check_format(resume_from, multi_process=dist_ctx is not None)
         seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
         self.reward_fn = build_reward(cfg, self.device)

@@ -8,11 +8,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastppo.distributed import vocab_parallel_logprobs_and_entropy, vocab_parallel_ppo_loss
+from fastppo.distributed import (
+    vocab_parallel_linear_logprobs_and_entropy,
+    vocab_parallel_logprobs_and_entropy,
+    vocab_parallel_ppo_loss,
+    vocab_parallel_ppo_loss_from_hidden,
+)
+from fastppo.reference.linear import linear_logprobs_and_entropy, ppo_loss_from_hidden
 from fastppo.reference.logprobs import logprobs_and_entropy
 from fastppo.reference.losses import ppo_loss_from_logits
 from tests.distributed.spawn import run_world
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 V_GLOBAL = 1271  # divides evenly by neither 2 nor 3
 
@@ -83,6 +89,71 @@ def _check_ppo_loss(rank: int, group, sizes: list[int], agg: str) -> None:
     assert_close(local.grad, ref_grad, torch.float32, "grad")
 
 
+def _check_linear(rank: int, group, sizes: list[int], dtype: torch.dtype, bias: bool) -> None:
+    """The fused-LM-head variants: hidden [N, H] and each rank's rows of the weight, chunked (chunk 7 over 41 rows)."""
+    g = torch.Generator().manual_seed(5)
+    n, hdim = 41, 24
+    h = torch.randn(n, hdim, generator=g, dtype=torch.float64)
+    w = torch.randn(V_GLOBAL, hdim, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V_GLOBAL, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, V_GLOBAL, (n,), generator=g)
+    # the reference sees the same rounded inputs as the op under test
+    h, w = h.to(dtype).double(), w.to(dtype).double()
+    b = b.to(dtype).double() if bias else None
+    up_lp, up_h = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    hr, wr = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    br = b.clone().requires_grad_(True) if bias else None
+    ref_lp, ref_h = linear_logprobs_and_entropy(hr, wr, labels, bias=br, temperature=0.8)
+    (ref_lp * up_lp + ref_h * up_h).sum().backward()
+
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    hl = h.to(dtype).clone().requires_grad_(True)
+    wl = w[rows].to(dtype).clone().requires_grad_(True)
+    bl = b[rows].to(dtype).clone().requires_grad_(True) if bias else None
+    lp, ent = vocab_parallel_linear_logprobs_and_entropy(hl, wl, labels, group, local_bias=bl, temperature=0.8,
+                                                         chunk_size=7)
+    (lp.double() * up_lp + ent.double() * up_h).sum().backward()
+    assert_close(lp, ref_lp, dtype)
+    assert_close(ent, ref_h, dtype)
+    if dtype == torch.float64:
+        assert_close(hl.grad, hr.grad, dtype, "grad")  # summed over the vocabulary slices of every rank
+        assert_close(wl.grad, wr.grad[rows], dtype, "grad")
+    else:
+        # dh = sum_j dz_j w_j cancels heavily (the label's row against the softmax mean): held to eager PyTorch's
+        # own float32 error on the whole weight, with slack 2 for the reduction split across ranks
+        h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
+        b32 = b.float().requires_grad_(True) if bias else None
+        lp32, ent32 = linear_logprobs_and_entropy(h32, w32, labels, bias=b32, temperature=0.8)
+        (lp32 * up_lp.float() + ent32 * up_h.float()).sum().backward()
+        assert_no_worse_than_torch(hl.grad, hr.grad, h32.grad, slack=2.0)
+        assert_no_worse_than_torch(wl.grad, wr.grad[rows], w32.grad[rows], slack=2.0)
+    if bias:
+        assert_close(bl.grad, br.grad[rows], dtype, "grad")
+
+    # the PPO loss from hidden states, against the reference on the whole weight
+    bt = (n - 1) // 8
+    hh = h[: bt * 8].view(bt, 8, hdim)
+    lab = labels[: bt * 8].view(bt, 8)
+    old = torch.randn(bt, 8, generator=g, dtype=torch.float64) - 5
+    adv = torch.randn(bt, 8, generator=g, dtype=torch.float64)
+    mask = torch.ones(bt, 8, dtype=torch.float64)
+    mask[0, 5:] = 0
+    kw = dict(ref_logprobs=old + 0.1, kl_coef=0.1, kl_kind="k2", entropy_coef=0.02, agg="seq-mean-token-sum",
+              temperature=0.8)
+    hr2, wr2 = hh.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref_loss, _ = ppo_loss_from_hidden(hr2, wr2, lab, old, adv, mask, **kw)
+    ref_loss.backward()
+    hl2, wl2 = hh.to(dtype).clone().requires_grad_(True), w[rows].to(dtype).clone().requires_grad_(True)
+    loss, stats = vocab_parallel_ppo_loss_from_hidden(hl2, wl2, lab, old, adv, mask, group, chunk_size=5, **kw)
+    loss.backward()
+    assert_close(loss, ref_loss, dtype)
+    assert_close(stats["loss"], ref_loss, dtype)
+    if dtype == torch.float64:
+        assert_close(hl2.grad, hr2.grad, dtype, "grad")
+        assert_close(wl2.grad, wr2.grad[rows], dtype, "grad")
+
+
 def _check_bad_labels(rank: int, group, sizes: list[int]) -> None:
     local = torch.randn(4, sizes[rank])
     labels = torch.tensor([0, 5, V_GLOBAL, 3])  # V_GLOBAL: owned by no rank
@@ -101,6 +172,8 @@ def _checks(rank: int, world: int, group) -> None:
     _check_logprobs(rank, group, torch.bfloat16, even, 1.0, masked=False, pass_start=True)
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         _check_ppo_loss(rank, group, skewed, agg)
+    _check_linear(rank, group, skewed, torch.float64, bias=True)
+    _check_linear(rank, group, even, torch.float32, bias=False)
     _check_bad_labels(rank, group, even)
 
 
