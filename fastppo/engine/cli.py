@@ -117,8 +117,8 @@ def _run(cfg: PPOConfig, run_dir: Path, resume: bool, distributed: bool) -> int:
                 # rank 0's run directory (a default one is named by a timestamp that may differ across ranks)
                 run_dir = Path(ctx.broadcast_object(str(run_dir)))
                 cfg.output_dir = str(run_dir)
+            ctx.check_same_config(cfg)  # first: every later check then fails the same way on every rank
             dist_mod.check_config(cfg, ctx.world)
-            ctx.check_same_config(cfg)
         is_main = ctx is None or ctx.is_main
         if not resume and is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
