@@ -16,7 +16,7 @@ from torch import Tensor
 
 import fastppo
 from fastppo.engine.config import PPOConfig
-from fastppo.engine.models import position_ids_from_mask
+from fastppo.engine.models import forward_keep, position_ids_from_mask
 from fastppo.engine.rollout import Rollout
 
 
@@ -71,6 +71,16 @@ def score_rollout(rollout: Rollout, tokenizer, reward_fn, cfg: PPOConfig) -> tup
     return scores.to(rollout.prompt_ids.device), prompts, responses
 
 
+def update_is_on_policy(cfg: PPOConfig) -> bool:
+    """Whether the update's own forward can supply the old log-probs: one epoch of one minibatch (the policy is
+    still the one that generated when it runs), the KL not in the reward (the advantages must not need the old
+    log-probs before the update), and the values not read from the policy's forward (critic-free, or a separate
+    critic). Then the experience pass skips the policy forward, as TRL's GRPO does for one iteration."""
+    one_pass = cfg.ppo_epochs == 1 and cfg.mini_batch_size == cfg.batch_size
+    return one_pass and (cfg.kl_in_loss or cfg.kl_coef == 0.0) and (
+        cfg.advantage_estimator != "gae" or cfg.critic == "separate")
+
+
 @torch.no_grad()
 def make_experience(
     rollout: Rollout,
@@ -81,31 +91,46 @@ def make_experience(
     cfg: PPOConfig,
     kl_coef: float,
     gather: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    *,
+    old_from_update: bool = False,
 ) -> Experience:
-    """One no-grad forward each through policy (+ value head), reference and (separate) critic.
+    """No-grad forwards through policy (+ value head), reference and (separate) critic, each computing logits at
+    the response positions only. Critic-free estimators run no value head.
 
     ``gather`` (multi-process runs): turns this rank's rows into the global batch's (concatenated in rank order)
     after the forwards, so rewards, advantages and their whitening are computed over the whole batch.
+    ``old_from_update`` (see ``update_is_on_policy``): no policy forward; ``old_logprobs`` / ``entropy`` / ``kl``
+    are NaN until the update fills them from its own forward (``fill_from_update``).
     """
     ids, attn = rollout.input_ids, rollout.attention_mask
     pos = position_ids_from_mask(attn)
     labels, mask = rollout.response_ids, rollout.response_mask.float()
     p = rollout.prompt_ids.shape[1]
+    r = labels.shape[1]
+    need_values = cfg.advantage_estimator == "gae"
     old_lp, ent, ref_lp, values = [], [], [], []
     fb = cfg.forward_batch_size
     for s in range(0, ids.shape[0], fb):
         sl = slice(s, s + fb)
-        logits, vals = policy(ids[sl], attn[sl], pos[sl])
-        lp, h = fastppo.logprobs_and_entropy(response_slice(logits, p), labels[sl], temperature=cfg.temperature,
-                                             backend=cfg.backend)
-        old_lp.append(lp)
-        ent.append(h)
-        ref_logits = ref_lm(input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl], use_cache=False).logits
-        ref_lp.append(fastppo.token_logprobs(response_slice(ref_logits, p), labels[sl], temperature=cfg.temperature,
+        vals = None
+        if not old_from_update:
+            logits, vals = policy(ids[sl], attn[sl], pos[sl], keep=r + 1, values=need_values and critic is None)
+            lp, h = fastppo.logprobs_and_entropy(logits[:, :-1], labels[sl], temperature=cfg.temperature,
+                                                 backend=cfg.backend)
+            old_lp.append(lp)
+            ent.append(h)
+        ref_logits = forward_keep(ref_lm, r + 1, input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl],
+                                  use_cache=False).logits
+        ref_lp.append(fastppo.token_logprobs(ref_logits[:, :-1], labels[sl], temperature=cfg.temperature,
                                              backend=cfg.backend))
-        if critic is not None:
-            _, vals = critic(ids[sl], attn[sl], pos[sl])
-        values.append(response_slice(vals, p))
+        if need_values:
+            if critic is not None:
+                _, vals = critic(ids[sl], attn[sl], pos[sl], keep=1)
+            values.append(response_slice(vals, p))
+    if old_from_update:  # NaN, not zeros: a statistic read before the update fills them cannot pass unnoticed
+        old_lp = ent = [torch.full_like(labels, float("nan"), dtype=torch.float32)]
+    if not need_values:
+        values = [torch.zeros_like(labels, dtype=torch.float32)]
     old_logprobs = torch.cat(old_lp) * mask
     ref_logprobs = torch.cat(ref_lp) * mask
     entropy = torch.cat(ent) * mask
@@ -118,8 +143,8 @@ def make_experience(
             g["scores"]
 
     kl = fastppo.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_kind) * mask
-    rewards = torch.zeros_like(old_logprobs)
-    if not cfg.kl_in_loss:
+    rewards = torch.zeros_like(ref_logprobs)
+    if not cfg.kl_in_loss and not old_from_update:  # (old_from_update implies kl_coef == 0 here)
         rewards = rewards - kl_coef * kl
     last = (mask.sum(1).long() - 1).clamp_min(0)  # responses are contiguous: the last valid token
     rewards = rewards.scatter_add(1, last[:, None], scores[:, None].float())
@@ -150,3 +175,11 @@ def critic_free_advantages(rewards: Tensor, mask: Tensor, cfg: PPOConfig) -> tup
         if cfg.whiten_advantages:
             adv = fastppo.masked_whiten(adv, mask) * mask
     return adv, adv
+
+
+def fill_from_update(exp: Experience, logprobs: Tensor, entropy: Tensor, cfg: PPOConfig) -> None:
+    """Store the update forward's (detached) ``logprobs`` / ``entropy`` ``[B, R]`` as the old log-probs of an
+    on-policy experience, and the KL to the reference they give (in place)."""
+    exp.old_logprobs = logprobs * exp.mask
+    exp.entropy = entropy * exp.mask
+    exp.kl = fastppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, cfg.kl_kind) * exp.mask

@@ -62,15 +62,34 @@ class ValueModel(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
-                **kw) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, *,
+                keep: int = 0, values: bool = True, **kw) -> tuple[Tensor, Tensor | None]:
+        """``keep > 0``: logits of the last ``keep`` positions only (``[B, keep, V]``; the LM head skips the rest);
+        ``values=False``: no value head (and no hidden states kept), ``None`` in its place."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, use_cache=False, **kw)
+        out = forward_keep(self.lm, keep, input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, output_hidden_states=values, use_cache=False, **kw)
+        if not values:
+            return out.logits, None
         hidden = out.hidden_states[-1]
-        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
-        return out.logits, values
+        vals = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        return out.logits, vals
+
+
+def forward_keep(lm: nn.Module, keep: int, **kw):
+    """``lm(**kw)`` with logits for the last ``keep`` positions only (``logits_to_keep``; all when 0). A model whose
+    forward does not take ``logits_to_keep`` computes them all and the result is sliced."""
+    if keep <= 0:
+        return lm(**kw)
+    try:
+        return lm(logits_to_keep=keep, **kw)
+    except TypeError as exc:
+        if "logits_to_keep" not in str(exc):
+            raise
+    out = lm(**kw)
+    out.logits = out.logits[:, -keep:]
+    return out
 
 
 def build_tokenizer(cfg: PPOConfig):

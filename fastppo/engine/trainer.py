@@ -25,7 +25,14 @@ from fastppo.engine import checkpoint as ckpt_io
 from fastppo.engine import preflight
 from fastppo.engine import task as task_mod
 from fastppo.engine.config import PPOConfig
-from fastppo.engine.experience import Experience, make_experience, response_slice, score_rollout
+from fastppo.engine.experience import (
+    Experience,
+    fill_from_update,
+    make_experience,
+    response_slice,
+    score_rollout,
+    update_is_on_policy,
+)
 from fastppo.engine.models import (
     AdapterDisabledReference,
     ValueModel,
@@ -129,7 +136,7 @@ class PPOTrainer:
                 ckpt_io.load_module(self.ref_lm, ref_path)
         self.policy = ValueModel(lm).to(self.device)
         self.critic: ValueModel | None = None
-        if cfg.critic == "separate":
+        if cfg.critic == "separate" and cfg.advantage_estimator == "gae":  # critic-free estimators need no critic
             trunk = build_causal_lm(cfg, self.tokenizer, cfg.critic_model).to(self.device) if cfg.critic_model \
                 else frozen_copy(lm).requires_grad_(True)
             self.critic = ValueModel(trunk).to(self.device)
@@ -144,6 +151,10 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         updates = cfg.total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, updates))
+        # one epoch of one minibatch: the update's own forward gives the old log-probs (no policy forward in the
+        # experience pass); tests switch it off to check the results are the same. Single process only: across ranks
+        # each computes only its piece of a micro-batch's log-probs.
+        self.old_from_update = update_is_on_policy(cfg) and self.dist is None
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.stream = task_mod.PromptStream(self.train_prompts, cfg.seed)
         self.step = 0
@@ -240,32 +251,47 @@ class PPOTrainer:
         return mean
 
     # ------------------------------------------------------------------------------------------------- update
-    def _forward_train(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        logits, values = self.policy(exp.input_ids, exp.attention_mask, exp.position_ids)
-        if self.critic is not None:
-            _, values = self.critic(exp.input_ids, exp.attention_mask, exp.position_ids)
-        p = exp.prompt_width
-        return response_slice(logits, p), response_slice(values, p)
+    def _forward_train(self, exp: Experience) -> tuple[Tensor, Tensor | None]:
+        """Response-position logits ``[B, R, V]`` (the LM head skips the prompt) and values ``[B, R]`` (None under
+        critic-free estimators: no value head runs)."""
+        r = exp.labels.shape[1]
+        need_values = self.cfg.advantage_estimator == "gae"
+        logits, values = self.policy(exp.input_ids, exp.attention_mask, exp.position_ids, keep=r + 1,
+                                     values=need_values and self.critic is None)
+        if need_values and self.critic is not None:
+            _, values = self.critic(exp.input_ids, exp.attention_mask, exp.position_ids, keep=1)
+        return logits[:, :-1], (response_slice(values, exp.prompt_width) if need_values else None)
 
     def micro_loss(self, e: Experience) -> tuple[Tensor, dict[str, Tensor]]:
-        """PPO loss (fused ``ppo_loss_from_logits``) + ``vf_coef`` x value loss on one micro-batch."""
+        """PPO loss (fused ``ppo_loss_from_logits``) + ``vf_coef`` x value loss on one micro-batch.
+
+        On-policy (``old_from_update``) the old log-probs are this forward's own, detached (ratio 1): the stats
+        then carry them (``old_logprobs``, ``entropy``) for the experience."""
         cfg = self.cfg
         logits, values = self._forward_train(e)
+        old = e.old_logprobs
+        extra: dict[str, Tensor] = {}
+        if self.old_from_update:
+            with torch.no_grad():
+                lp, h = fastppo.logprobs_and_entropy(logits.detach(), e.labels, temperature=cfg.temperature,
+                                                     backend=cfg.backend)
+            old, extra = lp * e.mask, {"old_logprobs": lp, "entropy": h}
         pg, st = fastppo.ppo_loss_from_logits(
-            logits, e.labels, e.old_logprobs, e.advantages, e.mask,
+            logits, e.labels, old, e.advantages, e.mask,
             ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
             kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
             entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
             dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend,
         )
-        if cfg.advantage_estimator == "gae":
+        if values is not None:
             vl, vst = fastppo.value_loss(values, e.values, e.returns, e.mask, clip=cfg.value_clip, agg=cfg.loss_agg,
                                          backend=cfg.backend)
-        else:  # critic-free estimators: the value head is not trained
-            zero = values.new_zeros(())
-            vl, vst = values.sum() * 0.0, {"vf_loss": zero, "vf_clipfrac": zero}
-        stats = {**st, "value_loss": vst["vf_loss"].detach(), "vf_clipfrac": vst["vf_clipfrac"].detach()}
-        return pg + cfg.vf_coef * vl, stats
+            loss = pg + cfg.vf_coef * vl
+        else:  # critic-free estimators: no value head runs, nothing to train there
+            zero = pg.new_zeros(()).detach()
+            loss, vst = pg, {"vf_loss": zero, "vf_clipfrac": zero}
+        stats = {**st, "value_loss": vst["vf_loss"].detach(), "vf_clipfrac": vst["vf_clipfrac"].detach(), **extra}
+        return loss, stats
 
     def update(self, exp: Experience) -> dict[str, Tensor]:
         """``ppo_epochs`` x shuffled minibatches (gradient accumulation over micro-batches). Stats stay on device."""
@@ -277,6 +303,7 @@ class PPOTrainer:
             self.critic.train()
         keys = ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac", "grad_norm")
         acc: dict[str, list[Tensor]] = {k: [] for k in keys}
+        fresh = {k: torch.empty_like(exp.ref_logprobs) for k in ("old_logprobs", "entropy")}
         for epoch in range(cfg.ppo_epochs):
             # the minibatch order is a function of (seed, step, epoch): the same in every process and on resume
             gen = torch.Generator().manual_seed(stream_seed(cfg.seed, self.step, epoch, 0xB47C))
@@ -286,6 +313,9 @@ class PPOTrainer:
                 for micro in mb.split(cfg.micro_batch_size):
                     if self.dist is None:
                         loss, st = self.micro_loss(exp.select(micro))
+                        if "old_logprobs" in st:
+                            fresh["old_logprobs"][micro] = st["old_logprobs"]
+                            fresh["entropy"][micro] = st["entropy"]
                     else:
                         # this rank's piece of the global micro-batch, weighted by its share of the aggregation
                         piece, w = self.dist.micro_piece(micro, exp.mask, cfg.loss_agg)
@@ -304,6 +334,8 @@ class PPOTrainer:
         self.policy.eval()
         if self.critic is not None:
             self.critic.eval()
+        if self.old_from_update:
+            fill_from_update(exp, fresh["old_logprobs"], fresh["entropy"], cfg)
         out = {k: torch.stack(v).float().mean() for k, v in acc.items()}
         return out if self.dist is None else self.dist.reduce_stats(out, keep=("grad_norm",))
 
@@ -339,7 +371,8 @@ class PPOTrainer:
         self._sync()
         t1 = time.perf_counter()
         kl_coef = self.kl_ctl.value
-        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef, gather=gather)
+        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef, gather=gather,
+                              old_from_update=self.old_from_update)
         self._sync()
         t2 = time.perf_counter()
         up = self.update(exp)
