@@ -1,53 +1,314 @@
-"""Benchmark: end-to-end PPO step throughput of the bundled engine vs TRL's PPOTrainer.
+"""Benchmark: end-to-end GRPO steps of the bundled engine vs TRL's GRPOTrainer on a real-vocabulary model.
 
-Same tiny model for both (the engine's code-built Llama: hidden 64, 2 layers, 4 heads, MLP 128, over the
-embedded digit-reversal task's word-level vocabulary, built by the engine's own builder for both), same batch,
-same response length limit, same prompts, no warm-up SFT, one PPO epoch with one minibatch, fp32, on the
-benchmark device, and on CPU the same torch thread count (the engine's choice for the tiny model). Inherent
-differences: TRL's PPO needs a separate value model and a reward model (two more tiny Llamas: one more forward
-in the experience phase and one more backward in the update), the engine uses a value head on the policy
-trunk and the task's verifier function as reward.
+Realistic case (the one the README quotes): a 4-layer Qwen2 (hidden 256, 4 heads, MLP 1024, tied embeddings) built
+from config with vocabulary V (151936 as Qwen2's, and 32000), saved locally with a word-level tokenizer of exactly V
+entries (built in code, its own directory) and loaded by both trainers from those paths. Per step: 32 sequences (4
+prompts x 8 samples), responses of up to 64 tokens sampled at temperature 1 (no top-k / top-p), GRPO advantages,
+k3 KL (coef 0.04) in the loss against a frozen reference copy, one AdamW step per rollout, fp32, gradient
+checkpointing off, the same prompts and the same reward function (a cheap length score) for both. The untrained
+model almost never samples EOS, so responses run to the limit on both sides.
 
-A PPO step = generation (rollout) + experience (policy/reference/value forward, rewards, GAE) + update.
-Reported per provider: median step time, tokens/s (response tokens per step / step time; for TRL the
-response-token count is ``batch x response_length``, an upper bound since TRL does not report it, so its
-tokens/s is optimistic), and for the engine the median time split (generation / experience / update).
+Each trainer runs in its own fresh process (so peak RSS is its own: ``ru_maxrss`` at the end, model loading
+included) with the machine's default torch threads. Reported per row: median step time, response tokens/s
+(tokens counted from the response masks), the median generation / experience / update split (TRL: time inside
+``_generate``, the rest of ``_generate_and_score_completions``, the rest of the step), peak RSS, and for the engine
+the forward-only floor: the same model's forward passes alone for the same token counts (generation: prefill +
+one cached decode forward per response token, logits of the last position only; experience: the reference
+forward over prompt + response, logits at response positions).
 
-TRL: ``PPOTrainer`` moved to ``trl.experimental.ppo`` in TRL 1.10 and was removed later (huggingface/trl
-PR 7020); with a TRL that has it, it runs here fully offline on the same tiny model built from config and the
-same code-built tokenizer; otherwise its row says missing, with the reason.
+``--quick`` runs a small variant (V=32000, 8 sequences, 16 tokens) and the toy case: the engine's tiny Llama on the
+digit-reversal task, a smoke row only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .providers import Missing, peer_attr, version_of
+from .providers import version_of
 from .runner import Row
 
 OP = "ppo_step"
+ENGINE, TRL = "fastppo-engine", "trl-GRPOTrainer"
+_CHILD_TIMEOUT_S = 3600
 
 
-def settings(quick: bool) -> dict[str, int]:
+def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"batch": 16, "resp_len": 8, "warmup_steps": 1, "steps": 2}
-    return {"batch": 64, "resp_len": 10, "warmup_steps": 2, "steps": 8}
+        real = [{"V": 32000, "prompts": 2, "samples": 4, "resp_len": 16, "warmup_steps": 1, "steps": 2}]
+        toy = {"batch": 16, "resp_len": 8, "warmup_steps": 1, "steps": 2}
+    else:
+        real = [{"V": v, "prompts": 4, "samples": 8, "resp_len": 64, "warmup_steps": 1, "steps": 3}
+                for v in (151936, 32000)]
+        toy = {"batch": 64, "resp_len": 10, "warmup_steps": 2, "steps": 8}
+    return {"realistic": real, "toy": toy}
 
 
-def _row(provider: str, group: str, device: torch.device, s: dict[str, int]) -> Row:
-    return Row(suite="e2e", op=OP, mode="step", provider=provider, group=group, device=device.type, dtype="float32",
-               shape=f"batch={s['batch']} resp_len<={s['resp_len']}", B=s["batch"], T=s["resp_len"])
+# --------------------------------------------------------------------------------------------- model + data
+MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 
 
-# ---------------------------------------------------------------------------------------------- fastppo engine
-def _engine_config(device: torch.device, s: dict[str, int], run_dir: str):
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer of exactly ``vocab_size`` entries: specials, digits, '=', then filler words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "=", *(str(d) for d in range(10))]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left")
+
+
+def save_case(root: Path, vocab_size: int) -> tuple[Path, Path]:
+    """Save the tokenizer and the seeded Qwen2 under ``root``; returns ``(model_dir, tokenizer_dir)``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer(vocab_size)
+    tok_dir, model_dir = root / "tokenizer", root / "model"
+    tok.save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    conf = Qwen2Config(vocab_size=vocab_size, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       bos_token_id=tok.eos_token_id, **MODEL)
+    Qwen2ForCausalLM(conf).save_pretrained(model_dir)
+    return model_dir, tok_dir
+
+
+def prompts(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    return [" ".join(str(rng.randrange(10)) for _ in range(rng.randint(4, 8))) + " =" for _ in range(n)]
+
+
+def length_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """The same cheap score for both trainers: closeness of the response to 20 words."""
+    return [-abs(len(c.split()) - 20) / 20.0 for c in completions]
+
+
+# ------------------------------------------------------------------------------------------- the child runs
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def child_engine(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dict[str, Any]:
+    from fastppo.engine.config import PPOConfig
+    from fastppo.engine.trainer import PPOTrainer
+
+    pf = Path(work) / "prompts.txt"
+    pf.write_text("\n".join(prompts(256)) + "\n")
+    batch = s["prompts"] * s["samples"]
+    cfg = PPOConfig(
+        model=model_dir, tokenizer=tok_dir, task="prompts_file", prompts_file=str(pf),
+        reward_fn="fastppo.benchmarks.bench_e2e:length_reward", output_dir=work, device="cpu",
+        total_steps=s["warmup_steps"] + s["steps"], sft_steps=0, advantage_estimator="grpo",
+        samples_per_prompt=s["samples"], batch_size=batch, mini_batch_size=batch, micro_batch_size=batch,
+        forward_batch_size=batch, max_new_tokens=s["resp_len"], ppo_epochs=1, kl_in_loss=True, kl_kind="k3",
+        kl_coef=0.04, adaptive_kl=False, lr=1e-6, temperature=1.0, top_k=0, top_p=1.0, save_every=0,
+        tensorboard=False, progress=False, plot=False, num_samples=1, eval_prompts=1,
+    )
+    tr = PPOTrainer(cfg, work, echo=lambda *a, **k: None)
+    for _ in range(s["warmup_steps"]):
+        tr.train_step()
+    steps = [tr.train_step() for _ in range(s["steps"])]
+    tr.metrics.close()
+    out = _summary([m["time_step"] for m in steps],
+                   [m["tokens_per_s"] * m["time_step"] for m in steps],  # response tokens of the step
+                   {k: [m[f"time_{k}"] for m in steps] for k in ("generation", "experience", "update")})
+    out["floor_s"] = forward_floor(tr, s)
+    out["peak_rss_mib"] = _rss_mib()
+    return out
+
+
+@torch.no_grad()
+def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
+    """The forward passes alone (median of 2): generation = prefill + one cached decode forward per response token
+    (last-position logits), experience = the reference forward over prompt + response (response-position logits)."""
+    from transformers import DynamicCache
+
+    from fastppo.engine.models import forward_keep, position_ids_from_mask
+
+    lm = tr.policy.lm
+    ps = [p for p in tr.train_prompts[: s["prompts"]] for _ in range(s["samples"])]
+    ids, mask = tr._encode(ps)
+    b, r = ids.shape[0], s["resp_len"]
+    resp = torch.randint(3, lm.config.vocab_size, (b, r), generator=torch.Generator().manual_seed(0))
+
+    def gen() -> None:
+        kv = DynamicCache(config=lm.config)
+        attn = mask.long()
+        pos = position_ids_from_mask(attn)
+        step_ids, step_pos = ids, pos
+        for t in range(r):
+            lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=kv, use_cache=True,
+               logits_to_keep=1)
+            attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype)], 1)
+            step_pos = pos[:, -1:] + 1 + t
+            step_ids = resp[:, t: t + 1]
+
+    def exp() -> None:
+        full_ids = torch.cat([ids, resp], 1)
+        attn = torch.cat([mask.long(), torch.ones(b, r, dtype=torch.long)], 1)
+        forward_keep(tr.ref_lm, r + 1, input_ids=full_ids, attention_mask=attn,
+                     position_ids=position_ids_from_mask(attn), use_cache=False)
+
+    out = {}
+    for name, fn in (("generation", gen), ("experience", exp)):
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times)
+    return out
+
+
+def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dict[str, Any]:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    batch = s["prompts"] * s["samples"]
+    total = s["warmup_steps"] + s["steps"]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = Dataset.from_dict({"prompt": prompts(s["prompts"] * total * 2)})
+    stamps: list[float] = []
+    gen_t: list[float] = []
+    score_t: list[float] = []
+    n_tok: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    args = GRPOConfig(
+        output_dir=work, per_device_train_batch_size=batch, num_generations=s["samples"], gradient_accumulation_steps=1,
+        max_completion_length=s["resp_len"], beta=0.04, num_iterations=1, learning_rate=1e-6, temperature=1.0,
+        top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[],
+        save_strategy="no", logging_steps=10**6, max_steps=total, seed=0, disable_tqdm=True, log_completions=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Stamp()])
+    for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
+        trainer.remove_callback(cb)
+    inner_gen, inner_score = trainer._generate, trainer._generate_and_score_completions
+
+    def timed_gen(*a, **k):
+        t0 = time.perf_counter()
+        out = inner_gen(*a, **k)
+        gen_t.append(time.perf_counter() - t0)
+        return out
+
+    def timed_score(*a, **k):
+        t0 = time.perf_counter()
+        out = inner_score(*a, **k)
+        score_t.append(time.perf_counter() - t0)
+        n_tok.append(float(out["completion_mask"].sum()))
+        return out
+
+    trainer._generate, trainer._generate_and_score_completions = timed_gen, timed_score
+    t0 = time.perf_counter()
+    trainer.train()
+    steps = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
+    if len(steps) != total or len(gen_t) != total or len(score_t) != total:
+        raise RuntimeError(f"TRL ran {len(steps)} steps / {len(gen_t)} generations, expected {total}")
+    w = s["warmup_steps"]
+    split = {"generation": gen_t[w:], "experience": [a - b for a, b in zip(score_t[w:], gen_t[w:], strict=True)],
+             "update": [st - sc for st, sc in zip(steps[w:], score_t[w:], strict=True)]}
+    out = _summary(steps[w:], n_tok[w:], split)
+    out["peak_rss_mib"] = _rss_mib()
+    return out
+
+
+def _summary(step_s: list[float], tokens: list[float], split: dict[str, list[float]]) -> dict[str, Any]:
+    return {"step_s": statistics.median(step_s), "steps": len(step_s),
+            "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, step_s, strict=True)),
+            "response_tokens": statistics.median(tokens),
+            "time_split_s": {k: statistics.median(v) for k, v in split.items()},
+            "torch_threads": torch.get_num_threads()}
+
+
+def _child_main(argv: list[str]) -> None:
+    which, model_dir, tok_dir, s_json, work = argv
+    fn = child_engine if which == "engine" else child_trl
+    print("E2E_RESULT " + json.dumps(fn(model_dir, tok_dir, json.loads(s_json), work)), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- parent side
+def _real_row(provider: str, group: str, s: dict[str, Any]) -> Row:
+    b = s["prompts"] * s["samples"]
+    return Row(suite="e2e", op=OP, mode="grpo-step", provider=provider, group=group, device="cpu", dtype="float32",
+               shape=f"Qwen2 4x256 V={s['V']} seqs={b} ({s['prompts']}x{s['samples']}) resp<={s['resp_len']}",
+               V=s["V"], B=b, T=s["resp_len"])
+
+
+def _run_child(which: str, model_dir: Path, tok_dir: Path, s: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as work:
+        cmd = [sys.executable, "-m", "fastppo.benchmarks.bench_e2e", which, str(model_dir), str(tok_dir),
+               json.dumps(s), work]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S)
+    for line in proc.stdout.splitlines():
+        if line.startswith("E2E_RESULT "):
+            return json.loads(line[len("E2E_RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(f"exit {proc.returncode}: {tail[0]}"[:300])
+
+
+def run_realistic(s: dict[str, Any], log: Callable[[str], None]) -> list[Row]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, tok_dir = save_case(Path(tmp), s["V"])
+        for which, provider, group in (("engine", ENGINE, "fastppo"), ("trl", TRL, "peer")):
+            row = _real_row(provider, group, s)
+            t0 = time.perf_counter()
+            if which == "trl" and version_of("trl") is None:
+                row.status = "missing: trl is not installed"
+            else:
+                try:
+                    res = _run_child(which, model_dir, tok_dir, s)
+                    row.median_ms = res["step_s"] * 1e3
+                    row.repeats = res["steps"]
+                    row.extra = {k: v for k, v in res.items() if k not in ("step_s", "steps")}
+                    split = res["time_split_s"]
+                    row.notes = (f"{res['tokens_per_s']:.0f} tok/s; split " +
+                                 " / ".join(f"{v:.2f}" for v in split.values()) + " s; "
+                                 f"peak RSS {res['peak_rss_mib'] / 1024:.2f} GiB")
+                    if "floor_s" in res:
+                        row.notes += "; forward floor gen/exp " + " / ".join(
+                            f"{v:.2f}" for v in res["floor_s"].values()) + " s"
+                except Exception as exc:  # a broken provider is a row, not the end of the suite
+                    row.status = f"error: {type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            log(f"[e2e] V={s['V']} {provider}: {row.status} {row.notes} ({time.perf_counter() - t0:.1f}s)")
+    eng, trl = rows
+    if eng.status == "ok" and trl.status == "ok":
+        eng.extra["tokens_per_s_vs_trl"] = eng.extra["tokens_per_s"] / trl.extra["tokens_per_s"]
+        eng.extra["peak_rss_vs_trl"] = eng.extra["peak_rss_mib"] / trl.extra["peak_rss_mib"]
+        eng.notes += (f"; {eng.extra['tokens_per_s_vs_trl']:.2f}x TRL's tokens/s at "
+                      f"{eng.extra['peak_rss_vs_trl']:.2f}x its peak RSS")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ toy smoke
+def _toy_config(device: torch.device, s: dict[str, int], run_dir: str):
     from fastppo.engine.config import PPOConfig
 
     return PPOConfig(
@@ -59,141 +320,49 @@ def _engine_config(device: torch.device, s: dict[str, int], run_dir: str):
 
 
 def run_engine(device: torch.device, s: dict[str, int]) -> Row:
-    row = _row("fastppo-engine", "fastppo", device, s)
-    try:
-        from fastppo.engine import PPOTrainer  # noqa: F401  (probe: the engine and its deps import)
-    except Exception as exc:
-        row.status = f"missing: engine not available ({type(exc).__name__}: {exc})"
-        return row
-    from fastppo.engine.trainer import PPOTrainer as Trainer
+    """The toy smoke row: the engine's tiny Llama on the digit-reversal task."""
+    row = Row(suite="e2e", op=OP, mode="toy-step", provider=ENGINE, group="fastppo", device=device.type,
+              dtype="float32", shape=f"tiny Llama, batch={s['batch']} resp_len<={s['resp_len']}", B=s["batch"],
+              T=s["resp_len"])
+    from fastppo.engine.trainer import PPOTrainer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(_engine_config(device, s, tmp), tmp, echo=lambda *a, **k: None)
-        for _ in range(s["warmup_steps"]):
-            trainer.train_step()
-        steps = [trainer.train_step() for _ in range(s["steps"])]
-        trainer.metrics.close()
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = PPOTrainer(_toy_config(device, s, tmp), tmp, echo=lambda *a, **k: None)
+            for _ in range(s["warmup_steps"]):
+                trainer.train_step()
+            steps = [trainer.train_step() for _ in range(s["steps"])]
+            trainer.metrics.close()
+    finally:
+        torch.set_num_threads(threads)  # the engine picks one thread for the tiny model
     med = lambda k: statistics.median(m[k] for m in steps)  # noqa: E731
     step_s = med("time_step")
     row.median_ms = step_s * 1e3
     row.repeats = len(steps)
     split = {k: med(f"time_{k}") for k in ("generation", "experience", "update")}
     row.extra = {"tokens_per_s": med("tokens_per_s"), "time_split_s": split, "backend": trainer.cfg.backend}
-    row.notes = f"{med('tokens_per_s'):.0f} tok/s; " + " ".join(
-        f"{k[:3]} {100 * v / step_s:.0f}%" for k, v in split.items())
+    row.notes = f"smoke row; {med('tokens_per_s'):.0f} tok/s"
     return row
-
-
-# ------------------------------------------------------------------------------------------------------ TRL
-def _trl_classes() -> tuple[Any, Any]:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # we know it is experimental; keep the log clean
-    for mod in ("trl.experimental.ppo", "trl"):
-        try:
-            return peer_attr(mod, "PPOTrainer"), peer_attr(mod, "PPOConfig")
-        except Missing:
-            continue
-    raise Missing(f"installed trl {version_of('trl')} has no PPOTrainer (removed by huggingface/trl PR 7020; "
-                  f"trl.experimental.ppo in 1.10-1.12 has it, e.g. trl==1.12.0)")
-
-
-def run_trl(device: torch.device, s: dict[str, int]) -> Row:
-    row = _row("trl-PPOTrainer", "peer", device, s)
-    try:
-        trainer_cls, config_cls = _trl_classes()
-        elapsed = _trl_steps(trainer_cls, config_cls, device, s)
-    except Missing as exc:
-        row.status = f"missing: {exc}"
-        return row
-    except Exception as exc:
-        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        return row
-    step_s = statistics.median(elapsed)
-    row.median_ms = step_s * 1e3
-    row.repeats = len(elapsed)
-    tok = s["batch"] * s["resp_len"] / step_s
-    row.extra = {"tokens_per_s_upper_bound": tok}
-    row.extra["torch_threads"] = torch.get_num_threads()
-    row.notes = f"<= {tok:.0f} tok/s (assumes every response is resp_len tokens)"
-    return row
-
-
-def _trl_steps(trainer_cls, config_cls, device: torch.device, s: dict[str, int]) -> list[float]:
-    import copy
-
-    import transformers
-    from datasets import Dataset
-    from transformers import LlamaForSequenceClassification, TrainerCallback
-
-    from fastppo.engine import task as task_mod
-    from fastppo.engine.models import build_causal_lm
-
-    tok = task_mod.make_tokenizer()
-    eng_cfg = _engine_config(device, s, "")
-    torch.manual_seed(0)
-    # The engine's own builder, so both sides train the very same architecture; TRL's PPO needs a separate value
-    # model and a reward model (the engine uses a value head on the policy and the task's verifier function).
-    policy, ref = build_causal_lm(eng_cfg, tok), build_causal_lm(eng_cfg, tok)
-    cls_cfg = copy.deepcopy(policy.config)
-    cls_cfg.num_labels, cls_cfg.id2label, cls_cfg.label2id = 1, {0: "score"}, {"score": 0}
-    value, reward = LlamaForSequenceClassification(cls_cfg), LlamaForSequenceClassification(cls_cfg)
-    total_steps = s["warmup_steps"] + s["steps"]
-    prompts = task_mod.make_prompts(s["batch"] * total_steps, eng_cfg.task_min_digits, eng_cfg.task_max_digits, 0)
-    ds = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in prompts]})
-
-    stamps: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
-    with tempfile.TemporaryDirectory() as tmp:
-        args = config_cls(
-            output_dir=tmp, per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1,
-            num_mini_batches=1, num_ppo_epochs=1, total_episodes=s["batch"] * total_steps,
-            response_length=s["resp_len"], stop_token_id=tok.eos_token_id, temperature=1.0, report_to=[],
-            num_sample_generations=0, save_strategy="no", logging_steps=10**6, use_cpu=device.type == "cpu",
-            missing_eos_penalty=None, seed=0, bf16=False, disable_tqdm=True,
-        )
-        trainer = trainer_cls(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                              value_model=value, train_dataset=ds, callbacks=[Stamp()])
-        # TRL's PPO logs every step; keep those dicts off the benchmark's stdout
-        for cb in (transformers.trainer_callback.PrinterCallback, transformers.trainer_callback.ProgressCallback):
-            trainer.remove_callback(cb)
-        t0 = time.perf_counter()
-        trainer.train()
-    times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
-    if len(times) < total_steps:
-        raise RuntimeError(f"TRL ran {len(times)} steps, expected {total_steps}")
-    return times[s["warmup_steps"]:]
 
 
 def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -> list[Row]:
     s = settings(quick)
-    threads = torch.get_num_threads()  # the engine picks its own thread count for the tiny model; restore after
     rows = []
-    engine_threads = threads
+    t0 = time.perf_counter()
     try:
-        for fn in (run_engine, run_trl):
-            if fn is run_trl and device.type == "cpu":
-                torch.set_num_threads(engine_threads)  # TRL gets the thread count the engine chose for this model
-            t0 = time.perf_counter()
-            try:
-                row = fn(device, s)
-            except Exception as exc:  # a broken provider is a row, not the end of the suite
-                row = _row("fastppo-engine" if fn is run_engine else "trl-PPOTrainer", "", device, s)
-                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            rows.append(row)
-            log(f"[e2e] {row.provider}: {row.status} {row.notes} ({time.perf_counter() - t0:.1f}s)")
-            if fn is run_engine:
-                engine_threads = torch.get_num_threads()
-                row.extra["torch_threads"] = engine_threads
-            torch.set_num_threads(threads)
-    finally:
-        torch.set_num_threads(threads)
-    eng, trl = rows
-    if eng.status == "ok" and trl.status == "ok":
-        eng.extra["speedup_vs_trl"] = trl.median_ms / eng.median_ms
-        eng.notes += f"; step {eng.extra['speedup_vs_trl']:.1f}x faster than TRL"
+        rows.append(run_engine(device, s["toy"]))
+    except Exception as exc:
+        rows.append(Row(suite="e2e", op=OP, mode="toy-step", provider=ENGINE, group="fastppo", device=device.type,
+                        dtype="float32", shape="tiny Llama", status=f"error: {type(exc).__name__}: {exc}"[:300]))
+    log(f"[e2e] toy {ENGINE}: {rows[-1].status} {rows[-1].notes} ({time.perf_counter() - t0:.1f}s)")
+    for case in s["realistic"]:
+        if device.type != "cpu":
+            log("[e2e] the realistic GRPO case runs on CPU only here")
+            break
+        rows += run_realistic(case, log)
     return rows
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

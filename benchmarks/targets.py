@@ -1,4 +1,4 @@
-"""The performance targets of issues #3, #4 and #5, checked against the rows of a benchmark run.
+"""The performance targets of issues #3, #4, #5 and #16, checked against the rows of a benchmark run.
 
     python -m fastppo.benchmarks.targets RESULT.json [...]     # re-check a stored run
     python -m fastppo.benchmarks.targets --write RESULT.json   # ... and store the checks in its JSON / -targets.csv
@@ -17,6 +17,9 @@ Metrics (all from the same case's rows, so they compare equal work):
   ``speedup``        baseline median time / subject median time  (>= threshold)
   ``copy_fraction``  subject GB/s / ``copy`` GB/s = copy time / subject time (>= threshold): the fraction of the
                      device's measured copy bandwidth (``copy_baseline``); "within 2x of a copy" is >= 0.5
+  ``throughput``     subject response tokens/s / baseline's (``extra.tokens_per_s``, e2e rows) (>= threshold)
+  ``rss_ratio``      subject peak RSS / baseline's (``extra.peak_rss_mib``, e2e rows; each in its own process)
+                     (<= threshold)
   ``peak``           the subject's peak extra memory (``timing``), <= ``logits_buffers`` buffers of the case's
                      logits (``N*V*element size``) plus ``PER_TOKEN_SLACK`` bytes per token (the ``[N]`` outputs
                      and saved row statistics, which are not logits-sized) plus ``ALLOCATOR_SLACK`` (the CUDA
@@ -102,6 +105,14 @@ TARGETS: tuple[Target, ...] = (
     Target("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
            shape={"B": 256, "T": 1024}, subjects=("fastppo[cpp]",), metric="speedup", threshold=100.0,
            baseline="eager"),
+    # end to end (bench_e2e's realistic GRPO case: 32 sequences of <= 64 tokens on a 4-layer Qwen2)
+    *(Target(f"16-e2e-V{v}-tokens", 16, f"engine >= {thr:g}x TRL GRPOTrainer's response tokens/s at V={v}", "cpu",
+             op="ppo_step", mode="grpo-step", dtype="float32", shape={"V": v, "B": 32, "T": 64},
+             subjects=("fastppo-engine",), metric="throughput", threshold=thr, baseline="trl-GRPOTrainer")
+      for v, thr in ((151936, 2.0), (32000, 1.5))),
+    Target("16-e2e-V151936-rss", 16, "engine peak RSS <= 0.6x TRL GRPOTrainer's at V=151936", "cpu",
+           op="ppo_step", mode="grpo-step", dtype="float32", shape={"V": 151936, "B": 32, "T": 64},
+           subjects=("fastppo-engine",), metric="rss_ratio", threshold=0.6, baseline="trl-GRPOTrainer"),
 )
 
 
@@ -156,6 +167,12 @@ def _measure(t: Target, subj: dict, base: dict | None) -> tuple[float | None, st
         if not s or not b:
             return None, "no GB/s"
         return s / b, f"{subj['provider']} {s:.4g} GB/s / copy {b:.4g} GB/s"
+    if t.metric in ("throughput", "rss_ratio"):
+        key = "tokens_per_s" if t.metric == "throughput" else "peak_rss_mib"
+        s, b = _num((subj.get("extra") or {}).get(key)), _num((base.get("extra") or {}).get(key))
+        if not s or not b:
+            return None, f"no {key}"
+        return s / b, f"{subj['provider']} {s:.4g} / {t.baseline} {b:.4g} {key}"
     if t.metric == "peak":
         mib = _num(subj.get("peak_extra_mib"))
         if mib is None:
@@ -168,6 +185,8 @@ def _measure(t: Target, subj: dict, base: dict | None) -> tuple[float | None, st
 def _passes(t: Target, value: float) -> bool:
     if t.metric == "peak":
         return value * 2**20 <= peak_allowance_bytes(t)
+    if t.metric == "rss_ratio":
+        return value <= t.threshold
     return value >= t.threshold
 
 
@@ -225,6 +244,8 @@ def fmt_measured(c: Check) -> str:
         return f"{c.measured:.2f}x"
     if c.metric == "copy_fraction":
         return f"{c.measured:.3f} of copy"
+    if c.metric in ("throughput", "rss_ratio"):
+        return f"{c.measured:.2f}x"
     return f"{c.measured:.1f} MiB"
 
 
@@ -233,6 +254,10 @@ def fmt_target(c: Check) -> str:
         return f">= {c.threshold:g}x vs {c.baseline}"
     if c.metric == "copy_fraction":
         return f">= {c.threshold:g} of copy"
+    if c.metric == "throughput":
+        return f">= {c.threshold:g}x {c.baseline} tokens/s"
+    if c.metric == "rss_ratio":
+        return f"<= {c.threshold:g}x {c.baseline} peak RSS"
     return f"<= {c.threshold:.1f} MiB"
 
 

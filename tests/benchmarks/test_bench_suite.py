@@ -45,8 +45,9 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(3, 41)])
     for mod in (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss):
         monkeypatch.setattr(mod, "compiled", lambda fn: fn)
-    monkeypatch.setattr(bench_e2e, "settings", lambda quick: {"batch": 4, "resp_len": 4, "warmup_steps": 1,
-                                                               "steps": 2})
+    # the realistic GRPO case has its own test below (two trainer processes); here only the toy smoke row
+    monkeypatch.setattr(bench_e2e, "settings", lambda quick: {
+        "realistic": [], "toy": {"batch": 4, "resp_len": 4, "warmup_steps": 1, "steps": 2}})
 
 
 # ------------------------------------------------------------------------------------------------- CLI + files
@@ -82,7 +83,7 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
         expected = {p.name for p in mod.providers(CPU)}
         got = {r["provider"] for r in rows if r["op"] == mod.OP}
         assert got == expected, (mod.OP, expected ^ got)
-    assert {r["provider"] for r in rows if r["op"] == "ppo_step"} == {"fastppo-engine", "trl-PPOTrainer"}
+    assert {r["provider"] for r in rows if r["op"] == "ppo_step"} == {"fastppo-engine"}
     for r in rows:
         st = r["status"]
         assert st == "ok" or (st.split(":")[0] in ("missing", "skipped", "error") and len(st) > 10), r
@@ -235,8 +236,22 @@ def test_cpu_peak_memory_probe_sees_torch_allocations():
     assert 15 * mib <= peak <= 20 * mib, peak / mib
 
 
+def test_e2e_realistic_case_runs_both_trainers_from_saved_paths():
+    """The GRPO case end to end at a small size: both trainers in their own processes, from the saved Qwen2 and
+    tokenizer; every reported number present, and the ratios the targets read."""
+    s = {"V": 512, "prompts": 1, "samples": 2, "resp_len": 4, "warmup_steps": 1, "steps": 1}
+    eng, trl = bench_e2e.run_realistic(s, log=lambda *_: None)
+    for row in (eng, trl):
+        assert row.status == "ok", row.status
+        assert row.median_ms > 0 and row.extra["tokens_per_s"] > 0 and row.extra["peak_rss_mib"] > 100
+        assert set(row.extra["time_split_s"]) == {"generation", "experience", "update"}
+        assert row.V == 512 and row.B == 2 and row.T == 4 and row.mode == "grpo-step"
+    assert set(eng.extra["floor_s"]) == {"generation", "experience"} and min(eng.extra["floor_s"].values()) > 0
+    assert eng.extra["tokens_per_s_vs_trl"] > 0 and eng.extra["peak_rss_vs_trl"] > 0
+
+
 def test_e2e_engine_step_runs(tiny):
-    s = bench_e2e.settings(True)
+    s = bench_e2e.settings(True)["toy"]
     row = bench_e2e.run_engine(CPU, s)
     assert row.status == "ok", row.status
     assert row.median_ms > 0 and row.extra["tokens_per_s"] > 0
