@@ -106,6 +106,11 @@ class PPOConfig:
     value_clip: float | None = _f(0.2, "value-loss clip around the old values; none = off")
     vf_coef: float = _f(0.5, "value-loss weight")
     entropy_coef: float = _f(0.0, "entropy bonus weight")
+    ptx_coef: float = _f(0.0, "PPO-ptx (InstructGPT): weight of the mean NLL of a pretraining batch added to every "
+                         "optimizer step; 0 = off (the run is then exactly the plain PPO run)")
+    ptx_file: str = _f("", "PPO-ptx texts: .txt (one per line) or .jsonl with a 'text' field; empty = the reverse "
+                       "task's demonstrations (prompt + demonstration)")
+    ptx_batch_size: int = _f(8, "PPO-ptx: texts per optimizer step")
     loss_agg: str = _f("token-mean", "loss aggregation",
                        ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     gamma: float = _f(1.0, "discount")
@@ -196,6 +201,12 @@ class PPOConfig:
         for name in ("lr", "kl_target", "dist_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.ptx_coef < 0 or self.ptx_batch_size <= 0:
+            raise ConfigError(f"need ptx_coef >= 0 and ptx_batch_size > 0, got {self.ptx_coef}, {self.ptx_batch_size}")
+        if self.ptx_coef > 0 and not self.ptx_file and self.task != "reverse":
+            raise ConfigError("ptx_coef > 0 needs ptx_file (only the reverse task has built-in demonstrations)")
+        if self.ptx_file and not Path(self.ptx_file).is_file():
+            raise ConfigError(f"ptx_file {self.ptx_file!r} does not exist")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.task_min_digits < 1 or self.task_max_digits < self.task_min_digits:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,9 @@ def make_demonstrations(prompts: list[str], noise: float, seed: int) -> list[str
     return demos
 
 
-def load_prompts_file(path: str) -> list[str]:
+def load_prompts_file(path: str) -> list[Any]:
+    """Prompts of a .txt (one per line) or .jsonl file (a ``prompt`` string, or chat ``messages`` per row; the
+    messages are returned as they are, for ``inputs.render_prompts`` to render with the chat template)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts_file {path!r} does not exist")
@@ -80,8 +83,12 @@ def load_prompts_file(path: str) -> list[str]:
         for i, line in enumerate(p.read_text().splitlines()):
             if line.strip():
                 row = json.loads(line)
+                if "messages" in row:
+                    prompts.append(row["messages"])
+                    continue
                 if "prompt" not in row:
-                    raise ValueError(f"{path}:{i + 1}: a jsonl prompts file needs a 'prompt' field in every row")
+                    raise ValueError(f"{path}:{i + 1}: a jsonl prompts file needs a 'prompt' (or chat 'messages') "
+                                     "field in every row")
                 prompts.append(str(row["prompt"]))
     else:
         prompts = [line for line in p.read_text().splitlines() if line.strip()]

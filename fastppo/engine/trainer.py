@@ -22,9 +22,10 @@ from torch import Tensor
 
 import fastppo
 from fastppo.engine import checkpoint as ckpt_io
-from fastppo.engine import preflight
+from fastppo.engine import inputs, preflight
+from fastppo.engine import ptx as ptx_mod
 from fastppo.engine import task as task_mod
-from fastppo.engine.config import PPOConfig
+from fastppo.engine.config import ConfigError, PPOConfig
 from fastppo.engine.experience import (
     Experience,
     fill_from_update,
@@ -120,6 +121,7 @@ class PPOTrainer:
         self._setup_prompts()
 
         lm = build_causal_lm(cfg, self.tokenizer, cfg.model).to(self.device)
+        inputs.check_tokenizer_fits(self.tokenizer, lm)
         ref_path = self.run_dir / "reference.safetensors"
         if not resume:
             self._warmup(lm)  # every rank runs the same seeded warm-up: identical weights, no broadcast needed
@@ -155,6 +157,14 @@ class PPOTrainer:
         # experience pass); tests switch it off to check the results are the same. Single process only: across ranks
         # each computes only its piece of a micro-batch's log-probs.
         self.old_from_update = update_is_on_policy(cfg) and self.dist is None
+        self.ptx: ptx_mod.PtxBatches | None = None
+        if cfg.ptx_coef > 0:
+            if self.dist is not None:
+                raise ConfigError("ptx_coef > 0 in a multi-process run is not supported yet")
+            texts = ptx_mod.load_texts(cfg.ptx_file) if cfg.ptx_file else [
+                f"{p} {d}" for p, d in zip(self.train_prompts, task_mod.make_demonstrations(
+                    self.train_prompts, cfg.demo_noise, cfg.seed), strict=True)]
+            self.ptx = ptx_mod.PtxBatches(texts, self.tokenizer, cfg.ptx_batch_size, cfg.seed, self.device)
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.stream = task_mod.PromptStream(self.train_prompts, cfg.seed)
         self.step = 0
@@ -197,7 +207,9 @@ class PPOTrainer:
                                          cfg.seed)
             self.train_prompts, self.eval_prompts = pool[:-n_eval], pool[-n_eval:]
         else:
-            self.train_prompts = task_mod.load_prompts_file(cfg.prompts_file)
+            rows = task_mod.load_prompts_file(cfg.prompts_file)
+            self.train_prompts = inputs.render_prompts(rows, self.tokenizer, cfg.prompts_file)
+            inputs.check_prompts_tokenize(self.train_prompts, self.tokenizer, cfg.prompts_file)
             self.eval_prompts = self.train_prompts[: max(cfg.num_samples, 1)]
 
     def _warmup(self, lm: torch.nn.Module) -> None:
@@ -302,7 +314,8 @@ class PPOTrainer:
         if self.critic is not None:
             self.critic.train()
         keys = ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac", "grad_norm")
-        acc: dict[str, list[Tensor]] = {k: [] for k in keys}
+        acc: dict[str, list[Tensor]] = {k: [] for k in keys + (("ptx_loss",) if self.ptx is not None else ())}
+        n_updates = 0
         fresh = {k: torch.empty_like(exp.ref_logprobs) for k in ("old_logprobs", "entropy")}
         for epoch in range(cfg.ppo_epochs):
             # the minibatch order is a function of (seed, step, epoch): the same in every process and on resume
@@ -324,6 +337,12 @@ class PPOTrainer:
                     (loss / accum if self.dist is None else loss * (self.dist.grad_scale / accum)).backward()
                     for k in ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac"):
                         acc[k].append(st[k].detach().float())
+                if self.ptx is not None:  # PPO-ptx: + ptx_coef x the NLL of this optimizer step's pretraining batch
+                    ids, am = self.ptx.batch(self.step, n_updates)
+                    nll = ptx_mod.ptx_nll(self.policy.lm, ids, am, cfg.backend)
+                    (cfg.ptx_coef * nll).backward()
+                    acc["ptx_loss"].append(nll.detach().float())
+                n_updates += 1
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor holding the global norm

@@ -41,8 +41,8 @@ def test_on_policy_old_logprobs_from_the_update_give_identical_results(tmp_path)
                                .policy.state_dict()[k]) for k, v in a_params.items())
 
 
-@pytest.mark.parametrize("change", [dict(ppo_epochs=2), dict(mini_batch_size=4, micro_batch_size=4), dict(kl_in_loss=False),
-                                    dict(advantage_estimator="gae", samples_per_prompt=1)])
+@pytest.mark.parametrize("change", [dict(ppo_epochs=2), dict(mini_batch_size=4, micro_batch_size=4),
+                                    dict(kl_in_loss=False), dict(advantage_estimator="gae", samples_per_prompt=1)])
 def test_off_policy_configurations_keep_the_experience_forward(change):
     assert not update_is_on_policy(tiny_config(**{**ON_POLICY, **change}))
     assert update_is_on_policy(tiny_config(**{**ON_POLICY, "kl_in_loss": False, "kl_coef": 0.0}))
