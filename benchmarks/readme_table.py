@@ -106,12 +106,13 @@ def op_section(rows: list[dict]) -> list[str]:
 
 
 def e2e_section(rows: list[dict]) -> list[str]:
-    r0 = rows[0]
-    out = [f"**PPO step end to end** ({r0['shape']}, tiny Llama, fp32)", "",
-           "| provider | median step | tokens/s | generation / experience / update |", "|---|---|---|---|"]
+    """One table per e2e mode (the toy smoke row; the realistic GRPO case, one line per provider and case)."""
+    out = [f"**PPO step end to end** ({rows[0]['mode']}, fp32)", "",
+           "| case | provider | median step | response tokens/s | generation / experience / update | peak RSS | "
+           "forward floor (gen / exp) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            out.append(f"| {r['provider']} | {r['status']} | | |")
+            out.append(f"| {r['shape']} | {r['provider']} | {r['status']} | | | | |")
             continue
         ex = r.get("extra") or {}
         tok = ex.get("tokens_per_s") or ex.get("tokens_per_s_upper_bound")
@@ -120,7 +121,11 @@ def e2e_section(rows: list[dict]) -> list[str]:
             tok_s = f"≤ {tok_s}"
         split = ex.get("time_split_s")
         split_s = " / ".join(f"{_ms(1e3 * v)}" for v in split.values()) if split else "not reported"
-        out.append(f"| {r['provider']} | {_ms(r['median_ms'])} | {tok_s} | {split_s} |")
+        rss = f"{ex['peak_rss_mib'] / 1024:.2f} GiB" if ex.get("peak_rss_mib") else "–"
+        floor = ex.get("floor_s")
+        floor_s = " / ".join(f"{_ms(1e3 * v)}" for v in floor.values()) if floor else "–"
+        out.append(f"| {r['shape']} | {r['provider']} | {_ms(r['median_ms'])} | {tok_s} | {split_s} | {rss} | "
+                   f"{floor_s} |")
     return out + [""]
 
 
