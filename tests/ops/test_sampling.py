@@ -18,6 +18,12 @@ from fastppo.reference import sampling as ref
 BACKENDS = ["torch", "cpp", "triton"]
 
 
+def _on(backend: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Triton runs on the GPU when there is one (on CPU tensors only under the interpreter, set by conftest)."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return [t.to(dev) for t in tensors]
+
+
 def _logits(b: int, v: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, v, generator=g) * 3).to(dtype)
@@ -66,7 +72,8 @@ def test_same_token_as_float64_reference(backend, dtype, filters):
     b, v = (4, 1271) if backend == "triton" else (41, 1271)
     x = _logits(b, v, dtype=dtype)
     seeds = _seeds(b)
-    got = fastppo.sample_tokens(x, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, backend=backend)
+    xd, sd = _on(backend, x, seeds)
+    got = fastppo.sample_tokens(xd, temperature=temperature, top_k=top_k, top_p=top_p, seeds=sd, backend=backend).cpu()
     want = ref.sample_tokens(x.double(), ref.seed_uniforms(seeds), temperature=temperature, top_k=top_k, top_p=top_p)
     assert got.dtype == torch.int64 and got.shape == (b,)
     assert torch.equal(got, want)
@@ -78,10 +85,12 @@ def test_several_chunks_and_strided_rows(backend):
     big = _logits(5, 9000, seed=3)
     x = big[:, 100:100 + 8193]  # row stride 9000, unit stride on V
     seeds = _seeds(5, seed=4)
-    got = fastppo.sample_tokens(x, seeds=seeds, backend=backend)
     want = ref.sample_tokens(x.double(), ref.seed_uniforms(seeds))
+    big, seeds = _on(backend, big, seeds)
+    x = big[:, 100:100 + 8193]
+    got = fastppo.sample_tokens(x, seeds=seeds, backend=backend).cpu()
     assert torch.equal(got, want)
-    got_t = fastppo.sample_tokens(x.t().contiguous().t(), seeds=seeds, backend=backend)  # non-unit V stride: copied
+    got_t = fastppo.sample_tokens(x.t().contiguous().t(), seeds=seeds, backend=backend).cpu()  # non-unit V stride
     assert torch.equal(got_t, want)
 
 
@@ -122,10 +131,9 @@ def test_low_probability_tail_at_real_vocab():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_row_draw_depends_on_its_seed_only(backend):
-    x = _logits(6, 300, seed=8)
-    seeds = _seeds(6, seed=9)
+    x, seeds = _on(backend, _logits(6, 300, seed=8), _seeds(6, seed=9))
     full = fastppo.sample_tokens(x, seeds=seeds, backend=backend)
-    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0)).to(x.device)
     assert torch.equal(fastppo.sample_tokens(x[perm], seeds=seeds[perm], backend=backend), full[perm])
     assert torch.equal(fastppo.sample_tokens(x[3:5], seeds=seeds[3:5], backend=backend), full[3:5])
 
@@ -170,5 +178,7 @@ def test_non_finite_logits_raise(backend, bad):
         x[1] = float("-inf")
     else:
         x[1, 4] = bad
-    with pytest.raises(ValueError, match="non-finite"):
+    (x,) = _on(backend, x)
+    with pytest.raises((ValueError, RuntimeError), match="non-finite"):  # CUDA: a device-side assert
         fastppo.sample_tokens(x, backend=backend)
+        torch.cuda.synchronize() if x.is_cuda else None
