@@ -49,7 +49,27 @@ def test_one_check_per_target_and_subject():
     checks = evaluate([], H100)
     assert len(checks) == sum(len(t.subjects) for t in TARGETS)
     assert len(set(_by(checks))) == len(checks)
-    assert {t.issue for t in TARGETS} == {3, 4, 5}
+    assert {t.issue for t in TARGETS} == {3, 4, 5, 16}
+
+
+def _e2e_row(provider: str, v: int, tok_s: float, rss_mib: float, status: str = "ok") -> dict:
+    return {"op": "ppo_step", "mode": "grpo-step", "dtype": "float32", "provider": provider, "status": status,
+            "err_flag": "", "median_ms": 1000.0, "V": v, "B": 32, "T": 64,
+            "extra": {"tokens_per_s": tok_s, "peak_rss_mib": rss_mib}}
+
+
+def test_e2e_targets_read_tokens_per_s_and_peak_rss_ratios():
+    rows = [_e2e_row("fastppo-engine", 151936, 210.0, 2900.0), _e2e_row("trl-GRPOTrainer", 151936, 100.0, 5000.0),
+            _e2e_row("fastppo-engine", 32000, 600.0, 1500.0), _e2e_row("trl-GRPOTrainer", 32000, 420.0, 2000.0)]
+    c = _by(evaluate(rows, {"device": "cpu", "device_name": "CPU: test"}))
+    tok, rss, tok32 = (c[k, "fastppo-engine"] for k in ("16-e2e-V151936-tokens", "16-e2e-V151936-rss",
+                                                          "16-e2e-V32000-tokens"))
+    assert (tok.status, tok.measured) == ("pass", pytest.approx(2.1))
+    assert (rss.status, rss.measured) == ("pass", pytest.approx(0.58))
+    assert (tok32.status, tok32.measured) == ("FAIL", pytest.approx(600 / 420))
+    rows[1] = _e2e_row("trl-GRPOTrainer", 151936, 100.0, 5000.0, status="error: x")
+    assert _by(evaluate(rows, {"device": "cpu", "device_name": "CPU: test"}))[
+        "16-e2e-V151936-tokens", "fastppo-engine"].status == "not measured"
 
 
 def test_gpu_targets_pass_and_fail_on_h100_rows():
