@@ -1,4 +1,4 @@
-"""``fastppo bench [ops|gae|e2e|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
+"""``fastppo bench [ops|gae|linear|e2e|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
 
 Runs the suites, prints a rich table and the issue targets (``targets.py``: pass / FAIL / not measured), writes
 CSV + JSON + PNG plots into ``--out`` (default ``./fastppo-bench/<UTC timestamp>/`` in the working directory: the
@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import bench_gae, bench_kl, bench_logprobs, bench_ppo_loss, bench_value_loss, report, targets
+from . import bench_gae, bench_kl, bench_linear, bench_logprobs, bench_ppo_loss, bench_value_loss, report, targets
 from .runner import Row, dtype_name, run_case
 from .timing import FULL, QUICK, pin_cpu_allocator
 
 SUITES = {
     "ops": (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss),
     "gae": (bench_gae,),
+    "linear": (bench_linear,),  # the fused LM head: from hidden states + lm_head weight
     "e2e": (),  # bench_e2e has its own loop (whole PPO steps, not cases x providers)
 }
 
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         "torch.compile and the peers (TRL, verl, OpenRLHF, Liger, flash-attn). Writes CSV, JSON and PNG plots.",
     )
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"),
-                   help="ops: logprobs, ppo_loss, kl, value_loss; gae; e2e: a whole PPO step; all (default)")
+                   help="ops: logprobs, ppo_loss, kl, value_loss; gae; linear: the fused LM head (PPO loss from "
+                   "hidden states); e2e: a whole PPO step; all (default)")
     p.add_argument("--quick", action="store_true", help="one small shape per op, short timing (CI smoke run)")
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT_HELP})")
     p.add_argument("--only", default="", help="comma-separated op names to keep, e.g. logprobs,gae")

@@ -1,8 +1,9 @@
 """Turn result rows into files and a table: CSV, JSON (rows + machine/versions metadata), PNG plots, rich table.
 
 File names: ``<stem>.csv``, ``<stem>.json``, ``<stem>-targets.csv`` (the issue targets, ``targets.py``; also
-under ``"targets"`` in the JSON), ``<stem>-time_vs_V.png``, ``<stem>-speedup.png`` with
-``stem = bench-<suites>-<device>-<UTC timestamp>``, so runs on different machines and days never collide.
+under ``"targets"`` in the JSON), ``<stem>-time_vs_V.png``, ``<stem>-speedup.png``, ``<stem>-peak_vs_N.png``
+(runs with the fused LM head) with ``stem = bench-<suites>-<device>-<UTC timestamp>``, so runs on different
+machines and days never collide.
 """
 
 from __future__ import annotations
@@ -229,6 +230,46 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def plot_peak_vs_n(rows: list[dict], path: Path, title: str) -> bool:
+    """The fused LM head (op ``linear``): peak extra memory against N per provider, one panel per (dtype, H, V)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lin = [r for r in rows if r.get("op") == "linear" and r.get("status") == "ok"
+           and isinstance(r.get("peak_extra_mib"), (int, float))]
+    if not lin:
+        return False
+    palette = {p: k for k, p in enumerate(_plot_order({r["provider"] for r in lin}))}
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for r in lin:
+        hv = " ".join(part for part in str(r.get("shape", "")).split() if part.startswith(("H=", "V=")))
+        panels[(r["dtype"], hv)].append(r)
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.4), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        by_prov: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in panels[key]:
+            by_prov[r["provider"]].append((r["N"], r["peak_extra_mib"]))
+        for prov, pts in sorted(by_prov.items()):
+            pts.sort()
+            style = "-o" if prov.startswith("fastppo") else "--s" if prov in ("eager", "torch.compile") else ":^"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=4,
+                    color=_color(prov, palette[prov]))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel("peak extra memory (MiB), fwd+bwd")
+        ax.set_title(f"fused LM head (PPO loss from hidden) {key[0]} {key[1]}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # -------------------------------------------------------------------------------------------------- table
 def _fmt(v: Any, spec: str) -> str:
     if v is None or v == "":
@@ -292,4 +333,7 @@ def write_all(rows: list[Row], meta: dict, out_dir: Path, stem: str, checks: lis
     p = out_dir / f"{stem}-speedup.png"
     if plot_speedup(dicts, p, title):
         paths["speedup"] = p
+    p = out_dir / f"{stem}-peak_vs_N.png"
+    if plot_peak_vs_n(dicts, p, title):
+        paths["peak_vs_N"] = p
     return paths

@@ -1,4 +1,4 @@
-"""The performance targets of issues #3, #4, #5 and #16, checked against the rows of a benchmark run.
+"""The performance targets of issues #3, #4, #5, #14 and #16, checked against the rows of a benchmark run.
 
     python -m fastppo.benchmarks.targets RESULT.json [...]     # re-check a stored run
     python -m fastppo.benchmarks.targets --write RESULT.json   # ... and store the checks in its JSON / -targets.csv
@@ -20,6 +20,7 @@ Metrics (all from the same case's rows, so they compare equal work):
   ``throughput``     subject response tokens/s / baseline's (``extra.tokens_per_s``, e2e rows) (>= threshold)
   ``rss_ratio``      subject peak RSS / baseline's (``extra.peak_rss_mib``, e2e rows; each in its own process)
                      (<= threshold)
+  ``peak_ratio``     subject peak extra memory / baseline peak extra memory (<= threshold)
   ``peak``           the subject's peak extra memory (``timing``), <= ``logits_buffers`` buffers of the case's
                      logits (``N*V*element size``) plus ``PER_TOKEN_SLACK`` bytes per token (the ``[N]`` outputs
                      and saved row statistics, which are not logits-sized) plus ``ALLOCATOR_SLACK`` (the CUDA
@@ -51,7 +52,7 @@ class Target:
     dtype: str
     shape: dict[str, int]  # matched against the rows' N / V / B / T
     subjects: tuple[str, ...]
-    metric: str  # "speedup" | "copy_fraction" | "peak"
+    metric: str  # "speedup" | "copy_fraction" | "peak" | "peak_ratio"
     threshold: float
     baseline: str | None = None  # speedup: the provider compared with; copy_fraction: "copy"
     gpus: tuple[str, ...] = ()  # device-name substrings the target is stated for (empty: any device of the type)
@@ -102,6 +103,24 @@ TARGETS: tuple[Target, ...] = (
       for op, what in (("logprobs", "logprobs+entropy"), ("ppo_loss", "fused PPO loss"))
       for base, thr, who in (("trl", 10.0, "eager PyTorch as TRL computes it"),
                              ("torch.compile", 4.0, "torch.compile of the same"))),
+    # Issue #14, the fused LM head (op "linear": ppo_loss_from_hidden with entropy, fwd+bwd of hidden and weight).
+    *(Target(f"14-cpu-{key}", 14, claim, "cpu", op="linear", mode="fwd+bwd", dtype="float32",
+             shape={"N": 1024, "V": 151936}, subjects=("fastppo[cpp]",), metric=metric, threshold=thr, baseline=base)
+      for key, claim, metric, thr, base in (
+          ("peak-vs-eager", "peak extra memory <= 1/4 of eager's", "peak_ratio", 0.25, "eager"),
+          ("peak-vs-liger", "peak extra memory <= Liger's chunked fused-linear loss", "peak_ratio", 1.0,
+           "liger-fused-linear"),
+          ("time-vs-eager", "time <= 0.8x eager's (speed-up >= 1.25)", "speedup", 1.25, "eager"),
+          ("time-vs-floor", "time <= 1.25x the three matmuls alone (speed-up vs floor >= 0.8)", "speedup", 0.8,
+           "matmul-floor"))),
+    *(Target(f"14-gpu-{key}", 14, claim, "cuda", op="linear", mode="fwd+bwd", dtype="bfloat16",
+             shape={"N": 16384, "V": 151936}, subjects=_KERNELS, metric=metric, threshold=thr, baseline=base,
+             gpus=_GPUS)
+      for key, claim, metric, thr, base in (
+          ("time-vs-liger", "time <= Liger's fused linear loss", "speedup", 1.0, "liger-fused-linear"),
+          ("time-vs-floor", "time <= 1.3x the matmuls alone (speed-up vs floor >= 1/1.3)", "speedup", 1 / 1.3,
+           "matmul-floor"),
+          ("peak-vs-liger", "peak extra memory <= Liger's", "peak_ratio", 1.0, "liger-fused-linear"))),
     Target("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
            shape={"B": 256, "T": 1024}, subjects=("fastppo[cpp]",), metric="speedup", threshold=100.0,
            baseline="eager"),
@@ -173,6 +192,11 @@ def _measure(t: Target, subj: dict, base: dict | None) -> tuple[float | None, st
         if not s or not b:
             return None, f"no {key}"
         return s / b, f"{subj['provider']} {s:.4g} / {t.baseline} {b:.4g} {key}"
+    if t.metric == "peak_ratio":
+        s, b = _num(subj.get("peak_extra_mib")), _num(base.get("peak_extra_mib"))
+        if s is None or not b:
+            return None, "peak memory not measured"
+        return s / b, f"{subj['provider']} {s:.1f} MiB / {t.baseline} {b:.1f} MiB"
     if t.metric == "peak":
         mib = _num(subj.get("peak_extra_mib"))
         if mib is None:
@@ -183,6 +207,8 @@ def _measure(t: Target, subj: dict, base: dict | None) -> tuple[float | None, st
 
 
 def _passes(t: Target, value: float) -> bool:
+    if t.metric == "peak_ratio":
+        return value <= t.threshold
     if t.metric == "peak":
         return value * 2**20 <= peak_allowance_bytes(t)
     if t.metric == "rss_ratio":
@@ -246,6 +272,8 @@ def fmt_measured(c: Check) -> str:
         return f"{c.measured:.3f} of copy"
     if c.metric in ("throughput", "rss_ratio"):
         return f"{c.measured:.2f}x"
+    if c.metric == "peak_ratio":
+        return f"{c.measured:.3f}x peak"
     return f"{c.measured:.1f} MiB"
 
 
@@ -258,6 +286,8 @@ def fmt_target(c: Check) -> str:
         return f">= {c.threshold:g}x {c.baseline} tokens/s"
     if c.metric == "rss_ratio":
         return f"<= {c.threshold:g}x {c.baseline} peak RSS"
+    if c.metric == "peak_ratio":
+        return f"<= {c.threshold:g}x {c.baseline}'s peak"
     return f"<= {c.threshold:.1f} MiB"
 
 

@@ -150,7 +150,8 @@ class _GradSink:
         self.dh = torch.empty_like(hidden) if need_h else None
         # One chunk: the matmul's own fp32 accumulation and a single rounding, exactly like unchunked PyTorch.
         self.acc_dtype = weight.dtype if n_chunks <= 1 or weight.dtype == torch.float64 else torch.float32
-        self.dw = torch.zeros(weight.shape, dtype=self.acc_dtype, device=weight.device) if need_w else None
+        self.need_w = need_w
+        self.dw: Tensor | None = None  # the first chunk's product initialises it (no zero-fill pass over [V, H])
         self.db = torch.zeros(weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32),
                               device=weight.device) if need_b and bias is not None else None
         self.weight, self.bias = weight, bias
@@ -158,8 +159,10 @@ class _GradSink:
     def add(self, s: int, e: int, dl: Tensor, h: Tensor) -> None:
         if self.dh is not None:
             torch.mm(dl, self.weight, out=self.dh[s:e])
-        if self.dw is not None:
-            if self.dw.dtype == dl.dtype:
+        if self.need_w:
+            if self.dw is None:
+                self.dw = torch.mm(dl.t(), h).to(self.acc_dtype)
+            elif self.dw.dtype == dl.dtype:
                 self.dw.addmm_(dl.t(), h)
             else:
                 self.dw.add_(torch.mm(dl.t(), h))
@@ -168,6 +171,8 @@ class _GradSink:
 
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
         dh = self.dh if self.dh is not None else _empty(self.weight, self.weight.dtype)
+        if self.need_w and self.dw is None:  # no chunk at all (N = 0)
+            self.dw = torch.zeros(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device)
         dw = self.dw.to(self.weight.dtype) if self.dw is not None else _empty(self.weight, self.weight.dtype)
         db = self.db.to(self.bias.dtype) if self.db is not None else _empty(self.weight, self.weight.dtype)
         self.dh = self.dw = self.db = None  # the caller owns them now (no second reference keeps fp32 copies)
@@ -348,8 +353,13 @@ def _ppo_backward(ctx, g_loss, _g_terms, _g_dh, _g_dw, _g_db):
     dh, dw, db = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     # The forward computed the gradients for a unit upstream gradient; scale them (in place: they are ours).
+    # loss.backward() passes 1: on CPU that is checked for free and the pass over dW skipped (no GPU sync).
+    unit = g_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(g_loss == 1)
+
     def scaled(t: Tensor, need: bool) -> Tensor | None:
-        return t.mul_(g_loss.to(t.dtype)) if need and t.numel() > 0 else None
+        if not need or t.numel() == 0:
+            return None
+        return t if unit else t.mul_(g_loss.to(t.dtype))
     return (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b)) + (None,) * 18
 
 

@@ -20,6 +20,7 @@ from fastppo.benchmarks import (
     bench_e2e,
     bench_gae,
     bench_kl,
+    bench_linear,
     bench_logprobs,
     bench_ppo_loss,
     bench_value_loss,
@@ -32,7 +33,7 @@ from fastppo.benchmarks import (
 from fastppo.benchmarks.providers import Missing, Provider, peer_attr
 
 CPU = torch.device("cpu")
-OP_MODULES = (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss, bench_gae)
+OP_MODULES = (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss, bench_gae, bench_linear)
 
 
 @pytest.fixture
@@ -43,8 +44,18 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench_kl, "shapes", lambda device, quick: [(3, 37)])
     monkeypatch.setattr(bench_value_loss, "shapes", lambda device, quick: [(3, 37)])
     monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(3, 41)])
-    for mod in (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss):
+    monkeypatch.setattr(bench_linear, "shapes", lambda device, quick: [(41, 13, 257)])
+    monkeypatch.setattr(bench_linear, "LIGER_COMPILED", False)
+    for mod in (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss, bench_linear):
         monkeypatch.setattr(mod, "compiled", lambda fn: fn)
+    try:  # Cut-Cross-Entropy's CPU implementation is torch.compile'd at import: use the function it wraps
+        import cut_cross_entropy.torch_compile as cce
+
+        fn = cce.torch_compile_linear_cross_entropy_apply
+        monkeypatch.setattr(cce, "torch_compile_linear_cross_entropy_apply",
+                            getattr(fn, "_torchdynamo_orig_callable", fn))
+    except ImportError:
+        pass
     # the realistic GRPO case has its own test below (two trainer processes); here only the toy smoke row
     monkeypatch.setattr(bench_e2e, "settings", lambda quick: {
         "realistic": [], "toy": {"batch": 4, "resp_len": 4, "warmup_steps": 1, "steps": 2}})
@@ -59,7 +70,7 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
     assert len(list(tmp_path.glob("bench-*-targets.csv"))) == 1 and "Performance targets" in out
     pngs = sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("bench-*.png"))
     assert len(csvs) == 1 and len(jsons) == 1, list(tmp_path.iterdir())
-    assert pngs == ["speedup.png", "time_vs_V.png"]
+    assert pngs == ["peak_vs_N.png", "speedup.png", "time_vs_V.png"]
     for png in tmp_path.glob("*.png"):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -90,7 +101,7 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
         if st != "ok":
             continue
         assert isinstance(r["median_ms"], float) and r["median_ms"] > 0, r
-        if r["provider"] == "copy":  # a bandwidth yardstick: it computes nothing, so nothing is checked
+        if r["provider"] in ("copy", "matmul-floor"):  # yardsticks: they compute nothing to check
             assert r["max_err"] is None and r["err_flag"] == "" and r["gbps"] > 0, r
             continue
         if r["op"] != "ppo_step":
@@ -98,7 +109,7 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
             assert r["err_flag"] == "ok", r  # every provider that runs here (backends, peers) matches float64
             assert math.isfinite(r["max_err"]) and r["max_err"] < 1e-2, r
     ran = {(r["op"], r["provider"]) for r in rows if r["status"] == "ok"}
-    for op in ("logprobs", "ppo_loss", "kl", "value_loss", "gae"):
+    for op in ("logprobs", "ppo_loss", "kl", "value_loss", "gae", "linear"):
         assert (op, "eager") in ran and (op, "fastppo[torch]") in ran, op
     assert not [(r["provider"], r["status"]) for r in rows if r["status"].startswith("error")]
 
@@ -213,6 +224,7 @@ def test_min_bytes_formulas():
     assert bench_logprobs.min_bytes(n, v, torch.bfloat16, "fwd+bwd") == 3 * n * v * 2 + 24 * n
     assert bench_ppo_loss.min_bytes(n, v, torch.float32) == 3 * n * v * 4 + 21 * n
     assert bench_gae.min_bytes(4, 8) == 17 * 32
+    assert bench_linear.min_bytes(n, 64, v, torch.float32) == 3 * v * 64 * 4 + 3 * n * 64 * 4 + 21 * n
 
 
 def test_timing_repeats_and_median():

@@ -49,7 +49,7 @@ def test_one_check_per_target_and_subject():
     checks = evaluate([], H100)
     assert len(checks) == sum(len(t.subjects) for t in TARGETS)
     assert len(set(_by(checks))) == len(checks)
-    assert {t.issue for t in TARGETS} == {3, 4, 5, 16}
+    assert {t.issue for t in TARGETS} == {3, 4, 5, 14, 16}
 
 
 def _e2e_row(provider: str, v: int, tok_s: float, rss_mib: float, status: str = "ok") -> dict:
@@ -248,3 +248,23 @@ def test_targets_option_runs_exactly_the_targeted_cases(monkeypatch):
     assert all(targets.case_is_targeted(r.op, r.mode, r.dtype, {"B": r.B, "T": r.T}, "cpu") for r in rows)
     assert not targets.case_is_targeted("logprobs", "fwd", "float32", {"N": 41, "V": 257}, "cpu")
     assert bench_logprobs.OP in targets.targeted_ops("cuda")
+
+
+def test_fused_lm_head_cpu_targets():
+    cpu = {"device": "cpu", "device_name": "CPU: test"}
+    lin = dict(op="linear", dtype="float32", N=1024, V=151936)
+    rows = [_row("eager", ms=3500.0, peak=2400.0, **lin), _row("matmul-floor", ms=2000.0, peak=900.0, err_flag="",
+                                                                **lin),
+            _row("liger-fused-linear", ms=41000.0, peak=332.0, **lin),
+            _row("fastppo[cpp]", ms=2400.0, peak=330.0, **lin)]
+    c = _by(evaluate(rows, cpu))
+    assert c["14-cpu-peak-vs-eager", "fastppo[cpp]"].measured == pytest.approx(330 / 2400)
+    assert c["14-cpu-peak-vs-eager", "fastppo[cpp]"].status == "pass"
+    assert c["14-cpu-peak-vs-liger", "fastppo[cpp]"].status == "pass"
+    assert c["14-cpu-time-vs-eager", "fastppo[cpp]"].status == "pass"  # 3500 / 2400 = 1.46 >= 1.25
+    assert c["14-cpu-time-vs-floor", "fastppo[cpp]"].status == "pass"  # 2000 / 2400 = 0.83 >= 0.8
+    rows[-1] = _row("fastppo[cpp]", ms=2600.0, peak=340.0, **lin)
+    c = _by(evaluate(rows, cpu))
+    assert c["14-cpu-peak-vs-liger", "fastppo[cpp]"].status == "FAIL"
+    assert c["14-cpu-time-vs-floor", "fastppo[cpp]"].status == "FAIL"  # 2000 / 2600 = 0.77
+    assert c["14-gpu-peak-vs-liger", "fastppo[triton]"].status == "not measured"
