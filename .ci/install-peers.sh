@@ -85,6 +85,9 @@ EOF
   fi
 done
 
+# --- fused-LM-head peers (benchmarks/bench_linear.py): Liger's chunked losses, Apple's Cut-Cross-Entropy ------
+pip_install -c "$CONSTRAINTS" "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"
+
 # --- checks ----------------------------------------------------------------------------------------------
 TORCH_AFTER=$(torch_version)
 if [ "$TORCH_AFTER" != "$TORCH_BEFORE" ]; then
@@ -94,7 +97,7 @@ fi
 "$PY" - <<'EOF'
 import importlib, importlib.util, sys, types, pathlib
 for name in ("trl.trainer.utils", "verl.utils.torch_functional", "verl.trainer.ppo.core_algos",
-             "verl.workers.utils.losses", "deepspeed"):
+             "verl.workers.utils.losses", "deepspeed", "liger_kernel.chunked_loss", "cut_cross_entropy"):
     importlib.import_module(name)
 spec = importlib.util.find_spec("openrlhf")
 pkg = types.ModuleType("openrlhf.models")
@@ -102,5 +105,5 @@ pkg.__path__ = [str(pathlib.Path(spec.origin).parent / "models")]
 sys.modules["openrlhf.models"] = pkg
 importlib.import_module("openrlhf.models.utils")
 importlib.import_module("openrlhf.models.loss")
-print("install-peers: trl, verl, openrlhf ready; torch", __import__("torch").__version__)
+print("install-peers: trl, verl, openrlhf, liger-kernel, cut-cross-entropy ready; torch", __import__("torch").__version__)
 EOF

@@ -91,6 +91,9 @@ class PPOConfig:
     kv_cache: str = _f("dynamic", "generation KV cache: dynamic (grows) or static (preallocated, fixed shapes)",
                        ("dynamic", "static"))
     forward_batch_size: int = _f(64, "sequences per forward pass when computing experience")
+    fused_lm_head: bool = _f(True, "logprobs, entropy and the PPO loss from the last hidden states and the lm_head "
+                             "weight (fastppo.linear_*), never the [B, L, V] logits; off = full logits (models "
+                             "whose head is not a plain linear map use full logits either way)")
     # --- PPO ----------------------------------------------------------------------------------------------------
     ppo_epochs: int = _f(2, "passes over each batch of experience")
     mini_batch_size: int = _f(32, "sequences per optimizer step")

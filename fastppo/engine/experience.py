@@ -16,7 +16,8 @@ from torch import Tensor
 
 import fastppo
 from fastppo.engine.config import PPOConfig
-from fastppo.engine.models import forward_keep, position_ids_from_mask
+from fastppo.engine.lm_head import policy_logprobs_entropy, reference_logprobs
+from fastppo.engine.models import position_ids_from_mask
 from fastppo.engine.rollout import Rollout
 
 
@@ -106,7 +107,6 @@ def make_experience(
     pos = position_ids_from_mask(attn)
     labels, mask = rollout.response_ids, rollout.response_mask.float()
     p = rollout.prompt_ids.shape[1]
-    r = labels.shape[1]
     need_values = cfg.advantage_estimator == "gae"
     old_lp, ent, ref_lp, values = [], [], [], []
     fb = cfg.forward_batch_size
@@ -114,15 +114,12 @@ def make_experience(
         sl = slice(s, s + fb)
         vals = None
         if not old_from_update:
-            logits, vals = policy(ids[sl], attn[sl], pos[sl], keep=r + 1, values=need_values and critic is None)
-            lp, h = fastppo.logprobs_and_entropy(logits[:, :-1], labels[sl], temperature=cfg.temperature,
-                                                 backend=cfg.backend)
+            # config fused_lm_head: from the last hidden states and the lm_head weight, no [B, R, V] logits
+            lp, h, vals = policy_logprobs_entropy(policy, ids[sl], attn[sl], pos[sl], labels[sl], p, cfg,
+                                                  values=need_values and critic is None)
             old_lp.append(lp)
             ent.append(h)
-        ref_logits = forward_keep(ref_lm, r + 1, input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl],
-                                  use_cache=False).logits
-        ref_lp.append(fastppo.token_logprobs(ref_logits[:, :-1], labels[sl], temperature=cfg.temperature,
-                                             backend=cfg.backend))
+        ref_lp.append(reference_logprobs(ref_lm, ids[sl], attn[sl], pos[sl], labels[sl], p, cfg))
         if need_values:
             if critic is not None:
                 _, vals = critic(ids[sl], attn[sl], pos[sl], keep=1)

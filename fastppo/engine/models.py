@@ -63,11 +63,19 @@ class ValueModel(nn.Module):
         return self.lm.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, *,
-                keep: int = 0, values: bool = True, **kw) -> tuple[Tensor, Tensor | None]:
+                keep: int = 0, values: bool = True, hidden_only: bool = False, **kw) -> tuple[Tensor, Tensor | None]:
         """``keep > 0``: logits of the last ``keep`` positions only (``[B, keep, V]``; the LM head skips the rest);
-        ``values=False``: no value head (and no hidden states kept), ``None`` in its place."""
+        ``values=False``: no value head (and no hidden states kept), ``None`` in its place.
+        ``hidden_only=True`` (the fused LM head): ``(last hidden states [B, L, H], values)``, logits for one position
+        only."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
+        if hidden_only:
+            out = forward_keep(self.lm, 1, input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, output_hidden_states=True, use_cache=False, **kw)
+            hidden = out.hidden_states[-1]
+            vals = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
+            return hidden, vals
         out = forward_keep(self.lm, keep, input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids, output_hidden_states=values, use_cache=False, **kw)
         if not values:

@@ -34,6 +34,7 @@ from fastppo.engine.experience import (
     score_rollout,
     update_is_on_policy,
 )
+from fastppo.engine.lm_head import lm_head_of
 from fastppo.engine.models import (
     AdapterDisabledReference,
     ValueModel,
@@ -263,38 +264,55 @@ class PPOTrainer:
         return mean
 
     # ------------------------------------------------------------------------------------------------- update
-    def _forward_train(self, exp: Experience) -> tuple[Tensor, Tensor | None]:
-        """Response-position logits ``[B, R, V]`` (the LM head skips the prompt) and values ``[B, R]`` (None under
-        critic-free estimators: no value head runs)."""
+    def _forward_train(self, exp: Experience, hidden_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Response-position logits ``[B, R, V]`` (the LM head skips the prompt), or with ``hidden_only`` the last
+        hidden states ``[B, R, H]`` (fused LM head), and values ``[B, R]`` (None under critic-free estimators: no
+        value head runs)."""
         r = exp.labels.shape[1]
         need_values = self.cfg.advantage_estimator == "gae"
-        logits, values = self.policy(exp.input_ids, exp.attention_mask, exp.position_ids, keep=r + 1,
-                                     values=need_values and self.critic is None)
+        if hidden_only:
+            hid, values = self.policy(exp.input_ids, exp.attention_mask, exp.position_ids, hidden_only=True,
+                                      values=need_values and self.critic is None)
+            head_in = response_slice(hid, exp.prompt_width)
+        else:
+            logits, values = self.policy(exp.input_ids, exp.attention_mask, exp.position_ids, keep=r + 1,
+                                         values=need_values and self.critic is None)
+            head_in = logits[:, :-1]
         if need_values and self.critic is not None:
             _, values = self.critic(exp.input_ids, exp.attention_mask, exp.position_ids, keep=1)
-        return logits[:, :-1], (response_slice(values, exp.prompt_width) if need_values else None)
+        return head_in, (response_slice(values, exp.prompt_width) if need_values else None)
 
     def micro_loss(self, e: Experience) -> tuple[Tensor, dict[str, Tensor]]:
-        """PPO loss (fused ``ppo_loss_from_logits``) + ``vf_coef`` x value loss on one micro-batch.
+        """PPO loss (fused ``ppo_loss_from_hidden``; ``ppo_loss_from_logits`` with ``fused_lm_head`` off) +
+        ``vf_coef`` x value loss on one micro-batch.
 
         On-policy (``old_from_update``) the old log-probs are this forward's own, detached (ratio 1): the stats
         then carry them (``old_logprobs``, ``entropy``) for the experience."""
         cfg = self.cfg
-        logits, values = self._forward_train(e)
+        # config fused_lm_head: from the last hidden states and the lm_head weight, the [B, R, V] logits never exist
+        head = lm_head_of(self.policy.lm) if cfg.fused_lm_head else None
+        x, values = self._forward_train(e, hidden_only=head is not None)
         old = e.old_logprobs
         extra: dict[str, Tensor] = {}
         if self.old_from_update:
             with torch.no_grad():
-                lp, h = fastppo.logprobs_and_entropy(logits.detach(), e.labels, temperature=cfg.temperature,
-                                                     backend=cfg.backend)
+                if head is None:
+                    lp, h = fastppo.logprobs_and_entropy(x.detach(), e.labels, temperature=cfg.temperature,
+                                                         backend=cfg.backend)
+                else:
+                    lp, h = fastppo.linear_logprobs_and_entropy(x.detach(), head.weight.detach(), e.labels,
+                                                                bias=None if head.bias is None else head.bias.detach(),
+                                                                temperature=cfg.temperature, backend=cfg.backend)
             old, extra = lp * e.mask, {"old_logprobs": lp, "entropy": h}
-        pg, st = fastppo.ppo_loss_from_logits(
-            logits, e.labels, old, e.advantages, e.mask,
-            ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
-            kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
-            entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
-            dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend,
-        )
+        kw = dict(ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
+                  kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
+                  entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+                  dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend)
+        if head is not None:
+            pg, st = fastppo.ppo_loss_from_hidden(x, head.weight, e.labels, old, e.advantages, e.mask,
+                                                  bias=head.bias, **kw)
+        else:
+            pg, st = fastppo.ppo_loss_from_logits(x, e.labels, old, e.advantages, e.mask, **kw)
         if values is not None:
             vl, vst = fastppo.value_loss(values, e.values, e.returns, e.mask, clip=cfg.value_clip, agg=cfg.loss_agg,
                                          backend=cfg.backend)
