@@ -4,7 +4,8 @@
 token (token-mean over the mask): clipped surrogate (clip 0.2) + ``KL_COEF`` * k3 KL to a reference policy
 - ``ENTROPY_COEF`` * entropy; gradients w.r.t. ``hidden`` and ``weight``.
 
-Providers: every fastppo backend (``ppo_loss_from_hidden``: chunked, logits never materialised), eager PyTorch
+Providers: every fastppo backend (``ppo_loss_from_hidden``: chunked, logits never materialised), the tiled Triton
+kernel (``fastppo[triton-tiled]``, GPU), eager PyTorch
 (``linear`` + ``log_softmax`` + gather + entropy + the formulas), ``torch.compile`` of it, ``matmul-floor`` (the
 three matmuls alone, ``h @ W.T``, ``dl @ W``, ``dl.T @ h``: the work no implementation avoids; not checked),
 Liger's ``LigerFusedLinearGRPOLoss`` (chunked per sequence; its objective has no entropy term, loss ``bnpo``),
@@ -199,6 +200,29 @@ def _fastppo(backend: str, why: str | None) -> Provider:
     return Provider(fastppo_name(backend), "fastppo", setup, "ppo_loss_from_hidden (chunked, default chunk size)")
 
 
+def _fastppo_tiled(case: Case):
+    """The tiled Triton kernel (``FASTPPO_LM_HEAD=tiled``): logits tiles never leave SRAM (GPU only)."""
+    needs_cuda(case.device, "the tiled Triton LM-head kernel (timing the interpreter means nothing)")
+    import os
+
+    lab, old, ref_lp, adv, mask = _args(case)
+
+    def fn(h: Tensor, w: Tensor) -> Tensor:
+        prev = os.environ.get("FASTPPO_LM_HEAD")
+        os.environ["FASTPPO_LM_HEAD"] = "tiled"
+        try:
+            loss = fastppo.ppo_loss_from_hidden(h, w, lab, old, adv, mask, ref_logprobs=ref_lp, kl_coef=KL_COEF,
+                                                kl_kind="k3", entropy_coef=ENTROPY_COEF, clip_low=CLIP,
+                                                backend="triton")[0]
+        finally:
+            if prev is None:
+                os.environ.pop("FASTPPO_LM_HEAD")
+            else:
+                os.environ["FASTPPO_LM_HEAD"] = prev
+        return loss
+    return _runner(case, fn)
+
+
 def _liger(case: Case):
     loss_cls = peer_attr("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
     i = case.inputs
@@ -246,6 +270,7 @@ def providers(device: torch.device) -> list[Provider]:
            Provider("torch.compile", "baseline", _compile),
            Provider("matmul-floor", "baseline", _floor, "h @ W.T, dl @ W, dl.T @ h alone", checked=False)]
     out += [_fastppo(b, why) for b, why in fastppo_backends("ppo_loss", device)]
+    out.append(Provider("fastppo[triton-tiled]", "fastppo", _fastppo_tiled, "FASTPPO_LM_HEAD=tiled"))
     out += [
         Provider("liger-fused-linear", "peer", _liger, "LigerFusedLinearGRPOLoss (bnpo, no entropy term)"),
         Provider("cut-cross-entropy", "peer", _cce, "linear_cross_entropy (mean CE; torch_compile on CPU)"),

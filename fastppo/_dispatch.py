@@ -35,6 +35,7 @@ FAMILY_LAUNCHERS: dict[str, tuple[str, ...]] = {
     "gae": ("gae_forward",),
     "gae_whiten": ("gae_whiten_forward",),
     "sampling": ("sample_forward",),
+    "linear_tiled": ("linear_forward", "linear_backward"),  # the tiled fused LM head (Triton only)
 }
 
 _INSTALL_HINT = {

@@ -19,6 +19,8 @@ Chunk size: ``chunk_rows`` (a function of V, H, dtype, device and a memory budge
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -117,6 +119,14 @@ def _torch_ppo_terms(x: Tensor, labels: Tensor, old: Tensor, adv: Tensor, ref: T
                      kl_coef: float, entropy_coef: float) -> Tensor:
     """The ``ppo_loss_forward`` launcher contract in PyTorch: terms ``[len(PPO_TERMS), C]`` (masked rows 0)."""
     _, logp, ent, lse = _torch_rows(x, labels, temperature)
+    return ppo_terms_from_rows(logp, ent, lse, old, adv, ref, mask, clip_low, clip_high, dual_clip, kl_kind,
+                               kl_coef, entropy_coef)
+
+
+def ppo_terms_from_rows(logp: Tensor, ent: Tensor, lse: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None,
+                        mask: Tensor, clip_low: float, clip_high: float, dual_clip: float, kl_kind: int,
+                        kl_coef: float, entropy_coef: float) -> Tensor:
+    """Per-token PPO terms ``[len(PPO_TERMS), N]`` from the row statistics ``logp, entropy, lse [N]``."""
     dt = logp.dtype
     old, adv = old.to(dt), adv.to(dt)
     pg, ratio, clipped, dual = ppo_token_terms(logp, old, adv, clip_low=clip_low, clip_high=clip_high,
@@ -138,6 +148,30 @@ def _torch_ppo_terms(x: Tensor, labels: Tensor, old: Tensor, adv: Tensor, ref: T
             "clipped": clipped.to(dt), "dual_clipped": dual.to(dt), "loss": loss}
     valid = mask != 0
     return torch.stack([torch.where(valid, rows[k], zero) for k in PPO_TERMS])
+
+
+def _per_token_grads(t: Tensor, w: Tensor, kl_coef: float, entropy_coef: float) -> tuple[Tensor, Tensor | None]:
+    """``(g_lp, g_h)``: d(sum(w * loss_tok))/d(logp) and d/d(entropy) per token, from the terms."""
+    d_lp = t[_T["dpg"]] if kl_coef == 0.0 else t[_T["dpg"]] + kl_coef * t[_T["dkl"]]
+    g_lp = (w * d_lp).contiguous()  # kl_coef == 0: no 0 * inf from an infinite dkl
+    g_h = (w * -entropy_coef).contiguous() if entropy_coef != 0.0 else None
+    return g_lp, g_h
+
+
+# ------------------------------------------------------------------------------------- tiled Triton kernel
+def use_tiled(backend: str) -> bool:
+    """Whether the tiled Triton kernel (``kernels/linear.py``: logits tiles never written to memory) replaces the
+    chunked path. ``FASTPPO_LM_HEAD``: ``chunked`` / ``tiled`` / ``auto`` (default). ``auto`` keeps the chunked
+    path: the tiled kernel is only chosen where a GPU benchmark has shown it faster, and none has yet."""
+    mode = os.environ.get("FASTPPO_LM_HEAD", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "chunked", "tiled"):
+        raise ValueError(f"FASTPPO_LM_HEAD must be auto, chunked or tiled, got {mode!r}")
+    if mode != "tiled":
+        return False
+    if backend != "triton" or not _dispatch.implements("triton", "linear_tiled"):
+        raise _dispatch.BackendUnavailableError(
+            f"FASTPPO_LM_HEAD=tiled needs backend='triton' with the tiled kernels (this call runs on {backend!r})")
+    return True
 
 
 # --------------------------------------------------------------------------------------------- chunk driver
@@ -186,6 +220,8 @@ def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
                             with_entropy: bool, chunk: int, backend: str) -> tuple[Tensor, Tensor | None, Tensor]:
     """``hidden [N, H]`` -> ``(logp [N], entropy [N] | None, lse [N])`` float32 (float64 for float64 inputs)."""
+    if use_tiled(backend):
+        return _launchers("triton").linear_forward(hidden, weight, bias, labels, temperature, with_entropy)
     n = hidden.shape[0]
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
     logp = hidden.new_empty((n,), dtype=out_dtype)
@@ -206,6 +242,10 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed)."""
+    if use_tiled(backend):
+        grads = _launchers("triton").linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature,
+                                                     need_h, need_w, need_b)
+        return tuple(_empty(hidden, hidden.dtype) if g is None else g for g in grads)
     n = hidden.shape[0]
     spans = _chunks(n, chunk)
     sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b)
@@ -225,26 +265,34 @@ def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labe
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(weights * terms['loss'])`` and its
     gradients for a unit upstream gradient (empty where not needed)."""
+    need = need_h or need_w or need_b
+    args = (temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef)
+    if use_tiled(backend):
+        mod = _launchers("triton")
+        logp, ent, lse = mod.linear_forward(hidden, weight, bias, labels, temperature, True)
+        terms = ppo_terms_from_rows(logp, ent, lse, old, adv, ref, mask, *args[1:])
+        loss = (weights.to(terms.dtype) * terms[_T["loss"]]).sum()
+        grads = (None, None, None)
+        if need:
+            g_lp, g_h = _per_token_grads(terms, weights.to(terms.dtype), kl_coef, entropy_coef)
+            grads = mod.linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature, need_h,
+                                        need_w, need_b)
+        return (loss, terms, *(_empty(hidden, hidden.dtype) if g is None else g for g in grads))
     n = hidden.shape[0]
     spans = _chunks(n, chunk)
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
     terms = hidden.new_empty((len(PPO_TERMS), n), dtype=out_dtype)
-    need = need_h or need_w or need_b
     sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b) if need else None
     for s, e in spans:
         x = _chunk_logits(hidden[s:e], weight, bias)
         sl = (labels[s:e], old[s:e], adv[s:e], None if ref is None else ref[s:e], mask[s:e])
-        args = (temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef)
         if backend == "torch":
             t = _torch_ppo_terms(x, *sl, *args)
         else:
             t = _launchers(backend).ppo_loss_forward(x.unsqueeze(0), *sl, *args)
         terms[:, s:e] = t
         if sink is not None:
-            w = weights[s:e].to(out_dtype)
-            d_lp = t[_T["dpg"]] if kl_coef == 0.0 else t[_T["dpg"]] + kl_coef * t[_T["dkl"]]
-            g_lp = (w * d_lp).contiguous()  # kl_coef == 0: no 0 * inf from an infinite dkl
-            g_h = (w * -entropy_coef).contiguous() if entropy_coef != 0.0 else None
+            g_lp, g_h = _per_token_grads(t, weights[s:e].to(out_dtype), kl_coef, entropy_coef)
             lse, ent = t[_T["lse"]].contiguous(), t[_T["entropy"]].contiguous()
             rows_backward_(x, labels[s:e], lse, ent, g_lp, g_h, temperature, backend)
             sink.add(s, e, x, hidden[s:e])

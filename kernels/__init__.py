@@ -9,6 +9,7 @@ if __name__ == "fastppo.kernels":
     import triton  # noqa: F401  (a missing Triton makes this package, and so the backend, unavailable)
 
     from .gae import gae_forward, gae_whiten_forward
+    from .linear import linear_backward, linear_forward
     from .logprobs import PPO_TERMS, logprobs_backward, logprobs_forward, ppo_loss_forward
     from .sampling import sample_forward
 
@@ -16,6 +17,8 @@ if __name__ == "fastppo.kernels":
         "PPO_TERMS",
         "gae_forward",
         "gae_whiten_forward",
+        "linear_backward",
+        "linear_forward",
         "logprobs_backward",
         "logprobs_forward",
         "ppo_loss_forward",
