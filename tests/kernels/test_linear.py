@@ -120,3 +120,62 @@ def test_mode_selection(monkeypatch):
     monkeypatch.setenv("FASTPPO_LM_HEAD", "fastest")
     with pytest.raises(ValueError, match="FASTPPO_LM_HEAD"):
         fastppo.linear_logprobs(hid, w, lab, backend="torch")
+
+
+# ---------------------------------------------------------------------------------- ahead-of-time (sm_90)
+def _linear_variants():
+    common = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "lab_ptr": "*i64"}
+    fwd = {**common, "logp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
+           "stride_h": "i64", "stride_w": "i64", "inv_temp": "fp32"}
+    bwd = {**common, "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gh_ptr": "*fp32",
+           "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
+           "stride_h": "i64", "stride_w": "i64", "inv_temp": "fp32"}
+    out = []
+    for dt, torch_dt, prec in (("bf16", torch.bfloat16, "tf32"), ("fp32", torch.float32, "ieee")):
+        ptrs = {k: f"*{dt}" for k in ("h_ptr", "w_ptr", "b_ptr")}
+        for backward in (False, True):
+            bm, bv, bk, warps = kl.tile_config(torch_dt, backward)
+            tiles = dict(BM=bm, BV=bv, BK=bk, PREC=prec, UPCAST=False)
+            if backward:
+                flags = dict(HAS_BIAS=True, HAS_GLP=True, HAS_GH=True, NEED_H=True, NEED_W=True, NEED_B=True)
+                out.append((kl._bwd_kernel, {**bwd, **ptrs}, {**flags, **tiles}, warps))
+            else:
+                out.append((kl._fwd_kernel, {**fwd, **ptrs}, dict(HAS_BIAS=False, WITH_ENTROPY=True, **tiles), warps))
+    return out
+
+
+def aot_compile_linear() -> list[str]:
+    """Compile the tiled kernels for sm_90 (run without TRITON_INTERPRET, see test_compile.aot_compile_all)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from tests.kernels.test_compile import _resource_usage
+
+    lines = []
+    for fn, sig, const, warps in _linear_variants():
+        src = ASTSource(fn=JITFunction(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        usage = _resource_usage(kernel.asm["cubin"])
+        lines.append(f"{fn.__name__} {const} warps={warps} " + " ".join(f"{k}={v}" for k, v in usage.items()))
+    return lines
+
+
+def test_tiled_kernels_compile_for_hopper_without_spills():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    code = "from tests.kernels.test_linear import aot_compile_linear; print('\\n'.join(aot_compile_linear()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if "warps=" in line]
+    assert len(lines) == len(_linear_variants()), proc.stdout
+    for line in lines:
+        assert " STACK=0" in line and " LOCAL=0" in line, f"spills or stack use: {line}"
