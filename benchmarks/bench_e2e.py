@@ -15,6 +15,8 @@ included) with the machine's default torch threads. Reported per row: median ste
 the forward-only floor: the same model's forward passes alone for the same token counts (generation: prefill +
 one cached decode forward per response token, logits of the last position only; experience: the reference
 forward over prompt + response, logits at response positions).
+Rows ``engine_memory``: the engine's peak extra memory for the experience phase and one update micro-batch on a
+one-layer Llama with Qwen2's vocabulary (V=151936), config ``fused_lm_head`` on and off (in this process).
 
 ``--quick`` runs a small variant (V=32000, 8 sequences, 16 tokens) and the toy case: the engine's tiny Llama on the
 digit-reversal task, a smoke row only.
@@ -346,6 +348,102 @@ def run_engine(device: torch.device, s: dict[str, int]) -> Row:
     return row
 
 
+# ------------------------------------------------------------------- engine memory with and without the fused head
+MEMORY_OP = "engine_memory"
+MEMORY_VOCAB = 151936  # Qwen2's vocabulary: where the logits are the memory wall
+
+
+def memory_settings(quick: bool) -> dict[str, int]:
+    return {"batch": 8, "prompt": 8, "resp_len": 32 if quick else 128, "hidden": 64}
+
+
+def run_lm_head_memory(device: torch.device, quick: bool) -> list[Row]:
+    """Peak extra memory of the engine's experience phase and of one update micro-batch (forward, PPO loss with
+    entropy and KL, backward) on a one-layer Llama with V=MEMORY_VOCAB, config ``fused_lm_head`` on and off.
+
+    The rollout is synthetic (random token ids, full masks): memory depends on shapes only, not on the text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastppo.engine.experience import make_experience
+    from fastppo.engine.models import ValueModel, frozen_copy
+    from fastppo.engine.rollout import Rollout
+
+    from .timing import peak_extra_bytes
+
+    s = memory_settings(quick)
+    b, p, r, v = s["batch"], s["prompt"], s["resp_len"], MEMORY_VOCAB
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=v, hidden_size=s["hidden"], intermediate_size=2 * s["hidden"], num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    lm = LlamaForCausalLM(conf).to(device)
+    policy, ref_lm = ValueModel(lm).to(device), frozen_copy(lm)
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(0, v, (b, n), generator=g).to(device)  # noqa: E731
+    ones = lambda n: torch.ones(b, n, dtype=torch.long, device=device)  # noqa: E731
+    rollout = Rollout(ids(p), ones(p), ids(r), ones(r))
+    scores = torch.randn(b, generator=g).to(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from fastppo.engine.config import PPOConfig
+
+        cfg = PPOConfig(output_dir=tmp, device=device.type, total_steps=1, sft_steps=0, batch_size=b,
+                        mini_batch_size=b, micro_batch_size=b, forward_batch_size=b, max_new_tokens=r, ppo_epochs=1,
+                        save_every=0, tensorboard=False, progress=False, plot=False, eval_prompts=1, num_samples=1)
+        cfg.kl_in_loss, cfg.kl_coef, cfg.entropy_coef = True, 0.05, 0.01
+        for fused in (True, False):
+            cfg.fused_lm_head = fused
+            row = Row(suite="e2e", op=MEMORY_OP, mode="experience+update", provider=f"fastppo-engine[fused_lm_head="
+                      f"{'on' if fused else 'off'}]", group="fastppo", device=device.type, dtype="float32",
+                      shape=f"batch={b} prompt={p} resp={r} V={v} H={s['hidden']}", N=b * r, V=v, B=b, T=r)
+            rows.append(row)
+            try:
+                with torch.no_grad():
+                    exp_peak = peak_extra_bytes(lambda: make_experience(rollout, scores, policy, ref_lm, None, cfg,
+                                                                        0.05), device)
+                    exp = make_experience(rollout, scores, policy, ref_lm, None, cfg, 0.05)
+                trainer = _MicroLoss(cfg, policy)
+
+                def update(trainer=trainer, exp=exp):
+                    policy.zero_grad(set_to_none=True)
+                    loss, _ = trainer.micro_loss(exp)
+                    loss.backward()
+                    return loss.detach()
+                update()  # warm-up (allocator, lazy inits); the grads it leaves are dropped by the next zero_grad
+                t0 = time.perf_counter()
+                update()
+                row.median_ms, row.repeats = (time.perf_counter() - t0) * 1e3, 1
+                policy.zero_grad(set_to_none=True)
+                peak = peak_extra_bytes(update, device)
+                policy.zero_grad(set_to_none=True)
+                row.peak_extra_mib = None if peak is None else peak / 2**20
+                row.extra = {"experience_peak_mib": None if exp_peak is None else exp_peak / 2**20,
+                             "update_peak_mib": row.peak_extra_mib}
+                logits_mib = b * (p + r) * v * 4 / 2**20
+                row.notes = (f"update peak {_mib(row.peak_extra_mib)}, experience peak "
+                             f"{_mib(row.extra['experience_peak_mib'])} (full logits [B, L, V] fp32: "
+                             f"{logits_mib:.0f} MiB)")
+            except Exception as exc:
+                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return rows
+
+
+def _mib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f} MiB"
+
+
+class _MicroLoss:
+    """The engine trainer's ``micro_loss`` on a given policy without building a whole trainer (no rollout, task or
+    optimizer): the same method, bound to an object holding what it reads."""
+
+    def __init__(self, cfg, policy) -> None:
+        from fastppo.engine.trainer import KLController, PPOTrainer
+
+        self.cfg, self.policy, self.critic = cfg, policy, None
+        self.kl_ctl = KLController(cfg.kl_coef, False, 6.0, 10000)
+        self._forward_train = PPOTrainer._forward_train.__get__(self)
+        self.micro_loss = PPOTrainer.micro_loss.__get__(self)
+
+
 def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -> list[Row]:
     s = settings(quick)
     rows = []
@@ -361,6 +459,10 @@ def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -
             log("[e2e] the realistic GRPO case runs on CPU only here")
             break
         rows += run_realistic(case, log)
+    t0 = time.perf_counter()
+    for row in run_lm_head_memory(device, quick):
+        rows.append(row)
+        log(f"[e2e] {row.provider}: {row.status} {row.notes} ({time.perf_counter() - t0:.1f}s)")
     return rows
 
 

@@ -56,6 +56,9 @@ def tiny(monkeypatch):
                             getattr(fn, "_torchdynamo_orig_callable", fn))
     except ImportError:
         pass
+    monkeypatch.setattr(bench_e2e, "MEMORY_VOCAB", 3001)
+    monkeypatch.setattr(bench_e2e, "memory_settings", lambda quick: {"batch": 2, "prompt": 3, "resp_len": 5,
+                                                                      "hidden": 16})
     # the realistic GRPO case has its own test below (two trainer processes); here only the toy smoke row
     monkeypatch.setattr(bench_e2e, "settings", lambda quick: {
         "realistic": [], "toy": {"batch": 4, "resp_len": 4, "warmup_steps": 1, "steps": 2}})
@@ -104,7 +107,7 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
         if r["provider"] in ("copy", "matmul-floor"):  # yardsticks: they compute nothing to check
             assert r["max_err"] is None and r["err_flag"] == "" and r["gbps"] > 0, r
             continue
-        if r["op"] != "ppo_step":
+        if r["op"] not in ("ppo_step", "engine_memory"):
             assert r["gbps"] > 0 and r["min_bytes"] > 0, r
             assert r["err_flag"] == "ok", r  # every provider that runs here (backends, peers) matches float64
             assert math.isfinite(r["max_err"]) and r["max_err"] < 1e-2, r
@@ -280,3 +283,11 @@ def test_default_output_is_a_fresh_directory_under_the_working_directory(tiny, t
     assert len(list(runs[0].glob("bench-gae-*.json"))) == 1
     assert {p.parent for p in tmp_path.rglob("bench-*")} == {runs[0]}
     assert sorted(p for p in package.rglob("*") if "__pycache__" not in p.parts) == before
+
+
+def test_e2e_engine_memory_with_and_without_the_fused_head(tiny):
+    rows = bench_e2e.run_lm_head_memory(CPU, True)
+    assert [r.provider for r in rows] == ["fastppo-engine[fused_lm_head=on]", "fastppo-engine[fused_lm_head=off]"]
+    for r in rows:
+        assert r.status == "ok", r.status
+        assert r.V == 3001 and r.median_ms > 0 and set(r.extra) == {"experience_peak_mib", "update_peak_mib"}
