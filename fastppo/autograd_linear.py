@@ -393,12 +393,18 @@ def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, temp
 
 def _ppo_setup(ctx, inputs, output):
     _, terms, dh, dw, db = output
-    ctx.save_for_backward(dh, dw, db)
+    # Held as plain attributes, not saved tensors: the backward hands them on and drops its reference, so autograd
+    # can adopt them as .grad instead of copying (a copy of dW would double the op's peak memory).
+    ctx.grads = [dh, dw, db]
     ctx.mark_non_differentiable(terms, dh, dw, db)
 
 
 def _ppo_backward(ctx, g_loss, _g_terms, _g_dh, _g_dw, _g_db):
-    dh, dw, db = ctx.saved_tensors
+    if ctx.grads is None:
+        raise RuntimeError("ppo_loss_from_hidden computed its gradients during the forward and hands them out once; "
+                           "a second backward through the same graph (retain_graph=True) is not supported")
+    dh, dw, db = ctx.grads
+    ctx.grads = None
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     # The forward computed the gradients for a unit upstream gradient; scale them (in place: they are ours).
     # loss.backward() passes 1: on CPU that is checked for free and the pass over dW skipped (no GPU sync).
@@ -408,7 +414,28 @@ def _ppo_backward(ctx, g_loss, _g_terms, _g_dh, _g_dw, _g_db):
         if not need or t.numel() == 0:
             return None
         return t if unit else t.mul_(g_loss.to(t.dtype))
-    return (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b)) + (None,) * 18
+    out = (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b))
+    del dh, dw, db
+    return out + (None,) * 18
 
 
 linear_ppo_loss_op.register_autograd(_ppo_backward, setup_context=_ppo_setup)
+
+
+class LinearPPOLoss(torch.autograd.Function):
+    """Eager autograd for ``fastppo::linear_ppo_loss``: returns ``(loss, terms)`` only. The gradients the op computed
+    stay inside (not outputs): autograd then adopts the returned dW as ``.grad`` instead of copying it, which it
+    does for a custom op's own outputs (measured: one extra weight-sized buffer). ``torch.compile`` traces the
+    custom op and its registered autograd instead (``fastppo.linear``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, *rest):
+        loss, terms, dh, dw, db = torch.ops.fastppo.linear_ppo_loss(hidden, weight, bias, *rest)
+        ctx.grads = [dh, dw, db]
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_terms):
+        return _ppo_backward(ctx, g_loss, None, None, None, None)[:3] + (None,) * 18
+

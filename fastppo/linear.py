@@ -17,7 +17,7 @@ from torch import Tensor
 from fastppo import _validate as V
 from fastppo._contract import KL_KINDS
 from fastppo._contract import TERM as _T
-from fastppo.autograd_linear import chunk_rows
+from fastppo.autograd_linear import LinearPPOLoss, chunk_rows
 from fastppo.ops import _backend_for, _check_agg, _check_clips, _half_to_float, _loss_inputs
 from fastppo.reference import masked_mean
 from fastppo.reference.linear import agg_weights
@@ -171,12 +171,14 @@ def ppo_loss_from_hidden(
     wts = agg_weights(mask.to(vec_dtype), agg)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (h, w, b)]
-    loss, terms, _, _, _ = torch.ops.fastppo.linear_ppo_loss(
-        h, w, _bias_arg(b, h), lab, flat(old), flat(adv),
-        flat(ref_logprobs) if ref_logprobs is not None else h.new_empty((0,), dtype=vec_dtype),
-        flat(mask), flat(wts), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
-        KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), chunk, name, *need,
-    )
+    args = (h, w, _bias_arg(b, h), lab, flat(old), flat(adv),
+            flat(ref_logprobs) if ref_logprobs is not None else h.new_empty((0,), dtype=vec_dtype),
+            flat(mask), flat(wts), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
+            KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), chunk, name, *need)
+    if torch.compiler.is_compiling() or not any(need):
+        loss, terms = torch.ops.fastppo.linear_ppo_loss(*args)[:2]
+    else:  # eager with gradients: the Function that lets autograd adopt dW instead of copying it
+        loss, terms = LinearPPOLoss.apply(*args)
     row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
     _finite(op, row("lse").detach(), valid=mask)
     with torch.no_grad():
