@@ -336,3 +336,26 @@ def test_activation_checkpointing(reentrant):
     block(*y).backward()
     for a, e in zip(x, y, strict=True):
         assert_close(a.grad, e.grad.double(), F32, "grad")
+
+
+def test_tied_weight_accumulates_through_the_ppo_loss():
+    g = torch.Generator().manual_seed(17)
+    v, h = 41, 9
+    emb = torch.randn(v, h, generator=g) * 0.5
+    ids = torch.randint(0, v, (2, 5), generator=g)
+    lab = torch.randint(0, v, (2, 5), generator=g)
+    old = torch.randn(2, 5, generator=g) - 3.5
+    adv = torch.randn(2, 5, generator=g)
+    mask = torch.ones(2, 5)
+
+    def run(e, fn):
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, e) * 1.3)
+        return fn(hidden, e)[0] * 2.0  # an upstream gradient other than 1
+
+    e1 = emb.clone().requires_grad_()
+    run(e1, lambda hh, ee: fastppo.ppo_loss_from_hidden(hh, ee, lab, old, adv, mask, entropy_coef=0.1,
+                                                        chunk_size=3)).backward()
+    e2 = emb.double().requires_grad_()
+    run(e2, lambda hh, ee: RL.ppo_loss_from_hidden(hh, ee, lab, old.double(), adv.double(), mask,
+                                                   entropy_coef=0.1)).backward()
+    assert_close(e1.grad, e2.grad, F32, "grad")
