@@ -438,7 +438,7 @@ class _MicroLoss:
     def __init__(self, cfg, policy) -> None:
         from fastppo.engine.trainer import KLController, PPOTrainer
 
-        self.cfg, self.policy, self.critic = cfg, policy, None
+        self.cfg, self.policy, self.critic, self.old_from_update = cfg, policy, None, False
         self.kl_ctl = KLController(cfg.kl_coef, False, 6.0, 10000)
         self._forward_train = PPOTrainer._forward_train.__get__(self)
         self.micro_loss = PPOTrainer.micro_loss.__get__(self)
