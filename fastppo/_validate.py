@@ -87,19 +87,71 @@ def logits_and_labels(logits: object, labels: object | None) -> tuple[Tensor, Te
     return logits, labels
 
 
-def finite_rows(name: str, lse: Tensor, valid: Tensor | None = None) -> None:
-    """A non-finite per-row log-sum-exp (or max) means a NaN/+inf logit or a row with no finite logit."""
+def finite_rows(name: str, lse: Tensor, valid: Tensor | None = None, temperature: float = 1.0) -> None:
+    """A non-finite per-row log-sum-exp (or max) means a NaN/+inf logit or a row with no finite logit (or, at
+    a small temperature, a logit / temperature beyond the float32 range)."""
     bad = ~torch.isfinite(lse)
     if valid is not None:
         bad = bad & valid.bool()
+    scaled = f", or logits / temperature (temperature={temperature:g}) beyond float32" if temperature < 1.0 else ""
     check_value(
         ~bad.any(),
-        f"{name}: non-finite result; the logits contain NaN or +inf, or a row where every logit is -inf",
+        f"{name}: non-finite result; the logits contain NaN or +inf, or a row where every logit is -inf{scaled}",
     )
 
 
+# The kernels scale by 1/temperature in float32: below this, 1/temperature overflows to inf.
+MIN_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).max)
+
+
 def temperature(t: float) -> float:
-    t = float(t)
+    t = number("temperature", t)
     if not (t > 0.0) or t == float("inf"):
         raise ValueError(f"temperature must be a finite positive number, got {t}")
+    if t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature={t} is too small: 1/temperature overflows float32 (need >= {MIN_TEMPERATURE:.3g})"
+        )
     return t
+
+
+def number(name: str, value: object, *, optional: bool = False) -> float | None:
+    """``float(value)``, refusing NaN and +-inf with a message that names the argument (``None`` passes when
+    ``optional``). One check for every hyperparameter: a NaN coefficient or clip range would otherwise turn
+    into NaN on one backend and act as "off" on another (comparisons with NaN are false)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor")
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {x}")
+    return x
+
+
+def finite_where_valid(name: str, t: Tensor, mask: Tensor) -> None:
+    """``t`` must be finite where ``mask != 0`` (masked positions may hold anything, padding often does)."""
+    if t.numel() == 0:
+        return
+    check_value(
+        (torch.isfinite(t) | (mask == 0)).all(),
+        f"{name} has a non-finite value (NaN or inf) at a valid (mask != 0) position",
+    )
+
+
+def no_overlap(name: str, t: Tensor) -> None:
+    """Refuse a tensor whose elements share memory (a stride-0 / ``expand()`` dimension): an in-place
+    backward would write several gradients into one element and keep only the last."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1)
+    extent = 1  # elements spanned by the faster-varying dimensions: the next stride must step past them
+    for st, sz in dims:
+        if st < extent:
+            raise ValueError(
+                f"inplace_backward=True needs {name} whose elements do not overlap in memory, got shape "
+                f"{tuple(t.shape)} with strides {t.stride()} (e.g. from expand()); pass {name}.contiguous() or "
+                "use inplace_backward=False"
+            )
+        extent = st * (sz - 1) + extent

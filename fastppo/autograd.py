@@ -253,7 +253,7 @@ def direct_call_ok(*tensors: Tensor | None) -> bool:
     """Whether an eager call may run a launcher directly instead of through its custom op.
 
     The custom op exists for tracing (``torch.compile(fullgraph=True)``, ``torch.jit.trace``, FakeTensor,
-    ``make_fx``) and for the autograd error on inputs that require grad; around a short kernel its dispatch
+    ``make_fx``) and for the autograd of inputs that require grad; around a short kernel its dispatch
     costs as much as the kernel. So only a call outside any tracer or dispatch mode, on plain tensors none of
     which requires grad, skips it.
     """
@@ -281,10 +281,43 @@ def gae_op(
 ) -> tuple[Tensor, Tensor]:
     """``(advantages, returns)`` float32 ``[B, T]`` from float32 ``rewards/values [B, T]``, bool ``mask [B, T]``,
     float32 ``bootstrap [B]`` (empty: none). ``whiten`` needs the backend's fused ``gae_whiten_forward``.
-    A custom op (no autograd: advantages are targets) so that compiled callers trace through it."""
+    A custom op so that compiled callers trace through it; its backward recomputes the reference (below)."""
     return gae_launch(rewards, values, mask, _opt(bootstrap), gamma, lam, whiten, backend)
 
 
 @gae_op.register_fake
 def _(rewards, values, mask, bootstrap, gamma, lam, whiten, backend):
     return torch.empty_like(rewards, dtype=torch.float32), torch.empty_like(rewards, dtype=torch.float32)
+
+
+def _gae_setup(ctx, inputs, output):
+    rewards, values, mask, bootstrap, gamma, lam, whiten, _backend = inputs
+    ctx.save_for_backward(rewards, values, mask, bootstrap)
+    ctx.gamma, ctx.lam, ctx.whiten = gamma, lam, whiten
+
+
+def _gae_backward(ctx, g_adv, g_ret):
+    """GAE is linear in rewards, values and bootstrap (whitening aside), so its backward is the vector-Jacobian
+    product of the reference recursion (``fastppo.reference.gae``), recomputed here. Advantages and returns are
+    usually targets (detached); this keeps a caller that does differentiate through them correct on every
+    backend instead of failing inside torch. Not a fast path."""
+    from fastppo import reference as ref  # the executable spec (imported late: only a differentiating caller needs it)
+
+    rewards, values, mask, bootstrap = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3] and bootstrap.numel() > 0)
+    with torch.enable_grad():
+        r, v, boot = (t.detach().requires_grad_(n) for t, n in zip((rewards, values, bootstrap), need, strict=True))
+        adv, ret = ref.gae(r, v, mask, gamma=ctx.gamma, lam=ctx.lam, bootstrap_value=_opt(boot))
+        if ctx.whiten:
+            adv = ref.masked_whiten(adv, mask) * mask.to(adv.dtype)
+        inputs = [t for t, n in zip((r, v, boot), need, strict=True) if n]
+        zeros = torch.zeros_like(adv)
+        grads = iter(torch.autograd.grad(
+            (adv, ret), inputs, (zeros if g_adv is None else g_adv, zeros if g_ret is None else g_ret),
+            allow_unused=True,
+        ))
+    g_r, g_v, g_boot = (next(grads) if n else None for n in need)
+    return g_r, g_v, None, g_boot, None, None, None, None
+
+
+gae_op.register_autograd(_gae_backward, setup_context=_gae_setup)

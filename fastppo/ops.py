@@ -65,6 +65,12 @@ def _as_3d(logits: Tensor) -> Tensor:
     return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
 
 
+def _scaled_row_max(logits: Tensor, temperature: float) -> Tensor:
+    """``max(logits / T)`` per row in the reference's compute dtype ``[...]``."""
+    m = logits.detach().amax(-1)
+    return m.to(torch.promote_types(m.dtype, torch.float32)) / temperature
+
+
 def _half_to_float(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -95,18 +101,21 @@ def _logprobs_entropy(
 ) -> tuple[Tensor | None, Tensor | None]:
     logits, labels = V.logits_and_labels(logits, labels)
     temperature = V.temperature(temperature)
+    if inplace_backward:
+        V.no_overlap("logits", logits)
     name = _backend_for(backend, logits, "logprobs")
     if logits.numel() == 0:
         name = "torch"  # nothing to launch; the reference returns correctly shaped empty tensors
     if name == "torch":
         if logits.numel() > 0:
-            # One cheap reduction: NaN/+inf logits and all -inf rows make the row max non-finite.
-            V.finite_rows("logprobs", logits.detach().amax(-1))
+            # One cheap reduction: NaN/+inf logits and all -inf rows make the row max non-finite (and so does
+            # a max / temperature beyond float32, which the kernels meet as a non-finite lse).
+            V.finite_rows("logprobs", _scaled_row_max(logits, temperature), temperature=temperature)
         logp = ref.token_logprobs(logits, labels, temperature=temperature) if want_logp else None
         ent = ref.token_entropy(logits, temperature=temperature) if want_entropy else None
         return logp, ent
     logp, ent, lse = _kernel_logprobs(logits, labels, temperature, want_entropy, name, inplace_backward)
-    V.finite_rows("logprobs", lse.detach())
+    V.finite_rows("logprobs", lse.detach(), temperature=temperature)
     return (logp if want_logp else None), (ent if want_entropy else None)
 
 
@@ -213,6 +222,8 @@ def masked_whiten(
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over valid elements (unbiased var); mean added back if not shift_mean."""
     x, mask = _masked_input(x, mask)
+    if V.number("eps", eps) < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     _dispatch.resolve(backend, x.device, None)
     V.check_value(mask.bool().sum() >= 2, "masked_whiten: needs at least 2 valid elements")
     return ref.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
@@ -251,7 +262,7 @@ def gae(
             raise ValueError(f"bootstrap_value must be [B] = [{rewards.shape[0]}], got {tuple(bootstrap_value.shape)}")
     V.same_device(rewards=rewards, values=values, mask=mask, bootstrap_value=bootstrap_value)
     for name, val in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= float(val) <= 1.0:
+        if not 0.0 <= V.number(name, val) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {val}")
     name = _backend_for(backend, rewards, "gae")
     if rewards.numel() == 0:
@@ -286,7 +297,9 @@ def _check_agg(agg: str, shape: torch.Size) -> None:
 
 
 def _check_clips(clip_low: float, clip_high: float | None, dual_clip: float | None) -> float:
-    clip_high = clip_low if clip_high is None else clip_high
+    clip_low = V.number("clip_low", clip_low)
+    clip_high = clip_low if clip_high is None else V.number("clip_high", clip_high)
+    V.number("dual_clip", dual_clip, optional=True)
     if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
@@ -327,6 +340,8 @@ def ppo_policy_loss(
     """
     (lp, old, adv), mask = _loss_inputs(("logprobs", "old_logprobs", "advantages"),
                                         (logprobs, old_logprobs, advantages), mask)
+    V.finite_where_valid("old_logprobs", old, mask)
+    V.finite_where_valid("advantages", adv, mask)
     _check_agg(agg, lp.shape)
     _check_clips(clip_low, clip_high, dual_clip)
     _dispatch.resolve(backend, lp.device, None)
@@ -350,7 +365,7 @@ def value_loss(
     """
     (v, old, ret), mask = _loss_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
     _check_agg(agg, v.shape)
-    if clip is not None and clip <= 0:
+    if V.number("clip", clip, optional=True) is not None and clip <= 0:
         raise ValueError(f"value clip must be > 0 or None, got {clip}")
     _dispatch.resolve(backend, v.device, None)
     return ref.value_loss(v, old, ret, mask, clip=clip, agg=agg)
@@ -388,6 +403,10 @@ def ppo_loss_from_logits(
     if labels is None:
         raise TypeError("labels are required")
     temperature = V.temperature(temperature)
+    kl_coef = V.number("kl_coef", kl_coef)
+    entropy_coef = V.number("entropy_coef", entropy_coef)
+    if inplace_backward:
+        V.no_overlap("logits", logits)
     lead = logits.shape[:-1]
     names = ("old_logprobs", "advantages")
     (old, adv), mask = _loss_inputs(names, (old_logprobs, advantages), mask)
@@ -401,6 +420,11 @@ def ppo_loss_from_logits(
     elif kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     V.same_device(logits=logits, old_logprobs=old)
+    # A NaN/inf at a valid token would be NaN on one backend and clamped to a finite number on another.
+    # ref_logprobs with kl_coef == 0 only feed the KL statistic (an infinite KL there is an honest statistic).
+    for tname, t in (("old_logprobs", old), ("advantages", adv), ("ref_logprobs", ref_logprobs)):
+        if t is not None and (tname != "ref_logprobs" or kl_coef != 0.0):
+            V.finite_where_valid(tname, t, mask)
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
     _check_agg(agg, lead)
@@ -412,7 +436,8 @@ def ppo_loss_from_logits(
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             temperature=temperature, agg=agg,
         )
-        V.finite_rows("ppo_loss_from_logits", logits.detach().amax(-1), valid=mask)
+        V.finite_rows("ppo_loss_from_logits", _scaled_row_max(logits, temperature), valid=mask,
+                      temperature=temperature)
         return loss, stats
 
     flat = lambda t: t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
@@ -424,7 +449,7 @@ def ppo_loss_from_logits(
         KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), name, inplace_backward,
     )
     row = lambda k: terms[TERM[k]].view(lead)  # noqa: E731
-    V.finite_rows("ppo_loss_from_logits", row("lse").detach(), valid=mask)
+    V.finite_rows("ppo_loss_from_logits", row("lse").detach(), valid=mask, temperature=temperature)
     loss = ref.agg_loss(row("loss"), mask, agg)
     with torch.no_grad():
         stats = policy_stats(ref.agg_loss(row("pg"), mask, agg), row("logp"), old, row("ratio"), row("clipped"),
@@ -471,7 +496,7 @@ def grpo_advantages(
     mean 0 and std 1 (verl's convention). Vectorised (``index_add``), no host synchronisation.
     """
     s, gid, mask = _outcome_inputs(scores, group_index, mask)
-    if eps < 0:
+    if V.number("eps", eps) < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     _dispatch.resolve(backend, s.device, None)
     return ref_adv.grpo_advantages(s, gid, mask, norm_by_std=norm_by_std, eps=eps)
@@ -514,8 +539,10 @@ def reinforce_pp_advantages(
         rewards = ref_adv.place_on_last_token(_half_to_float(rewards), mask)
     mask = V.mask_tensor("mask", mask, rewards.shape)
     V.same_device(rewards=rewards, mask=mask)
-    if not 0.0 <= float(gamma) <= 1.0:
+    if not 0.0 <= V.number("gamma", gamma) <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if V.number("eps", eps) < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     if whiten:
         V.check_value(mask.bool().sum() >= 2, "reinforce_pp_advantages(whiten=True) needs at least 2 valid tokens")
     name = _backend_for(backend, rewards, "gae")

@@ -128,6 +128,11 @@ def _row_forward_kernel(
             pg = tl.where(a < 0, tl.minimum(pg, pg3), pg)
         else:
             dual_f = tl.zeros_like(pg)
+        # tl.minimum/maximum drop a NaN operand: a NaN old logprob or advantage would come out as a finite,
+        # made-up loss. Propagate it, as the reference and the C++ kernels do (with FASTPPO_CHECKS=0).
+        nan_in = (log_ratio != log_ratio) | (a != a)
+        pg = tl.where(nan_in, float("nan"), pg)
+        ratio = tl.where(nan_in, float("nan"), ratio)
         dpg = tl.where(grad_ok, -a * ratio, 0.0)
         if HAS_REF:
             d_ref = logp - tl.load(ref_ptr + row)

@@ -42,6 +42,15 @@ inline const E* row_ptr(const void* base, int64_t sB, int64_t sT, int64_t T, int
   return static_cast<const E*>(base) + b * sB + t * sT;  // 64-bit offsets
 }
 
+// y - c with y = x / T rounded to float first (a mul, then a sub; not one fused multiply-subtract): the row max
+// m is itself a rounded y, so the max element gets exactly 0 and every other element <= 0. A fused x*inv_t - m
+// keeps the product's rounding error, which at |y| ~ 1e20 (temperature 1e-20) is ~1e12 and sends exp to
+// inf or 0 (the ops layer then saw a non-finite lse on finite logits).
+template <class V8>
+inline V8 scaled_minus(V8 x, V8 inv_t, V8 c) {
+  return Isa::sub(Isa::mul(x, inv_t), c);
+}
+
 template <class E>
 RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool want_entropy) {
   using V8 = typename Isa::vec;
@@ -78,7 +87,7 @@ RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool wan
       }
       m = bm;
     }
-    // pass 2: one exp per element, d = x/T - m in one FMA; two accumulators per sum for ILP. The entropy
+    // pass 2: one exp per element, d = x/T - m (scaled_minus); two accumulators per sum for ILP. The entropy
     // term uses exp's clamped argument: e * dc = 0 at -inf entries where e * d would be 0 * -inf = NaN.
     const V8 vm = Isa::set1(m);
     V8 s0 = Isa::zero(), s1 = Isa::zero(), w0 = Isa::zero(), w1 = Isa::zero();
@@ -86,8 +95,8 @@ RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool wan
     if (want_entropy) {
       for (; j + 2 * W <= n; j += 2 * W) {
         V8 dc0, dc1;
-        const V8 e0 = Isa::exp(Isa::fmsub(Isa::load(xb + j), vit, vm), dc0);
-        const V8 e1 = Isa::exp(Isa::fmsub(Isa::load(xb + j + W), vit, vm), dc1);
+        const V8 e0 = Isa::exp(scaled_minus(Isa::load(xb + j), vit, vm), dc0);
+        const V8 e1 = Isa::exp(scaled_minus(Isa::load(xb + j + W), vit, vm), dc1);
         s0 = Isa::add(s0, e0);
         s1 = Isa::add(s1, e1);
         w0 = Isa::fmadd(e0, dc0, w0);
@@ -95,14 +104,14 @@ RowStats row_forward(const E* x, int64_t V, int64_t label, float inv_t, bool wan
       }
     } else {
       for (; j + 2 * W <= n; j += 2 * W) {
-        s0 = Isa::add(s0, Isa::exp(Isa::fmsub(Isa::load(xb + j), vit, vm)));
-        s1 = Isa::add(s1, Isa::exp(Isa::fmsub(Isa::load(xb + j + W), vit, vm)));
+        s0 = Isa::add(s0, Isa::exp(scaled_minus(Isa::load(xb + j), vit, vm)));
+        s1 = Isa::add(s1, Isa::exp(scaled_minus(Isa::load(xb + j + W), vit, vm)));
       }
     }
     for (; j < n; j += W) {
       const V8 x8 = j + W <= n ? Isa::load(xb + j) : Isa::load_tail(xb + j, n - j, -INFINITY);
       V8 dc;
-      const V8 e = Isa::exp(Isa::fmsub(x8, vit, vm), dc);
+      const V8 e = Isa::exp(scaled_minus(x8, vit, vm), dc);
       s0 = Isa::add(s0, e);
       if (want_entropy) w0 = Isa::fmadd(e, dc, w0);
     }
@@ -144,7 +153,7 @@ void row_backward(const E* x, E* out, int64_t V, int64_t label, float inv_t, flo
     const bool full = j + W <= V;
     const V8 x8 = full ? Isa::load(x + j) : Isa::load_tail(x + j, V - j, -INFINITY);
     V8 lpc;  // lp clamped to a finite value where p == 0 (masked vocabulary): the term is 0, not 0 * inf
-    const V8 p = Isa::exp(Isa::fmsub(x8, vit, vlse), lpc);
+    const V8 p = Isa::exp(scaled_minus(x8, vit, vlse), lpc);
     // p*(g + h*(lp + H))
     const V8 t = Isa::mul(p, Isa::fmadd(vh, lpc, vgh));
     const V8 dx = Isa::mul(t, vneg);

@@ -63,6 +63,7 @@ struct Isa {
   }
 
   static inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static inline vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
   static inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static inline vec fmsub(vec a, vec b, vec c) { return _mm256_fmsub_ps(a, b, c); }

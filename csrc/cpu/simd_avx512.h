@@ -65,6 +65,7 @@ struct Isa {
   }
 
   static inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static inline vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
   static inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
   static inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
   static inline vec fmsub(vec a, vec b, vec c) { return _mm512_fmsub_ps(a, b, c); }

@@ -34,6 +34,7 @@ struct Isa {
     conv::put(p, v);
   }
   static inline vec add(vec a, vec b) { return a + b; }
+  static inline vec sub(vec a, vec b) { return a - b; }
   static inline vec mul(vec a, vec b) { return a * b; }
   static inline vec fmadd(vec a, vec b, vec c) { return a * b + c; }
   static inline vec fmsub(vec a, vec b, vec c) { return a * b - c; }

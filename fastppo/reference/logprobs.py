@@ -26,8 +26,11 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     x = logits.to(_compute_dtype(logits)) / temperature
     logp = torch.log_softmax(x, dim=-1)
     p = logp.exp()
-    # p * logp is NaN where p == 0 and logp == -inf (masked vocabulary): such entries contribute 0.
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # p log p -> 0 as p -> 0: entries with p == 0 (masked vocabulary, logp = -inf) contribute 0. The log is
+    # replaced *before* the product, so that neither the value nor the gradient meets 0 * -inf = NaN (a where
+    # after the product would zero the value but still send -inf * 0 = NaN back into the whole row).
+    safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
+    return -(p * safe_logp).sum(-1)
 
 
 def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

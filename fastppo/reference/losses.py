@@ -21,6 +21,14 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 # (verl does the same).
 
 
+def _valid_only(mask: Tensor, *tensors: Tensor | None) -> list[Tensor | None]:
+    """Each tensor with 0 at masked positions. Masked positions are ignored whatever they hold (padding may
+    carry NaN/inf), and that must also hold for the gradient: ``where`` after a product zeroes the value but
+    backward still meets ``0 * NaN``; replacing the inputs first keeps every intermediate finite."""
+    valid = mask != 0
+    return [None if t is None else torch.where(valid, t, torch.zeros_like(t)) for t in tensors]
+
+
 def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     """Aggregate per-token losses ``[..., T]`` into a scalar.
 
@@ -98,6 +106,7 @@ def ppo_policy_loss(
     ``approx_kl`` is the k3 estimate of KL(old || new) on the old policy's samples:
     ``mean(exp(lp - old) - (lp - old) - 1)``.
     """
+    logprobs, old_logprobs, advantages = _valid_only(mask, logprobs, old_logprobs, advantages)
     pg, ratio, clipped, dual = ppo_token_terms(
         logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
@@ -134,6 +143,7 @@ def value_loss(
 
     Without ``clip`` the loss is ``0.5 * (v-R)^2``.
     """
+    values, old_values, returns = _valid_only(mask, values, old_values, returns)
     err = (values - returns).square()
     if clip is None:
         per_tok = 0.5 * err
@@ -175,7 +185,12 @@ def ppo_loss_from_logits(
 
     Stats: pg_loss, kl, entropy (masked means), clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max.
     """
+    # Masked rows of the logits may hold anything too (NaN at a padding position): replaced by zeros, so the
+    # softmax backward of a masked row sees finite numbers next to its zero upstream gradient.
+    logits = torch.where((mask != 0).unsqueeze(-1), logits, torch.zeros_like(logits))
+    old_logprobs, advantages, ref_logprobs = _valid_only(mask, old_logprobs, advantages, ref_logprobs)
     logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=temperature)
+    logprobs, entropy = _valid_only(mask, logprobs, entropy)
     pg_loss, stats = ppo_policy_loss(
         logprobs,
         old_logprobs,

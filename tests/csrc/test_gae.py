@@ -143,15 +143,17 @@ def test_eager_direct_call_matches_the_custom_op(bootstrap, whiten):
 
 
 def test_inputs_that_require_grad_take_the_custom_op():
-    """No autograd formula (advantages are targets): backward through the outputs raises, as before the eager
-    shortcut, instead of silently giving no gradient."""
+    """Inputs that require grad go through the custom op, whose backward is the reference recursion's
+    vector-Jacobian product (issue #12: not an error inside torch); the values equal the eager shortcut's."""
     r, v, mask, _ = _inputs(4, 30, seed=22)
     v.requires_grad_(True)
     assert not direct_call_ok(r, v, mask, None)
     adv, ret = fastppo.gae(r, v, mask, backend="cpp")
     assert ret.requires_grad
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        ret.sum().backward()
+    ret.sum().backward()
+    v64 = v.detach().double().requires_grad_()
+    ref.gae(r.double(), v64, mask)[1].sum().backward()
+    assert torch.allclose(v.grad.double(), v64.grad, atol=1e-5)
     with torch.no_grad():
         adv_ng, _ = fastppo.gae(r, v, mask, backend="cpp")
     assert torch.equal(adv_ng, adv.detach())
