@@ -1,4 +1,4 @@
-"""``fastppo bench [ops|gae|linear|e2e|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
+"""``fastppo bench [ops|gae|linear|e2e|contended|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
 
 Runs the suites, prints a rich table and the issue targets (``targets.py``: pass / FAIL / not measured), writes
 CSV + JSON + PNG plots into ``--out`` (default ``./fastppo-bench/<UTC timestamp>/`` in the working directory: the
@@ -26,6 +26,7 @@ SUITES = {
     "gae": (bench_gae,),
     "linear": (bench_linear,),  # the fused LM head: from hidden states + lm_head weight
     "e2e": (),  # bench_e2e has its own loop (whole PPO steps, not cases x providers)
+    "contended": (),  # bench_contended times its cases twice, quiet and with every core busy
 }
 
 
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"),
                    help="ops: logprobs, ppo_loss, kl, value_loss; gae; linear: the fused LM head (PPO loss from "
-                   "hidden states); e2e: a whole PPO step; all (default)")
+                   "hidden states); e2e: a whole PPO step; contended: the C++ ops with every core busy, next to "
+                   "eager PyTorch; all (default)")
     p.add_argument("--quick", action="store_true", help="one small shape per op, short timing (CI smoke run)")
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT_HELP})")
     p.add_argument("--only", default="", help="comma-separated op names to keep, e.g. logprobs,gae")
@@ -80,6 +82,10 @@ def run_suites(suites: list[str], device: torch.device, quick: bool, only: set[s
             from . import bench_e2e
 
             rows += bench_e2e.run(device, quick, log=log)
+        if suite == "contended" and (not only or "contended" in only):
+            from . import bench_contended
+
+            rows += bench_contended.run(device, quick, log=log)
     return rows
 
 

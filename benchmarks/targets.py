@@ -1,4 +1,4 @@
-"""The performance targets of issues #3, #4, #5, #14 and #16, checked against the rows of a benchmark run.
+"""The performance targets of issues #3, #4, #5, #12, #14 and #16, checked against the rows of a benchmark run.
 
     python -m fastppo.benchmarks.targets RESULT.json [...]     # re-check a stored run
     python -m fastppo.benchmarks.targets --write RESULT.json   # ... and store the checks in its JSON / -targets.csv
@@ -21,6 +21,8 @@ Metrics (all from the same case's rows, so they compare equal work):
   ``rss_ratio``      subject peak RSS / baseline's (``extra.peak_rss_mib``, e2e rows; each in its own process)
                      (<= threshold)
   ``peak_ratio``     subject peak extra memory / baseline peak extra memory (<= threshold)
+  ``slowdown``       (subject contended / quiet median) / (baseline contended / quiet median) (<= threshold):
+                     how much more the subject slows down on a loaded machine than the baseline (``bench_contended``)
   ``peak``           the subject's peak extra memory (``timing``), <= ``logits_buffers`` buffers of the case's
                      logits (``N*V*element size``) plus ``PER_TOKEN_SLACK`` bytes per token (the ``[N]`` outputs
                      and saved row statistics, which are not logits-sized) plus ``ALLOCATOR_SLACK`` (the CUDA
@@ -121,6 +123,11 @@ TARGETS: tuple[Target, ...] = (
           ("time-vs-floor", "time <= 1.3x the matmuls alone (speed-up vs floor >= 1/1.3)", "speedup", 1 / 1.3,
            "matmul-floor"),
           ("peak-vs-liger", "peak extra memory <= Liger's", "peak_ratio", 1.0, "liger-fused-linear"))),
+    *(Target(f"12-contended-{op}", 12, "with a busy process on every core, the C++ op slows down no more than eager "
+             "PyTorch in the same conditions (x1.5 slack: both are ratios of medians on a loaded machine)", "cpu",
+             op=op, mode="fwd contended", dtype="float32", shape=shape, subjects=("fastppo[cpp]",), metric="slowdown",
+             threshold=1.5, baseline="eager")
+      for op, shape in (("gae", {"B": 256, "T": 1024}), ("logprobs", {"N": 256, "V": 4096}))),
     Target("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
            shape={"B": 256, "T": 1024}, subjects=("fastppo[cpp]",), metric="speedup", threshold=100.0,
            baseline="eager"),
@@ -197,6 +204,11 @@ def _measure(t: Target, subj: dict, base: dict | None) -> tuple[float | None, st
         if s is None or not b:
             return None, "peak memory not measured"
         return s / b, f"{subj['provider']} {s:.1f} MiB / {t.baseline} {b:.1f} MiB"
+    if t.metric == "slowdown":
+        s, b = (_num((r.get("extra") or {}).get("slowdown")) for r in (subj, base))
+        if not s or not b:
+            return None, "no quiet/contended timing pair"
+        return s / b, f"{subj['provider']} x{s:.3g} slower under load / {t.baseline} x{b:.3g}"
     if t.metric == "peak":
         mib = _num(subj.get("peak_extra_mib"))
         if mib is None:
@@ -211,7 +223,7 @@ def _passes(t: Target, value: float) -> bool:
         return value <= t.threshold
     if t.metric == "peak":
         return value * 2**20 <= peak_allowance_bytes(t)
-    if t.metric == "rss_ratio":
+    if t.metric in ("rss_ratio", "slowdown"):
         return value <= t.threshold
     return value >= t.threshold
 
@@ -274,6 +286,8 @@ def fmt_measured(c: Check) -> str:
         return f"{c.measured:.2f}x"
     if c.metric == "peak_ratio":
         return f"{c.measured:.3f}x peak"
+    if c.metric == "slowdown":
+        return f"{c.measured:.2f} of eager's"
     return f"{c.measured:.1f} MiB"
 
 
@@ -288,6 +302,8 @@ def fmt_target(c: Check) -> str:
         return f"<= {c.threshold:g}x {c.baseline} peak RSS"
     if c.metric == "peak_ratio":
         return f"<= {c.threshold:g}x {c.baseline}'s peak"
+    if c.metric == "slowdown":
+        return f"slowdown <= {c.threshold:g}x {c.baseline}'s"
     return f"<= {c.threshold:.1f} MiB"
 
 

@@ -154,5 +154,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("set_simd_level", &fastppo::cpu::set_simd_level, py::arg("level"),
         "Cap the row kernels at 'avx512', 'avx2' or 'scalar' (capped again by what the CPU supports); returns "
         "the level in use.");
+  m.def("team_size", &fastppo::cpu::team_size, py::arg("work"), py::arg("threads"),
+        "OpenMP threads a kernel uses for `work` elements (logits or GAE tokens) given `threads` (1 below "
+        "PARALLEL_MIN_WORK: small problems stay on the calling thread).");
+  m.attr("PARALLEL_MIN_WORK") = static_cast<int64_t>(fastppo::cpu::kParallelMinWork);
   fastppo::add_contract_attrs(m);
 }

@@ -10,6 +10,7 @@ say why. ``launchers(kind)`` wraps a loaded module in the Python launcher layer
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 _MODULES = {"cpp": "fastppo._C_cpu", "cuda": "fastppo._C_cuda"}
@@ -48,6 +49,26 @@ def launchers(kind: str) -> object | None:
 def import_error(kind: str) -> str | None:
     """Why the compiled module for ``kind`` could not be loaded (None when it loaded)."""
     return _load(kind)[1]
+
+
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; ``[]`` where ``/proc`` is absent).
+
+    ``fastppo._C_cpu`` asks for ``libgomp.so.1`` by soname, and torch's wheel ships its own libgomp under that
+    soname. torch is imported first (``fastppo._dispatch`` imports it before loading the module), so the dynamic
+    linker resolves the extension's dependency to the copy torch already loaded: one OpenMP runtime, one thread
+    pool per calling thread, shared by torch's ops and fastppo's kernels (the kernels also take torch's thread
+    count, ``torch.get_num_threads()``). A wheel that renamed its libgomp (``libgomp-<hash>.so.1``) would give two
+    runtimes; this function lets a test (and ``fastppo backends``) see it.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    names = ("libgomp", "libiomp", "libomp")
+    paths = {line.split()[-1] for line in lines if "/" in line}
+    return sorted({os.path.realpath(p) for p in paths if any(n in p.rsplit("/", 1)[-1] for n in names)})
 
 
 # Load at import, outside any traced region (importing inside torch.compile's tracing is not supported).

@@ -61,7 +61,8 @@ void gae_forward(const GaeArgs& a) {
   const float gamma = static_cast<float>(a.gamma);
   const float gl = static_cast<float>(a.gamma * a.lam);
   const int64_t groups = (a.B + kRows - 1) / kRows;
-#pragma omp parallel for num_threads(a.threads) schedule(static) if (a.B * a.T >= (int64_t(1) << 16))
+  const int team = groups > 1 ? team_size(a.B * a.T, a.threads) : 1;  // small scans: the calling thread only
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t b0 = g * kRows;
     const int64_t n = a.B - b0 < kRows ? a.B - b0 : kRows;

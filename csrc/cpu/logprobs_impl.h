@@ -174,16 +174,14 @@ void row_backward(const E* x, E* out, int64_t V, int64_t label, float inv_t, flo
 // Rows per OpenMP work item: enough elements per item that scheduling costs nothing next to the exps.
 inline int64_t chunk_rows(int64_t V) { return V >= 4096 ? 1 : 4096 / (V > 0 ? V : 1); }
 
-// Below this many logits a parallel region costs more than it saves (waking threads, and on a loaded
-// machine waiting for a descheduled one), so small calls run on the calling thread.
-constexpr int64_t kParallelMin = int64_t(1) << 18;
-
-// body(r) for every row r of the [B, T] view, OpenMP-parallel over rows in chunks of chunk_rows(V).
+// body(r) for every row r of the [B, T] view, OpenMP-parallel over rows in chunks of chunk_rows(V); small
+// calls run on the calling thread (team_size, kernels.h).
 template <class F>
 void for_each_row(const LogitsView& x, int threads, F&& body) {
   const int64_t N = x.B * x.T;
   const int64_t chunk = chunk_rows(x.V);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk) if (N * x.V >= kParallelMin)
+  const int team = team_size(N * x.V, threads);
+#pragma omp parallel for num_threads(team) schedule(dynamic, chunk) if (team > 1)
   for (int64_t r = 0; r < N; ++r) body(r);
 }
 

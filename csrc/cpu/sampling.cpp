@@ -135,7 +135,8 @@ int64_t sample_row(const E* x, int64_t V, float inv_temp, int top_k, double top_
 
 void sample_forward(const SampleArgs& a) {
   const int64_t B = a.B, V = a.V;
-#pragma omp parallel num_threads(a.threads) if (B > 1 && B * V >= (int64_t(1) << 16))
+  const int team = B > 1 ? team_size(B * V, a.threads) : 1;  // small batches: the calling thread (kernels.h)
+#pragma omp parallel num_threads(team) if (team > 1)
   {
     std::vector<float> buf(static_cast<size_t>(V));
 #pragma omp for schedule(dynamic, 1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastppo.benchmarks import (
+    bench_contended,
     bench_e2e,
     bench_gae,
     bench_kl,
@@ -44,6 +45,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(bench_kl, "shapes", lambda device, quick: [(3, 37)])
     monkeypatch.setattr(bench_value_loss, "shapes", lambda device, quick: [(3, 37)])
     monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(3, 41)])
+    monkeypatch.setattr(bench_contended, "shapes", lambda: {"gae": (3, 41), "logprobs": (41, 257)})
     monkeypatch.setattr(bench_linear, "shapes", lambda device, quick: [(41, 13, 257)])
     monkeypatch.setattr(bench_linear, "LIGER_COMPILED", False)
     for mod in (bench_logprobs, bench_ppo_loss, bench_kl, bench_value_loss, bench_linear):
@@ -98,6 +100,9 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
         got = {r["provider"] for r in rows if r["op"] == mod.OP}
         assert got == expected, (mod.OP, expected ^ got)
     assert {r["provider"] for r in rows if r["op"] == "ppo_step"} == {"fastppo-engine"}
+    contended = {(r["op"], r["provider"]): r for r in rows if r["mode"] == "fwd contended"}
+    assert set(contended) == {(op, p) for op in ("gae", "logprobs") for p in ("eager", "fastppo[cpp]")}
+    assert all(r["extra"]["slowdown"] > 0 and r["extra"]["quiet_ms"] > 0 for r in contended.values())
     for r in rows:
         st = r["status"]
         assert st == "ok" or (st.split(":")[0] in ("missing", "skipped", "error") and len(st) > 10), r

@@ -49,7 +49,7 @@ def test_one_check_per_target_and_subject():
     checks = evaluate([], H100)
     assert len(checks) == sum(len(t.subjects) for t in TARGETS)
     assert len(set(_by(checks))) == len(checks)
-    assert {t.issue for t in TARGETS} == {3, 4, 5, 14, 16}
+    assert {t.issue for t in TARGETS} == {3, 4, 5, 12, 14, 16}
 
 
 def _e2e_row(provider: str, v: int, tok_s: float, rss_mib: float, status: str = "ok") -> dict:
@@ -177,7 +177,8 @@ def test_quick_cpu_run_checks_targets_end_to_end(monkeypatch, tmp_path, capsys):
     here = {"op": "logprobs", "dtype": "float32", "shape": {"N": 41, "V": 257}}
     moved = tuple(dataclasses.replace(t, device="cpu", gpus=(), subjects=("fastppo[cpp]", "fastppo[cpp]-inplace"),
                                       **(here if t.op == "logprobs" else {"shape": {"B": 256, "T": 1024}}))
-                  for t in TARGETS if t.op in ("logprobs", "gae") and t.baseline != "row-serial")
+                  for t in TARGETS if t.op in ("logprobs", "gae") and t.baseline != "row-serial"
+                  and t.metric != "slowdown")  # (the contended case: tests/benchmarks/test_contended.py)
     lp = {r["provider"]: r for r in rows if r["op"] == "logprobs" and r["mode"] == "fwd+bwd"}
     checks = evaluate(rows, meta, moved)
     if lp["fastppo[cpp]"]["status"] == "ok":  # the C++ extension is built: every metric gets a verdict
