@@ -25,15 +25,8 @@ def _eager_lowp(x: torch.Tensor, lab: torch.Tensor, temperature: float, g_lp: to
     return lp_t, he, xe.grad
 
 
-# The torch backend differentiates the reference formulas with autograd: p*log p at a -inf logit gives 0 * -inf =
-# NaN in dlogits, where the kernels give 0 (being fixed with the reference's own entropy backward).
-REFERENCE_NAN_GRAD = "torch backend: autograd of the reference entropy gives NaN dlogits at -inf logits"
-
-
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_values_and_grads_match_fp64(backend, case, request):
-    if backend.id == "torch" and case.neg_inf:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=REFERENCE_NAN_GRAD))
+def test_values_and_grads_match_fp64(backend, case):
     x, lab = case.inputs(backend.device)
     xg = x.detach().requires_grad_()
     lp, h = fastppo.logprobs_and_entropy(xg, lab, temperature=case.temperature, backend=backend.name)
