@@ -132,7 +132,8 @@ def plot_time_vs_v(rows: list[dict], path: Path, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vocab = [r for r in rows if _ok(r) and r.get("V")]
+    # rows over [N, V] logits only: whole-step rows (e2e) name a vocabulary but have no N
+    vocab = [r for r in rows if _ok(r) and r.get("V") and r.get("N") is not None]
     if not vocab:
         return False
     palette = {p: k for k, p in enumerate(_plot_order({r["provider"] for r in rows if _ok(r)}))}

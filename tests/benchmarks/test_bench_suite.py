@@ -296,3 +296,15 @@ def test_e2e_engine_memory_with_and_without_the_fused_head(tiny):
     for r in rows:
         assert r.status == "ok", r.status
         assert r.V == 3001 and r.median_ms > 0 and set(r.extra) == {"experience_peak_mib", "update_peak_mib"}
+
+
+def test_time_vs_v_plot_leaves_out_rows_without_n(tmp_path):
+    from fastppo.benchmarks import report
+
+    ok = dict(status="ok", op="logprobs", mode="fwd", dtype="float32", median_ms=1.0)
+    rows = [{**ok, "provider": "eager", "N": 64, "V": 257}, {**ok, "provider": "eager", "N": 64, "V": 1271},
+            {**ok, "op": "ppo_step", "provider": "fastppo-engine", "N": None, "V": 32000},
+            {**ok, "op": "ppo_step", "provider": "trl", "N": None, "V": 151936}]
+    assert report.plot_time_vs_v(rows, tmp_path / "t.png", "t")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert not report.plot_time_vs_v(rows[2:], tmp_path / "u.png", "u")
