@@ -30,9 +30,7 @@ from torch import Tensor
 from fastppo import _validate as V
 from fastppo._contract import KL_KINDS
 from fastppo.ops import _check_agg, _check_clips, _half_to_float, _loss_inputs
-from fastppo.reference.kl import kl_penalty
-from fastppo.reference.losses import agg_loss, ppo_policy_loss
-from fastppo.reference.stats import masked_mean
+from fastppo.reference.losses import ppo_loss_from_logprobs
 
 
 def vocab_start_of(local_vocab: int, group: dist.ProcessGroup | None = None) -> int:
@@ -200,22 +198,3 @@ def vocab_parallel_ppo_loss(
     return ppo_loss_from_logprobs(logp, entropy, old, adv, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                                   kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
                                   dual_clip=dual_clip, agg=agg)
-
-
-def ppo_loss_from_logprobs(logp: Tensor, entropy: Tensor, old: Tensor, adv: Tensor, mask: Tensor, *,
-                           ref_logprobs: Tensor | None, kl_coef: float, kl_kind: str, entropy_coef: float,
-                           clip_low: float, clip_high: float, dual_clip: float | None,
-                           agg: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """The same per-token PPO terms as the single-process reference, on replicated ``[B, T]`` tensors."""
-    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                                  agg=agg)
-    if ref_logprobs is not None:
-        kl = kl_penalty(logp, ref_logprobs, kl_kind)
-        if kl_coef != 0.0:
-            loss = loss + kl_coef * agg_loss(kl, mask, agg)
-        stats["kl"] = masked_mean(kl.detach(), mask)
-    if entropy_coef != 0.0:
-        loss = loss - entropy_coef * agg_loss(entropy, mask, agg)
-    stats["entropy"] = masked_mean(entropy.detach(), mask)
-    stats["loss"] = loss.detach()
-    return loss, stats

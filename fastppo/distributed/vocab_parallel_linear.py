@@ -26,10 +26,10 @@ from fastppo.distributed.vocab_parallel import (
     dlogits_local,
     local_label_index,
     local_partials,
-    ppo_loss_from_logprobs,
     vocab_start_of,
 )
 from fastppo.ops import _check_agg, _check_clips, _loss_inputs
+from fastppo.reference.losses import ppo_loss_from_logprobs
 
 
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:

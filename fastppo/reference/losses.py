@@ -191,17 +191,20 @@ def ppo_loss_from_logits(
     old_logprobs, advantages, ref_logprobs = _valid_only(mask, old_logprobs, advantages, ref_logprobs)
     logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=temperature)
     logprobs, entropy = _valid_only(mask, logprobs, entropy)
-    pg_loss, stats = ppo_policy_loss(
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        agg=agg,
-    )
-    loss = pg_loss
+    return ppo_loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                                  kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+                                  clip_high=clip_high, dual_clip=dual_clip, agg=agg)
+
+
+def ppo_loss_from_logprobs(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                           *, ref_logprobs: Tensor | None, kl_coef: float, kl_kind: str, entropy_coef: float,
+                           clip_low: float, clip_high: float | None, dual_clip: float | None,
+                           agg: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO objective's per-token terms once the token log-probs and entropies ``[B, T]`` exist: the tail of
+    ``ppo_loss_from_logits``, shared with the vocabulary-parallel ops (which get logprobs/entropy from collectives).
+    """
+    loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                                  dual_clip=dual_clip, agg=agg)
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
         if kl_coef != 0.0:
