@@ -266,13 +266,14 @@ def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labe
                        chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(weights * terms['loss'])`` and its
-    gradients for a unit upstream gradient (empty where not needed)."""
+    gradients for a unit upstream gradient (empty where not needed). ``old`` None: on-policy, each token's old
+    log-prob is its own log-prob (ratio 1), as TRL does when the update is exactly on-policy."""
     need = need_h or need_w or need_b
     args = (temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef)
     if use_tiled(backend):
         mod = _launchers("triton")
         logp, ent, lse = mod.linear_forward(hidden, weight, bias, labels, temperature, True)
-        terms = ppo_terms_from_rows(logp, ent, lse, old, adv, ref, mask, *args[1:])
+        terms = ppo_terms_from_rows(logp, ent, lse, logp if old is None else old, adv, ref, mask, *args[1:])
         loss = (weights.to(terms.dtype) * terms[_T["loss"]]).sum()
         grads = (None, None, None)
         if need:
@@ -287,7 +288,9 @@ def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labe
     sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b) if need else None
     for s, e in spans:
         x = _chunk_logits(hidden[s:e], weight, bias)
-        sl = (labels[s:e], old[s:e], adv[s:e], None if ref is None else ref[s:e], mask[s:e])
+        # old None: on-policy, the old log-probs are this chunk's own (one extra pass over the buffer, no matmul)
+        old_c = rows_forward(x, labels[s:e], temperature, False, backend)[0] if old is None else old[s:e]
+        sl = (labels[s:e], old_c, adv[s:e], None if ref is None else ref[s:e], mask[s:e])
         if backend == "torch":
             t = _torch_ppo_terms(x, *sl, *args)
         else:
@@ -377,8 +380,9 @@ def linear_ppo_loss_op(
     kl_kind: int, kl_coef: float, entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool,
     need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` over ``hidden [N, H]``; ``weights [N]`` aggregate."""
-    return linear_ppo_forward(hidden, weight, _b(bias), labels, old_logp, adv, _opt(ref_logp), mask, weights,
+    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` over ``hidden [N, H]``; ``weights [N]`` aggregate;
+    ``old_logp`` empty: on-policy (the tokens' own log-probs)."""
+    return linear_ppo_forward(hidden, weight, _b(bias), labels, _opt(old_logp), adv, _opt(ref_logp), mask, weights,
                               temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk,
                               backend, need_h, need_w, need_b)
 

@@ -124,7 +124,7 @@ def ppo_loss_from_hidden(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
@@ -145,22 +145,58 @@ def ppo_loss_from_hidden(
     ``(loss, stats)``. ``hidden [B, T, H]`` (any ``[..., H]`` for token-mean), ``weight [V, H]``, per-token tensors
     ``[B, T]``. The gradient is computed during the forward (the loss is linear in its per-token terms), so the
     backward only scales it: three matmuls in all.
+
+    ``old_logprobs=None``: the update is exactly on-policy (one epoch, one minibatch, the policy that sampled), so
+    each token's old log-prob is its own log-prob from this forward, detached (ratio 1; TRL's convention when it has
+    no old log-probs). No separate forward over the LM head is needed for them.
     """
+    return ppo_loss_and_terms_from_hidden(
+        hidden, weight, labels, old_logprobs, advantages, mask, bias=bias, ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, temperature=temperature, agg=agg, backend=backend, chunk_size=chunk_size)[:2]
+
+
+def ppo_loss_and_terms_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    temperature: float = 1.0,
+    agg: str = "token-mean",
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """``ppo_loss_from_hidden`` plus the detached per-token ``logprobs`` and ``entropy`` (``[...]``, zero at masked
+    tokens) it computed on the way: the engine's on-policy update stores them as the experience's old log-probs."""
     op = "ppo_loss_from_hidden"
     lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
     temperature = V.temperature(temperature)
-    (old, adv), mask = _loss_inputs(("old_logprobs", "advantages"), (old_logprobs, advantages), mask)
-    if old.shape != lead:
-        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(lead)} (hidden[..., 0])")
+    on_policy = old_logprobs is None
+    names = ("advantages",) if on_policy else ("old_logprobs", "advantages")
+    loss_in, mask = _loss_inputs(names, (advantages,) if on_policy else (old_logprobs, advantages), mask)
+    old, adv = (None, *loss_in) if on_policy else loss_in
+    if adv.shape != lead:
+        raise ValueError(f"{names[0]} has shape {tuple(loss_in[0].shape)}, expected {tuple(lead)} (hidden[..., 0])")
     if ref_logprobs is not None:
         V.float_tensor("ref_logprobs", ref_logprobs)
-        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
+        V.same_shape("advantages", adv, ref_logprobs=ref_logprobs)
         V.same_device(hidden=h, ref_logprobs=ref_logprobs)
         ref_logprobs = _half_to_float(ref_logprobs)
     elif kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
-    V.same_device(hidden=h, old_logprobs=old)
+    V.same_device(hidden=h, advantages=adv)
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
     _check_agg(agg, lead)
@@ -171,8 +207,9 @@ def ppo_loss_from_hidden(
     wts = agg_weights(mask.to(vec_dtype), agg)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (h, w, b)]
-    args = (h, w, _bias_arg(b, h), lab, flat(old), flat(adv),
-            flat(ref_logprobs) if ref_logprobs is not None else h.new_empty((0,), dtype=vec_dtype),
+    empty = h.new_empty((0,), dtype=vec_dtype)
+    args = (h, w, _bias_arg(b, h), lab, empty if on_policy else flat(old), flat(adv),
+            flat(ref_logprobs) if ref_logprobs is not None else empty,
             flat(mask), flat(wts), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
             KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), chunk, name, *need)
     if torch.compiler.is_compiling() or not any(need):
@@ -183,10 +220,11 @@ def ppo_loss_from_hidden(
     _finite(op, row("lse").detach(), valid=mask)
     with torch.no_grad():
         pg_loss = (wts * row("pg")).sum()
-        stats = policy_stats(pg_loss, row("logp"), old.to(vec_dtype), row("ratio"), row("clipped"),
+        logp = row("logp")
+        stats = policy_stats(pg_loss, logp, logp if on_policy else old.to(vec_dtype), row("ratio"), row("clipped"),
                              row("dual_clipped"), mask)
         if ref_logprobs is not None:
             stats["kl"] = masked_mean(row("kl"), mask)
         stats["entropy"] = masked_mean(row("entropy"), mask)
         stats["loss"] = loss.detach()
-    return loss, stats
+    return loss, stats, {"logprobs": logp, "entropy": row("entropy")}

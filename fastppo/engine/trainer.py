@@ -48,6 +48,7 @@ from fastppo.engine.models import (
 from fastppo.engine.rollout import Rollout, generate
 from fastppo.engine.streams import sample_seeds, stream_seed
 from fastppo.engine.tracking import MetricsLog, plot_curves
+from fastppo.linear import ppo_loss_and_terms_from_hidden
 
 # Crash tests set this to stretch each step so a SIGKILL reliably lands mid-run; never needed otherwise.
 _STEP_DELAY_ENV = "FASTPPO_TEST_STEP_DELAY"
@@ -292,25 +293,24 @@ class PPOTrainer:
         # config fused_lm_head: from the last hidden states and the lm_head weight, the [B, R, V] logits never exist
         head = lm_head_of(self.policy.lm) if cfg.fused_lm_head else None
         x, values = self._forward_train(e, hidden_only=head is not None)
-        old = e.old_logprobs
+        old: Tensor | None = e.old_logprobs
         extra: dict[str, Tensor] = {}
-        if self.old_from_update:
+        if self.old_from_update and head is None:
             with torch.no_grad():
-                if head is None:
-                    lp, h = fastppo.logprobs_and_entropy(x.detach(), e.labels, temperature=cfg.temperature,
-                                                         backend=cfg.backend)
-                else:
-                    lp, h = fastppo.linear_logprobs_and_entropy(x.detach(), head.weight.detach(), e.labels,
-                                                                bias=None if head.bias is None else head.bias.detach(),
-                                                                temperature=cfg.temperature, backend=cfg.backend)
+                lp, h = fastppo.logprobs_and_entropy(x.detach(), e.labels, temperature=cfg.temperature,
+                                                     backend=cfg.backend)
             old, extra = lp * e.mask, {"old_logprobs": lp, "entropy": h}
+        elif self.old_from_update:
+            old = None  # the fused loss takes each token's own log-prob as its old one: no extra pass over the head
         kw = dict(ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
                   kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
                   entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
                   dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend)
         if head is not None:
-            pg, st = fastppo.ppo_loss_from_hidden(x, head.weight, e.labels, old, e.advantages, e.mask,
-                                                  bias=head.bias, **kw)
+            pg, st, tok = ppo_loss_and_terms_from_hidden(x, head.weight, e.labels, old, e.advantages, e.mask,
+                                                         bias=head.bias, **kw)
+            if old is None:
+                extra = {"old_logprobs": tok["logprobs"], "entropy": tok["entropy"]}
         else:
             pg, st = fastppo.ppo_loss_from_logits(x, e.labels, old, e.advantages, e.mask, **kw)
         if values is not None:

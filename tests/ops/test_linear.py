@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastppo
 from fastppo.autograd_linear import chunk_rows
+from fastppo.linear import ppo_loss_and_terms_from_hidden
 from fastppo.reference import agg_loss
 from fastppo.reference import linear as RL
 from fastppo.reference.losses import AGG_MODES
@@ -259,6 +260,36 @@ def test_ppo_loss_from_hidden_matches_fp64(backend, agg, kl_kind, dual):
     assert set(stats) == set(e_stats)
     for k in stats:
         assert_close(stats[k], e_stats[k], F32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_loss_from_hidden_on_policy(backend):
+    """``old_logprobs=None``: each token's own log-prob, detached, is its old one (ratio 1, no clipping), the same
+    loss and gradients as passing the float64 log-probs of the same weights explicitly."""
+    hid, w, b, lab, _, ref_lp, adv, mask = _ppo_inputs((3, 7), 89, seed=5)
+    kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.02, temperature=0.9, agg="seq-mean-token-mean")
+    x = _leaves(hid, w, b)
+    loss, stats, tok = ppo_loss_and_terms_from_hidden(x[0], x[1], lab, None, adv, mask, bias=x[2], backend=backend,
+                                                      chunk_size=4, **kw)
+    grads = _grads(loss * 0.7, x)
+    r = _leaves(hid, w, b, dtype=F64)
+    with torch.no_grad():
+        e_lp, e_ent = RL.linear_logprobs_and_entropy(r[0], r[1], lab, bias=r[2], temperature=0.9)
+    e_loss, e_stats = RL.ppo_loss_from_hidden(r[0], r[1], lab, e_lp, adv.double(), mask, bias=r[2],
+                                              **{**kw, "ref_logprobs": ref_lp.double()})
+    e_grads = _grads(e_loss * 0.7, r)
+    assert_close(loss, e_loss, F32)
+    for a, e in zip(grads, e_grads, strict=True):
+        assert_close(a, e, F32, "grad")
+    assert stats["clipfrac"] == 0 and abs(float(stats["ratio_mean"]) - 1.0) < 1e-6
+    for k in stats:
+        assert_close(stats[k], e_stats[k], F32)
+    valid = mask.bool()
+    assert_close(tok["logprobs"][valid], e_lp[valid], F32)
+    assert_close(tok["entropy"][valid], e_ent[valid], F32)
+    # the public op gives the same loss
+    l2, _ = fastppo.ppo_loss_from_hidden(hid, w, lab, None, adv, mask, bias=b, backend=backend, chunk_size=4, **kw)
+    assert torch.equal(l2, loss.detach())
 
 
 def test_ppo_loss_matches_from_logits_op():
