@@ -12,9 +12,10 @@ Each trainer runs in its own fresh process (so peak RSS is its own: ``ru_maxrss`
 included) with the machine's default torch threads. Reported per row: median step time, response tokens/s
 (tokens counted from the response masks), the median generation / experience / update split (TRL: time inside
 ``_generate``, the rest of ``_generate_and_score_completions``, the rest of the step), peak RSS, and for the engine
-the forward-only floor: the same model's forward passes alone for the same token counts (generation: prefill +
-one cached decode forward per response token, logits of the last position only; experience: the reference
-forward over prompt + response, logits at response positions).
+the forward-only floor: the engine's own forward calls alone for the same token counts (generation: prefill +
+one cached decode forward per response token, LM head for the last position only; experience: the reference
+body over prompt + response and the LM-head matmul at response positions), measured after the training steps
+and after the peak RSS was read.
 Rows ``engine_memory``: the engine's peak extra memory for the experience phase and one update micro-batch on a
 one-layer Llama with Qwen2's vocabulary (V=151936), config ``fused_lm_head`` on and off (in this process).
 
@@ -131,33 +132,39 @@ def child_engine(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> 
     out = _summary([m["time_step"] for m in steps],
                    [m["tokens_per_s"] * m["time_step"] for m in steps],  # response tokens of the step
                    {k: [m[f"time_{k}"] for m in steps] for k in ("generation", "experience", "update")})
+    out["peak_rss_mib"] = _rss_mib()  # before the floor's own forwards (the training run's high-water mark)
     out["floor_s"] = forward_floor(tr, s)
-    out["peak_rss_mib"] = _rss_mib()
     return out
 
 
 @torch.no_grad()
 def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
-    """The forward passes alone (median of 2): generation = prefill + one cached decode forward per response token
-    (last-position logits), experience = the reference forward over prompt + response (response-position logits)."""
+    """The forward passes alone (best of 2), with the forward calls the engine makes: generation = prefill + one
+    cached decode forward per response token (body + LM head for the last position, ``rollout.LastLogits``),
+    experience = the reference body over prompt + response and the LM-head matmul at the response positions (in
+    chunks of the fused head's size), no softmax, no sampling, no Python loop bookkeeping."""
     from transformers import DynamicCache
 
-    from fastppo.engine.models import forward_keep, position_ids_from_mask
+    from fastppo.autograd_linear import chunk_rows
+    from fastppo.engine.lm_head import last_hidden, lm_head_of
+    from fastppo.engine.models import position_ids_from_mask
+    from fastppo.engine.rollout import LastLogits
 
     lm = tr.policy.lm
     ps = [p for p in tr.train_prompts[: s["prompts"]] for _ in range(s["samples"])]
     ids, mask = tr._encode(ps)
     b, r = ids.shape[0], s["resp_len"]
     resp = torch.randint(3, lm.config.vocab_size, (b, r), generator=torch.Generator().manual_seed(0))
+    head = lm_head_of(tr.ref_lm)
 
     def gen() -> None:
         kv = DynamicCache(config=lm.config)
+        step = LastLogits(lm)
         attn = mask.long()
         pos = position_ids_from_mask(attn)
         step_ids, step_pos = ids, pos
         for t in range(r):
-            lm(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=kv, use_cache=True,
-               logits_to_keep=1)
+            step(kv, input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True)
             attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype)], 1)
             step_pos = pos[:, -1:] + 1 + t
             step_ids = resp[:, t: t + 1]
@@ -165,8 +172,12 @@ def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
     def exp() -> None:
         full_ids = torch.cat([ids, resp], 1)
         attn = torch.cat([mask.long(), torch.ones(b, r, dtype=torch.long)], 1)
-        forward_keep(tr.ref_lm, r + 1, input_ids=full_ids, attention_mask=attn,
-                     position_ids=position_ids_from_mask(attn), use_cache=False)
+        hid = last_hidden(tr.ref_lm, input_ids=full_ids, attention_mask=attn,
+                          position_ids=position_ids_from_mask(attn), use_cache=False)
+        h = hid[:, ids.shape[1] - 1: -1].reshape(-1, hid.shape[-1])
+        c = chunk_rows(head.weight.shape[0], h.shape[1], h.dtype, h.device)
+        for i in range(0, h.shape[0], c):
+            torch.mm(h[i: i + c], head.weight.t())
 
     out = {}
     for name, fn in (("generation", gen), ("experience", exp)):

@@ -43,10 +43,24 @@ def lm_head_of(lm: nn.Module) -> LMHead | None:
     return LMHead(head.weight, head.bias)
 
 
+def body_of(lm: nn.Module) -> nn.Module | None:
+    """The decoder body of a plain transformers causal LM with a linear head (``lm.base_model``: embeddings, layers,
+    final norm), whose ``last_hidden_state`` is the head's input; None for wrapped models (PEFT adapters, the
+    LoRA reference, FSDP-sharded heads), which go through their own forward."""
+    if hasattr(lm, "get_base_model") or hasattr(lm, "_policy") or lm_head_of(lm) is None:
+        return None
+    body = getattr(lm, "base_model", None)
+    return body if isinstance(body, nn.Module) and body is not lm else None
+
+
 def last_hidden(lm: nn.Module, **kw) -> Tensor:
-    """``hidden_states[-1] [B, L, H]`` of a causal LM (its logits computed for one position only)."""
+    """``[B, L, H]``: the head's input (the final-normed last hidden state) of a causal LM. A plain model runs its
+    body only (no LM head at all); others run their forward with the logits of one position only."""
     from fastppo.engine.models import forward_keep
 
+    body = body_of(lm)
+    if body is not None:
+        return body(**kw).last_hidden_state
     return forward_keep(lm, 1, output_hidden_states=True, **kw).hidden_states[-1]
 
 

@@ -71,9 +71,10 @@ class ValueModel(nn.Module):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         if hidden_only:
-            out = forward_keep(self.lm, 1, input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, output_hidden_states=True, use_cache=False, **kw)
-            hidden = out.hidden_states[-1]
+            from fastppo.engine.lm_head import last_hidden
+
+            hidden = last_hidden(self.lm, input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False, **kw)
             vals = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
             return hidden, vals
         out = forward_keep(self.lm, keep, input_ids=input_ids, attention_mask=attention_mask,

@@ -56,17 +56,43 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, gr
                                  generator=generator)
 
 
-def _forward_last(lm: torch.nn.Module, last_only: list[bool], **kw):
-    """Forward asking for the last position's logits only (``logits_to_keep=1``: the prefill skips the LM head
-    over the prompt); a model whose forward does not take it gets full logits (``last_only[0]`` turns False)."""
-    if last_only[0]:
-        try:
-            return lm(logits_to_keep=1, **kw)
-        except TypeError as exc:
-            if "logits_to_keep" not in str(exc):
-                raise
-            last_only[0] = False
-    return lm(**kw)
+class LastLogits:
+    """``[B, V]`` logits of the last position of each forward of a sampling loop.
+
+    A plain transformers causal LM whose logits are a linear map of its body's last hidden state (``lm_head_of``):
+    run the body (``lm.base_model``, final norm included) and compute the head as ``W @ h.T`` then transpose. At
+    decode shapes (``[B, H] x [H, V]`` with B in the tens) MKL runs that orientation about twice as fast as the
+    ``h @ W.T`` of ``nn.Linear`` (measured on the project's 2-core CPU at B=32, H=256, V=151936: 34 vs 76 ms per
+    step, the largest cost of generation at that vocabulary). Other models (PEFT-wrapped, soft-capped heads,
+    models without ``logits_to_keep``) use their own forward, asking for the last position's logits only.
+    """
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        from fastppo.engine.lm_head import body_of, lm_head_of
+
+        self.lm = lm
+        self.body = body_of(lm)
+        self.head = lm_head_of(lm) if self.body is not None else None
+        self.model = self.body if self.body is not None else lm
+        self.cache_kw = cache_kwarg(self.model)
+        self.last_only = True
+
+    def __call__(self, cache: object | None, **kw) -> Tensor:
+        if cache is not None:
+            kw[self.cache_kw] = cache
+        if self.body is not None:
+            h = self.body(**kw).last_hidden_state[:, -1]  # [B, H]
+            w = self.head.weight
+            x = torch.mm(w, h.t()) if self.head.bias is None else torch.addmm(self.head.bias[:, None], w, h.t())
+            return x.t().contiguous()
+        if self.last_only:
+            try:
+                return self.lm(logits_to_keep=1, **kw).logits[:, -1]
+            except TypeError as exc:
+                if "logits_to_keep" not in str(exc):
+                    raise
+                self.last_only = False  # a model without it: full logits, the last position taken
+        return self.lm(**kw).logits[:, -1]
 
 
 @torch.no_grad()
@@ -109,16 +135,13 @@ def generate(
     if use_cache:
         kv = (DynamicCache(config=lm.config) if cache == "dynamic"
               else StaticCache(config=lm.config, max_cache_len=prompt_ids.shape[1] + max_new_tokens))
-    cache_kw = {cache_kwarg(lm): kv} if use_cache else {}
+    last_logits = LastLogits(lm)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
-    last_only = [True]
     tokens: list[Tensor] = []
     alive: list[Tensor] = []
     step_ids, step_pos = prompt_ids, pos
     for t in range(max_new_tokens):
-        out = _forward_last(lm, last_only, input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                            use_cache=use_cache, **cache_kw)
-        logits = out.logits[:, -1, :]
+        logits = last_logits(kv, input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=use_cache)
         nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator,
                           None if seeds is None else token_seeds(seeds, t))
         valid = ~finished
