@@ -9,8 +9,9 @@ checkpointing off, the same prompts and the same reward function (a cheap length
 model almost never samples EOS, so responses run to the limit on both sides.
 
 Each trainer runs in its own fresh process (so peak RSS is its own: ``ru_maxrss`` at the end, model loading
-included) with the machine's default torch threads. Reported per row: median step time, response tokens/s
-(tokens counted from the response masks), the median generation / experience / update split (TRL: time inside
+included) with the machine's default torch threads, on the bench's device (``--device cuda``: the same case on the
+GPU, with the peak GPU memory reported as well; no target reads it). Reported per row: median step time, response
+tokens/s (tokens counted from the response masks), the median generation / experience / update split (TRL: time inside
 ``_generate``, the rest of ``_generate_and_score_completions``, the rest of the step), peak RSS, and for the engine
 the forward-only floor: the engine's own forward calls alone for the same token counts (generation: prefill +
 one cached decode forward per response token, LM head for the last position only; experience: the reference
@@ -117,7 +118,7 @@ def child_engine(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> 
     batch = s["prompts"] * s["samples"]
     cfg = PPOConfig(
         model=model_dir, tokenizer=tok_dir, task="prompts_file", prompts_file=str(pf),
-        reward_fn="fastppo.benchmarks.bench_e2e:length_reward", output_dir=work, device="cpu",
+        reward_fn="fastppo.benchmarks.bench_e2e:length_reward", output_dir=work, device=s.get("device", "cpu"),
         total_steps=s["warmup_steps"] + s["steps"], sft_steps=0, advantage_estimator="grpo",
         samples_per_prompt=s["samples"], batch_size=batch, mini_batch_size=batch, micro_batch_size=batch,
         forward_batch_size=batch, max_new_tokens=s["resp_len"], ppo_epochs=1, kl_in_loss=True, kl_kind="k3",
@@ -133,6 +134,7 @@ def child_engine(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> 
                    [m["tokens_per_s"] * m["time_step"] for m in steps],  # response tokens of the step
                    {k: [m[f"time_{k}"] for m in steps] for k in ("generation", "experience", "update")})
     out["peak_rss_mib"] = _rss_mib()  # before the floor's own forwards (the training run's high-water mark)
+    out.update(_gpu_peak())
     out["floor_s"] = forward_floor(tr, s)
     return out
 
@@ -153,8 +155,8 @@ def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
     lm = tr.policy.lm
     ps = [p for p in tr.train_prompts[: s["prompts"]] for _ in range(s["samples"])]
     ids, mask = tr._encode(ps)
-    b, r = ids.shape[0], s["resp_len"]
-    resp = torch.randint(3, lm.config.vocab_size, (b, r), generator=torch.Generator().manual_seed(0))
+    b, r, dev = ids.shape[0], s["resp_len"], ids.device
+    resp = torch.randint(3, lm.config.vocab_size, (b, r), generator=torch.Generator().manual_seed(0)).to(dev)
     head = lm_head_of(tr.ref_lm)
 
     def gen() -> None:
@@ -165,13 +167,13 @@ def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
         step_ids, step_pos = ids, pos
         for t in range(r):
             step(kv, input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True)
-            attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype)], 1)
+            attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], 1)
             step_pos = pos[:, -1:] + 1 + t
             step_ids = resp[:, t: t + 1]
 
     def exp() -> None:
         full_ids = torch.cat([ids, resp], 1)
-        attn = torch.cat([mask.long(), torch.ones(b, r, dtype=torch.long)], 1)
+        attn = torch.cat([mask.long(), torch.ones(b, r, dtype=torch.long, device=dev)], 1)
         hid = last_hidden(tr.ref_lm, input_ids=full_ids, attention_mask=attn,
                           position_ids=position_ids_from_mask(attn), use_cache=False)
         h = hid[:, ids.shape[1] - 1: -1].reshape(-1, hid.shape[-1])
@@ -183,11 +185,25 @@ def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
     for name, fn in (("generation", gen), ("experience", exp)):
         times = []
         for _ in range(2):
+            _sync(dev)
             t0 = time.perf_counter()
             fn()
+            _sync(dev)
             times.append(time.perf_counter() - t0)
         out[name] = min(times)
     return out
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _gpu_peak() -> dict[str, float]:
+    """On a GPU run, the device's peak allocated memory (the figure that matters there; RSS is the host's)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dict[str, Any]:
@@ -215,7 +231,8 @@ def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dic
     args = GRPOConfig(
         output_dir=work, per_device_train_batch_size=batch, num_generations=s["samples"], gradient_accumulation_steps=1,
         max_completion_length=s["resp_len"], beta=0.04, num_iterations=1, learning_rate=1e-6, temperature=1.0,
-        top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=True, bf16=False, report_to=[],
+        top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=s.get("device", "cpu") == "cpu", bf16=False,
+        report_to=[],
         save_strategy="no", logging_steps=10**6, max_steps=total, seed=0, disable_tqdm=True, log_completions=False,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=ds, processing_class=tok,
@@ -248,6 +265,7 @@ def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dic
              "update": [st - sc for st, sc in zip(steps[w:], score_t[w:], strict=True)]}
     out = _summary(steps[w:], n_tok[w:], split)
     out["peak_rss_mib"] = _rss_mib()
+    out.update(_gpu_peak())
     return out
 
 
@@ -268,7 +286,8 @@ def _child_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- parent side
 def _real_row(provider: str, group: str, s: dict[str, Any]) -> Row:
     b = s["prompts"] * s["samples"]
-    return Row(suite="e2e", op=OP, mode="grpo-step", provider=provider, group=group, device="cpu", dtype="float32",
+    return Row(suite="e2e", op=OP, mode="grpo-step", provider=provider, group=group, device=s.get("device", "cpu"),
+               dtype="float32",
                shape=f"Qwen2 4x256 V={s['V']} seqs={b} ({s['prompts']}x{s['samples']}) resp<={s['resp_len']}",
                V=s["V"], B=b, T=s["resp_len"])
 
@@ -304,6 +323,8 @@ def run_realistic(s: dict[str, Any], log: Callable[[str], None]) -> list[Row]:
                     row.notes = (f"{res['tokens_per_s']:.0f} tok/s; split " +
                                  " / ".join(f"{v:.2f}" for v in split.values()) + " s; "
                                  f"peak RSS {res['peak_rss_mib'] / 1024:.2f} GiB")
+                    if "peak_gpu_mib" in res:
+                        row.notes += f"; peak GPU memory {res['peak_gpu_mib'] / 1024:.2f} GiB"
                     if "floor_s" in res:
                         row.notes += "; forward floor gen/exp " + " / ".join(
                             f"{v:.2f}" for v in res["floor_s"].values()) + " s"
@@ -466,10 +487,7 @@ def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -
                         dtype="float32", shape="tiny Llama", status=f"error: {type(exc).__name__}: {exc}"[:300]))
     log(f"[e2e] toy {ENGINE}: {rows[-1].status} {rows[-1].notes} ({time.perf_counter() - t0:.1f}s)")
     for case in s["realistic"]:
-        if device.type != "cpu":
-            log("[e2e] the realistic GRPO case runs on CPU only here")
-            break
-        rows += run_realistic(case, log)
+        rows += run_realistic({**case, "device": device.type}, log)
     t0 = time.perf_counter()
     for row in run_lm_head_memory(device, quick):
         rows.append(row)

@@ -67,6 +67,13 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     return h2, weight, bias, labels.reshape(-1).to(torch.int64).contiguous(), chunk
 
 
+def _torch_path_chunk(chunk: int, chunk_size: int | None, backend: str, weight: Tensor, hidden: Tensor) -> int:
+    """The default chunk once the backend is known: smaller on ``torch``, whose row math copies the chunk."""
+    if chunk_size is not None or backend != "torch":
+        return chunk
+    return chunk_rows(weight.shape[0], weight.shape[1], hidden.dtype, hidden.device, backend="torch")
+
+
 def _finite(op: str, lse: Tensor, valid: Tensor | None = None) -> None:
     bad = ~torch.isfinite(lse.reshape(-1))
     if valid is not None:
@@ -84,6 +91,7 @@ def _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, 
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
     temperature = V.temperature(temperature)
     name = _backend_for(backend, h, "logprobs")
+    chunk = _torch_path_chunk(chunk, chunk_size, name, w, h)
     logp, ent, lse = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, temperature, with_entropy, chunk,
                                                        name)
     if lse.numel() > 0:
@@ -202,6 +210,7 @@ def ppo_loss_and_terms_from_hidden(
     _check_agg(agg, lead)
     clip_high = _check_clips(clip_low, clip_high, dual_clip)
     name = _backend_for(backend, h, "ppo_loss")
+    chunk = _torch_path_chunk(chunk, chunk_size, name, w, h)
     vec_dtype = torch.promote_types(h.dtype, torch.float32)
     flat = lambda t: t.reshape(-1).to(vec_dtype).contiguous()  # noqa: E731
     wts = agg_weights(mask.to(vec_dtype), agg)

@@ -270,6 +270,16 @@ def test_e2e_realistic_case_runs_both_trainers_from_saved_paths():
     assert eng.extra["tokens_per_s_vs_trl"] > 0 and eng.extra["peak_rss_vs_trl"] > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_e2e_realistic_case_runs_on_the_gpu():
+    """``fastppo bench e2e --device cuda`` reports the same case on the GPU, with its peak GPU memory."""
+    s = {"V": 512, "prompts": 1, "samples": 2, "resp_len": 4, "warmup_steps": 1, "steps": 1, "device": "cuda"}
+    for row in bench_e2e.run_realistic(s, log=lambda *_: None):
+        assert row.status == "ok", row.status
+        assert row.device == "cuda" and row.extra["peak_gpu_mib"] > 0 and row.extra["tokens_per_s"] > 0
+
+
 def test_e2e_engine_step_runs(tiny):
     s = bench_e2e.settings(True)["toy"]
     row = bench_e2e.run_engine(CPU, s)

@@ -124,6 +124,11 @@ def test_default_chunk_is_independent_of_the_batch():
     assert c % 8 == 0 and c * 151936 * 2 <= 512 * 2**20
     assert chunk_rows(151936, 512, F32, torch.device("cpu"), budget_bytes=1) == 1
     assert chunk_rows(17, 8, F32, torch.device("cpu")) > 10_000
+    # the torch backend's row math copies the chunk a few times: it gets a quarter of the budget
+    cpu = chunk_rows(151936, 512, F32, torch.device("cpu"))
+    assert cpu == chunk_rows(151936, 512, F32, torch.device("cpu"), budget_bytes=192 * 2**20) == 328
+    assert chunk_rows(151936, 512, F32, torch.device("cpu"), backend="torch") == chunk_rows(
+        151936, 512, F32, torch.device("cpu"), budget_bytes=48 * 2**20) == 80
     # a row's values do not depend on how many other rows there are (fixed chunk size)
     hid, w, b, lab = _make((40,), 8, 211, F32, True, seed=9)
     full = fastppo.linear_logprobs(hid, w, lab, bias=b, chunk_size=8)
