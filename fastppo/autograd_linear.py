@@ -270,14 +270,45 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     return sink.result()
 
 
-def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, old: Tensor, adv: Tensor,
-                       ref: Tensor | None, mask: Tensor, weights: Tensor, temperature: float, clip_low: float,
-                       clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float, entropy_coef: float,
-                       chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
+def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, old: Tensor | None,
+                       adv: Tensor, ref: Tensor | None, mask: Tensor, weights: Tensor, temperature: float,
+                       clip_low: float, clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float,
+                       entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(weights * terms['loss'])`` and its
     gradients for a unit upstream gradient (empty where not needed). ``old`` None: on-policy, each token's old
-    log-prob is its own log-prob (ratio 1), as TRL does when the update is exactly on-policy."""
+    log-prob is its own log-prob (ratio 1), as TRL does when the update is exactly on-policy.
+
+    On CPU only the valid (mask != 0) tokens go through the LM head: a masked token's terms and gradient are 0
+    whatever its logits, so padding costs no matmul (finding the valid rows is free on the host; on a GPU it would
+    be a sync, so there every row is computed)."""
+    n = hidden.shape[0]
+    if hidden.device.type == "cpu" and n > 0:
+        keep = (mask != 0).nonzero().squeeze(1)
+        if 0 < keep.numel() < n:
+            sel = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
+            loss, t_k, dh_k, dw, db = _linear_ppo_rows(
+                sel(hidden), weight, bias, sel(labels), sel(old), sel(adv), sel(ref), sel(mask), sel(weights),
+                temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h,
+                need_w, need_b)
+            terms = t_k.new_zeros((t_k.shape[0], n))
+            terms[:, keep] = t_k
+            dh = dh_k
+            if dh_k.numel() > 0:
+                dh = hidden.new_zeros(hidden.shape)
+                dh[keep] = dh_k
+            return loss, terms, dh, dw, db
+    return _linear_ppo_rows(hidden, weight, bias, labels, old, adv, ref, mask, weights, temperature, clip_low,
+                            clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h, need_w,
+                            need_b)
+
+
+def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, old: Tensor | None,
+                     adv: Tensor, ref: Tensor | None, mask: Tensor, weights: Tensor, temperature: float,
+                     clip_low: float, clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float,
+                     entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``linear_ppo_forward`` over every row given."""
     need = need_h or need_w or need_b
     args = (temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef)
     if use_tiled(backend):

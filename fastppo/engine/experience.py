@@ -116,10 +116,10 @@ def make_experience(
         if not old_from_update:
             # config fused_lm_head: from the last hidden states and the lm_head weight, no [B, R, V] logits
             lp, h, vals = policy_logprobs_entropy(policy, ids[sl], attn[sl], pos[sl], labels[sl], p, cfg,
-                                                  values=need_values and critic is None)
+                                                  values=need_values and critic is None, mask=mask[sl])
             old_lp.append(lp)
             ent.append(h)
-        ref_lp.append(reference_logprobs(ref_lm, ids[sl], attn[sl], pos[sl], labels[sl], p, cfg))
+        ref_lp.append(reference_logprobs(ref_lm, ids[sl], attn[sl], pos[sl], labels[sl], p, cfg, mask=mask[sl]))
         if need_values:
             if critic is not None:
                 _, vals = critic(ids[sl], attn[sl], pos[sl], keep=1)

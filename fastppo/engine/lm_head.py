@@ -64,9 +64,27 @@ def last_hidden(lm: nn.Module, **kw) -> Tensor:
     return forward_keep(lm, 1, output_hidden_states=True, **kw).hidden_states[-1]
 
 
+def _on_valid_rows(fn, hid: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
+    """``fn(hidden [M, H], labels [M]) -> tuple of [M]`` over the valid (``mask``) response tokens only, scattered
+    back to ``[B, R]`` with zeros at the others: padding after EOS costs no LM-head matmul. On CPU only (finding the
+    valid rows is free on the host, a sync on a GPU, where every row is computed)."""
+    if mask is None or hid.device.type != "cpu":
+        return fn(hid, labels)
+    keep = mask.bool()
+    outs = fn(hid[keep], labels[keep])
+    full = []
+    for o in outs:
+        t = o.new_zeros(labels.shape)
+        t[keep] = o
+        full.append(t)
+    return tuple(full)
+
+
 def policy_logprobs_entropy(policy: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, labels: Tensor, p: int,
-                            cfg, values: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One policy (``ValueModel``) forward: ``(logprobs [B, R], entropy [B, R], values [B, L] or None)``."""
+                            cfg, values: bool = True, mask: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One policy (``ValueModel``) forward: ``(logprobs [B, R], entropy [B, R], values [B, L] or None)``; with the
+    response ``mask [B, R]``, 0 at masked tokens."""
     import fastppo
     from fastppo.engine.experience import response_slice
 
@@ -77,14 +95,16 @@ def policy_logprobs_entropy(policy: nn.Module, ids: Tensor, attn: Tensor, pos: T
                                                backend=cfg.backend)
     else:
         hid, vals = policy(ids, attn, pos, hidden_only=True, values=values)
-        lp, ent = fastppo.linear_logprobs_and_entropy(response_slice(hid, p), head.weight, labels, bias=head.bias,
-                                                      temperature=cfg.temperature, backend=cfg.backend)
+        lp, ent = _on_valid_rows(
+            lambda h, lab: fastppo.linear_logprobs_and_entropy(h, head.weight, lab, bias=head.bias,
+                                                               temperature=cfg.temperature, backend=cfg.backend),
+            response_slice(hid, p), labels, mask)
     return lp, ent, vals
 
 
 def reference_logprobs(ref_lm: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, labels: Tensor, p: int,
-                       cfg) -> Tensor:
-    """The reference model's logprobs of the response ``[B, R]`` (one forward)."""
+                       cfg, mask: Tensor | None = None) -> Tensor:
+    """The reference model's logprobs of the response ``[B, R]`` (one forward; with ``mask``, 0 at masked tokens)."""
     import fastppo
     from fastppo.engine.experience import response_slice
     from fastppo.engine.models import forward_keep
@@ -95,5 +115,7 @@ def reference_logprobs(ref_lm: nn.Module, ids: Tensor, attn: Tensor, pos: Tensor
         logits = forward_keep(ref_lm, labels.shape[1] + 1, **kw).logits
         return fastppo.token_logprobs(logits[:, :-1], labels, temperature=cfg.temperature, backend=cfg.backend)
     hid = last_hidden(ref_lm, **kw)
-    return fastppo.linear_logprobs(response_slice(hid, p), head.weight, labels, bias=head.bias,
-                                   temperature=cfg.temperature, backend=cfg.backend)
+    return _on_valid_rows(
+        lambda h, lab: (fastppo.linear_logprobs(h, head.weight, lab, bias=head.bias, temperature=cfg.temperature,
+                                                backend=cfg.backend),),
+        response_slice(hid, p), labels, mask)[0]

@@ -395,3 +395,31 @@ def test_tied_weight_accumulates_through_the_ppo_loss():
     run(e2, lambda hh, ee: RL.ppo_loss_from_hidden(hh, ee, lab, old.double(), adv.double(), mask,
                                                    entropy_coef=0.1)).backward()
     assert_close(e1.grad, e2.grad, F32, "grad")
+
+
+def test_masked_tokens_skip_the_lm_head_on_cpu(monkeypatch):
+    """On CPU only the valid tokens reach the LM-head matmul; the loss, stats and gradients equal those of the batch
+    of valid tokens alone (bitwise: same rows, same chunks), and masked rows get exactly zero terms and gradient."""
+    import fastppo.autograd_linear as AL
+
+    hid, w, b, lab, old, ref_lp, adv, mask = _ppo_inputs((4, 9), 97, seed=30)
+    rows: list[int] = []
+    real = AL._chunk_logits
+    monkeypatch.setattr(AL, "_chunk_logits", lambda h, *a: rows.append(h.shape[0]) or real(h, *a))
+    kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.02, chunk_size=4)
+    x = _leaves(hid, w, b)
+    loss, stats = fastppo.ppo_loss_from_hidden(x[0], x[1], lab, old, adv, mask, bias=x[2], **kw)
+    loss.backward()
+    n_valid = int(mask.sum())
+    assert sum(rows) == n_valid < mask.numel()
+    keep = mask.bool()
+    y = _leaves(hid[keep], w, b)
+    loss2, stats2 = fastppo.ppo_loss_from_hidden(
+        y[0], y[1], lab[keep], old[keep], adv[keep], torch.ones(n_valid), bias=y[2],
+        **{**kw, "ref_logprobs": ref_lp[keep]})
+    loss2.backward()
+    assert torch.equal(loss, loss2)
+    assert torch.equal(x[0].grad[keep], y[0].grad) and torch.equal(x[0].grad[~keep], torch.zeros_like(x[0].grad[~keep]))
+    assert torch.equal(x[1].grad, y[1].grad) and torch.equal(x[2].grad, y[2].grad)
+    for k in stats:  # reductions over [4, 9] vs [n_valid]: equal up to summation order
+        torch.testing.assert_close(stats[k], stats2[k], rtol=1e-6, atol=1e-7)
