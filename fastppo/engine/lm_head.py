@@ -47,10 +47,19 @@ def body_of(lm: nn.Module) -> nn.Module | None:
     """The decoder body of a plain transformers causal LM with a linear head (``lm.base_model``: embeddings, layers,
     final norm), whose ``last_hidden_state`` is the head's input; None for wrapped models (PEFT adapters, the
     LoRA reference, FSDP-sharded heads), which go through their own forward."""
-    if hasattr(lm, "get_base_model") or hasattr(lm, "_policy") or lm_head_of(lm) is None:
+    if hasattr(lm, "get_base_model") or hasattr(lm, "_policy") or lm_head_of(lm) is None or _fsdp_managed(lm):
         return None
     body = getattr(lm, "base_model", None)
     return body if isinstance(body, nn.Module) and body is not lm else None
+
+
+def _fsdp_managed(lm: nn.Module) -> bool:
+    """FSDP2 runs its hooks from the root module's forward first: a sharded model must be called as a whole."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded it
+        return False
+    return any(isinstance(m, FSDPModule) for m in lm.modules())
 
 
 def last_hidden(lm: nn.Module, **kw) -> Tensor:
