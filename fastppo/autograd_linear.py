@@ -225,6 +225,16 @@ class _GradSink:
         return dh, dw, db
 
 
+def valid_rows_on_cpu(mask: Tensor) -> Tensor | None:
+    """Indices ``[M]`` of the valid (non-zero) entries of ``mask`` (flattened), when only those tokens should go
+    through the LM head: on CPU, where finding them is free on the host (on a GPU it would sync it), and when some
+    but not all are valid. Else None: compute every row."""
+    if mask.device.type != "cpu":
+        return None
+    keep = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+    return keep if 0 < keep.numel() < mask.numel() else None
+
+
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
@@ -282,22 +292,20 @@ def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labe
     On CPU only the valid (mask != 0) tokens go through the LM head: a masked token's terms and gradient are 0
     whatever its logits, so padding costs no matmul (finding the valid rows is free on the host; on a GPU it would
     be a sync, so there every row is computed)."""
-    n = hidden.shape[0]
-    if hidden.device.type == "cpu" and n > 0:
-        keep = (mask != 0).nonzero().squeeze(1)
-        if 0 < keep.numel() < n:
-            sel = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
-            loss, t_k, dh_k, dw, db = _linear_ppo_rows(
-                sel(hidden), weight, bias, sel(labels), sel(old), sel(adv), sel(ref), sel(mask), sel(weights),
-                temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h,
-                need_w, need_b)
-            terms = t_k.new_zeros((t_k.shape[0], n))
-            terms[:, keep] = t_k
-            dh = dh_k
-            if dh_k.numel() > 0:
-                dh = hidden.new_zeros(hidden.shape)
-                dh[keep] = dh_k
-            return loss, terms, dh, dw, db
+    keep = valid_rows_on_cpu(mask)
+    if keep is not None:
+        sel = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
+        loss, t_k, dh_k, dw, db = _linear_ppo_rows(
+            sel(hidden), weight, bias, sel(labels), sel(old), sel(adv), sel(ref), sel(mask), sel(weights),
+            temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h,
+            need_w, need_b)
+        terms = t_k.new_zeros((t_k.shape[0], hidden.shape[0]))
+        terms[:, keep] = t_k
+        dh = dh_k
+        if dh_k.numel() > 0:
+            dh = hidden.new_zeros(hidden.shape)
+            dh[keep] = dh_k
+        return loss, terms, dh, dw, db
     return _linear_ppo_rows(hidden, weight, bias, labels, old, adv, ref, mask, weights, temperature, clip_low,
                             clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h, need_w,
                             need_b)

@@ -18,7 +18,7 @@ from fastppo import _validate as V
 from fastppo._contract import KL_KINDS
 from fastppo._contract import TERM as _T
 from fastppo.autograd_linear import LinearPPOLoss, chunk_rows
-from fastppo.ops import _backend_for, _check_agg, _check_clips, _half_to_float, _loss_inputs
+from fastppo.ops import _backend_for, _check_agg, _check_clips, _loss_inputs, _ref_input
 from fastppo.reference import masked_mean
 from fastppo.reference.linear import agg_weights
 from fastppo.reference.losses import policy_stats
@@ -27,8 +27,9 @@ __all__ = ["chunk_rows", "linear_logprobs", "linear_logprobs_and_entropy", "ppo_
 
 
 def _inputs(hidden: object, weight: object, labels: object, bias: object | None, chunk_size: int | None,
-            op: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor, int]:
-    """Validate; return ``(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, chunk)``."""
+            op: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor, int | None]:
+    """Validate; return ``(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, chunk)``; ``chunk`` is
+    None when the caller named none (``_chunk`` picks the default once the backend is known)."""
     hidden = V.float_tensor("hidden", hidden)
     weight = V.float_tensor("weight", weight)
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
@@ -57,9 +58,8 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     if labels.numel() > 0:
         V.check_value(((labels >= 0) & (labels < v)).all(), f"{op}: labels out of range: every label must be in "
                       f"[0, {v})")
-    if chunk_size is None:
-        chunk = chunk_rows(v, weight.shape[1], hidden.dtype, hidden.device)
-    else:
+    chunk = None
+    if chunk_size is not None:
         chunk = int(chunk_size)
         if chunk < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
@@ -67,11 +67,11 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     return h2, weight, bias, labels.reshape(-1).to(torch.int64).contiguous(), chunk
 
 
-def _torch_path_chunk(chunk: int, chunk_size: int | None, backend: str, weight: Tensor, hidden: Tensor) -> int:
-    """The default chunk once the backend is known: smaller on ``torch``, whose row math copies the chunk."""
-    if chunk_size is not None or backend != "torch":
+def _chunk(chunk: int | None, weight: Tensor, hidden: Tensor, backend: str) -> int:
+    """The caller's chunk size, else the default for (V, H, dtype, device) on ``backend``."""
+    if chunk is not None:
         return chunk
-    return chunk_rows(weight.shape[0], weight.shape[1], hidden.dtype, hidden.device, backend="torch")
+    return chunk_rows(weight.shape[0], weight.shape[1], hidden.dtype, hidden.device, backend=backend)
 
 
 def _finite(op: str, lse: Tensor, valid: Tensor | None = None) -> None:
@@ -91,7 +91,7 @@ def _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, 
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
     temperature = V.temperature(temperature)
     name = _backend_for(backend, h, "logprobs")
-    chunk = _torch_path_chunk(chunk, chunk_size, name, w, h)
+    chunk = _chunk(chunk, w, h, name)
     logp, ent, lse = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, temperature, with_entropy, chunk,
                                                        name)
     if lse.numel() > 0:
@@ -197,20 +197,14 @@ def ppo_loss_and_terms_from_hidden(
     old, adv = (None, *loss_in) if on_policy else loss_in
     if adv.shape != lead:
         raise ValueError(f"{names[0]} has shape {tuple(loss_in[0].shape)}, expected {tuple(lead)} (hidden[..., 0])")
-    if ref_logprobs is not None:
-        V.float_tensor("ref_logprobs", ref_logprobs)
-        V.same_shape("advantages", adv, ref_logprobs=ref_logprobs)
-        V.same_device(hidden=h, ref_logprobs=ref_logprobs)
-        ref_logprobs = _half_to_float(ref_logprobs)
-    elif kl_coef != 0.0:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "advantages", adv, hidden=h)
     V.same_device(hidden=h, advantages=adv)
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
     _check_agg(agg, lead)
     clip_high = _check_clips(clip_low, clip_high, dual_clip)
     name = _backend_for(backend, h, "ppo_loss")
-    chunk = _torch_path_chunk(chunk, chunk_size, name, w, h)
+    chunk = _chunk(chunk, w, h, name)
     vec_dtype = torch.promote_types(h.dtype, torch.float32)
     flat = lambda t: t.reshape(-1).to(vec_dtype).contiguous()  # noqa: E731
     wts = agg_weights(mask.to(vec_dtype), agg)

@@ -289,6 +289,21 @@ def gae(
 
 
 # --------------------------------------------------------------------------------------------------- losses
+def _ref_input(ref_logprobs: object | None, kl_coef: float, like_name: str, like: Tensor,
+               **device_of: Tensor) -> Tensor | None:
+    """The optional reference log-probs of a PPO loss: a float tensor shaped like ``like`` (on the device of
+    ``device_of``, when named), half precision promoted to float32; None is refused when ``kl_coef`` needs them."""
+    if ref_logprobs is None:
+        if kl_coef != 0.0:
+            raise ValueError("kl_coef != 0 needs ref_logprobs")
+        return None
+    V.float_tensor("ref_logprobs", ref_logprobs)
+    V.same_shape(like_name, like, ref_logprobs=ref_logprobs)
+    if device_of:
+        V.same_device(**device_of, ref_logprobs=ref_logprobs)
+    return _half_to_float(ref_logprobs)
+
+
 def _check_agg(agg: str, shape: torch.Size) -> None:
     if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
@@ -412,13 +427,7 @@ def ppo_loss_from_logits(
     (old, adv), mask = _loss_inputs(names, (old_logprobs, advantages), mask)
     if old.shape != lead:
         raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(lead)} (logits[..., 0])")
-    if ref_logprobs is not None:
-        V.float_tensor("ref_logprobs", ref_logprobs)
-        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
-        V.same_device(logits=logits, ref_logprobs=ref_logprobs)
-        ref_logprobs = _half_to_float(ref_logprobs)
-    elif kl_coef != 0.0:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "old_logprobs", old, logits=logits)
     V.same_device(logits=logits, old_logprobs=old)
     # A NaN/inf at a valid token would be NaN on one backend and clamped to a finite number on another.
     # ref_logprobs with kl_coef == 0 only feed the KL statistic (an infinite KL there is an honest statistic).

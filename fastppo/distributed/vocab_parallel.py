@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fastppo import _validate as V
 from fastppo._contract import KL_KINDS
-from fastppo.ops import _check_agg, _check_clips, _half_to_float, _loss_inputs
+from fastppo.ops import _check_agg, _check_clips, _loss_inputs, _ref_input
 from fastppo.reference.losses import ppo_loss_from_logprobs
 
 
@@ -183,12 +183,7 @@ def vocab_parallel_ppo_loss(
     if tuple(old.shape) != tuple(local_logits.shape[:-1]):
         raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(local_logits.shape[:-1])} "
                          "(local_logits[..., 0])")
-    if ref_logprobs is not None:
-        V.float_tensor("ref_logprobs", ref_logprobs)
-        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
-        ref_logprobs = _half_to_float(ref_logprobs)
-    elif kl_coef != 0.0:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "old_logprobs", old)
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
     _check_agg(agg, old.shape)

@@ -21,14 +21,13 @@ from fastppo import _validate as V
 from fastppo.autograd_linear import chunk_rows
 from fastppo.distributed.vocab_parallel import (
     _all_reduce,
-    _half_to_float,
     combine_partials,
     dlogits_local,
     local_label_index,
     local_partials,
     vocab_start_of,
 )
-from fastppo.ops import _check_agg, _check_clips, _loss_inputs
+from fastppo.ops import _check_agg, _check_clips, _loss_inputs, _ref_input
 from fastppo.reference.losses import ppo_loss_from_logprobs
 
 
@@ -156,12 +155,7 @@ def vocab_parallel_ppo_loss_from_hidden(
     (old, adv), mask = _loss_inputs(("old_logprobs", "advantages"), (old_logprobs, advantages), mask)
     if isinstance(hidden, Tensor) and tuple(old.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(hidden.shape[:-1])}")
-    if ref_logprobs is not None:
-        V.float_tensor("ref_logprobs", ref_logprobs)
-        V.same_shape("old_logprobs", old, ref_logprobs=ref_logprobs)
-        ref_logprobs = _half_to_float(ref_logprobs)
-    elif kl_coef != 0.0:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "old_logprobs", old)
     _check_agg(agg, old.shape)
     clip_high = _check_clips(clip_low, clip_high, dual_clip)
     logp, entropy = vocab_parallel_linear_logprobs_and_entropy(hidden, local_weight, labels, group,

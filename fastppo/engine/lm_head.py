@@ -75,17 +75,19 @@ def last_hidden(lm: nn.Module, **kw) -> Tensor:
 
 def _on_valid_rows(fn, hid: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
     """``fn(hidden [M, H], labels [M]) -> tuple of [M]`` over the valid (``mask``) response tokens only, scattered
-    back to ``[B, R]`` with zeros at the others: padding after EOS costs no LM-head matmul. On CPU only (finding the
-    valid rows is free on the host, a sync on a GPU, where every row is computed)."""
-    if mask is None or hid.device.type != "cpu":
+    back to ``[B, R]`` with zeros at the others: padding after EOS costs no LM-head matmul (where the fused LM head
+    skips it too: ``autograd_linear.valid_rows_on_cpu``); otherwise over every token."""
+    from fastppo.autograd_linear import valid_rows_on_cpu
+
+    keep = None if mask is None else valid_rows_on_cpu(mask)
+    if keep is None:
         return fn(hid, labels)
-    keep = mask.bool()
-    outs = fn(hid[keep], labels[keep])
+    outs = fn(hid.reshape(-1, hid.shape[-1]).index_select(0, keep), labels.reshape(-1).index_select(0, keep))
     full = []
     for o in outs:
-        t = o.new_zeros(labels.shape)
+        t = o.new_zeros(labels.numel())
         t[keep] = o
-        full.append(t)
+        full.append(t.view(labels.shape))
     return tuple(full)
 
 
