@@ -42,6 +42,7 @@ import torch
 
 from .providers import version_of
 from .runner import Row
+from .timing import _sync
 
 OP = "ppo_step"
 ENGINE, TRL = "fastppo-engine", "trl-GRPOTrainer"
@@ -192,11 +193,6 @@ def forward_floor(tr, s: dict[str, Any]) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
         out[name] = min(times)
     return out
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _gpu_peak() -> dict[str, float]:
