@@ -67,9 +67,12 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device
     hid = torch.randn(b, t, h, generator=g)
     w = torch.randn(v, h, generator=g) * (2.0 / h**0.5)  # logits of std ~2, like a trained LM head
     lab = torch.randint(0, v, (b, t), generator=g)
-    with torch.no_grad():  # the current policy's logprobs, one sequence at a time to bound memory
-        lp = torch.stack([RL.linear_logprobs(hid[i].to(dtype).float(), w.to(dtype).float(), lab[i])
-                          for i in range(b)])
+    # The current policy's log-probs, one sequence at a time to bound memory, on the bench's device: on a GPU case
+    # (N=16384, H=4096) computing them on the CPU took minutes, longer than every provider together.
+    hd, wd = hid.to(device=device, dtype=dtype).float(), w.to(device=device, dtype=dtype).float()
+    with torch.no_grad():
+        lp = torch.stack([RL.linear_logprobs(hd[i], wd, lab[i].to(device)) for i in range(b)]).cpu()
+    del hd, wd
     old = lp + 0.15 * torch.randn(b, t, generator=g)
     ref_lp = lp + 0.15 * torch.randn(b, t, generator=g)
     adv = torch.randn(b, generator=g)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 import triton.language as tl
-from fastppo.kernels._jit import late_jit, on_device
 from torch import Tensor
+
+from fastppo.kernels._jit import late_jit, on_device
 
 
 def _row_serial_kernel(r_ptr, v_ptr, m_ptr, boot_ptr, adv_ptr, ret_ptr, T, gamma, gl, HAS_BOOT: tl.constexpr):

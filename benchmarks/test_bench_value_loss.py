@@ -2,8 +2,8 @@
 
 import pytest
 
-from . import bench_value_loss as mod
-from . import pytest_support as ps
+from fastppo.benchmarks import bench_value_loss as mod
+from fastppo.benchmarks import pytest_support as ps
 
 
 @pytest.mark.parametrize("index", range(len(ps.case_ids(mod))), ids=ps.case_ids(mod))

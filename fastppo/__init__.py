@@ -6,6 +6,11 @@ are usable on this machine and why a missing one is missing.
 
 from __future__ import annotations
 
+# isort: off
+import fastppo._layout  # noqa: F401  (first: lets an editable install find fastppo.kernels/.benchmarks, see _layout)
+
+# isort: on
+
 from fastppo._dispatch import BackendInfo, BackendUnavailableError
 from fastppo._dispatch import backends as _backends
 from fastppo.linear import linear_logprobs, linear_logprobs_and_entropy, ppo_loss_from_hidden

@@ -62,7 +62,7 @@ class BackendInfo:
 @cache
 def _triton_import() -> tuple[ModuleType | None, str | None]:
     try:
-        return importlib.import_module("fastppo.kernels"), None
+        return importlib.import_module("fastppo.kernels.launchers"), None
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -73,7 +73,7 @@ def _probe(name: str) -> BackendInfo:
     if name == "triton":
         mod, err = _triton_import()
         if mod is None:
-            return BackendInfo("triton", False, err or "fastppo.kernels failed to import")
+            return BackendInfo("triton", False, err or "fastppo.kernels.launchers failed to import")
         if triton_interpret():
             return BackendInfo("triton", True, "Triton interpreter on CPU (TRITON_INTERPRET=1)")
         if not torch.cuda.is_available():  # asked only here and for cuda, not on every cpp dispatch
@@ -98,7 +98,7 @@ def _probe_interpreter() -> BackendInfo:
     """The Triton interpreter (Triton kernels on CPU tensors, for tests): a mode of the triton backend."""
     mod, err = _triton_import()
     if mod is None:
-        return BackendInfo("triton-interpret", False, err or "fastppo.kernels failed to import")
+        return BackendInfo("triton-interpret", False, err or "fastppo.kernels.launchers failed to import")
     if triton_interpret():
         return BackendInfo("triton-interpret", True, "active: TRITON_INTERPRET=1, backend='triton' runs on CPU")
     return BackendInfo("triton-interpret", False, "TRITON_INTERPRET is not set (set it to 1 before the first launch)")
@@ -112,7 +112,7 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def launcher_module(backend: str) -> object | None:
-    """The object holding the launchers of ``backend`` (None for torch): the ``fastppo.kernels`` module, or
+    """The object holding the launchers of ``backend`` (None for torch): the ``fastppo.kernels.launchers`` module, or
     for cpp/cuda the Python launcher layer over the compiled module (``_native.launchers``)."""
     if backend == "triton":
         return _triton_import()[0]

@@ -3,7 +3,9 @@
 Structural checks (shapes, dtypes, devices) are free and always on. Value checks (labels in range, NaN/Inf,
 all-masked batches) need the data: on CPU they raise ``ValueError`` at once; on CUDA they become
 device-side asserts (``torch._assert_async``) so the hot path never synchronises with the host; under
-``torch.compile`` likewise. ``FASTPPO_CHECKS=0`` turns value checks off.
+``torch.compile`` likewise. A failed device-side assert ends the process's CUDA context (the message is printed by
+the device), so ``FASTPPO_CHECKS=sync`` raises the ``ValueError`` on CUDA too, at the cost of one host sync per
+check (for debugging, and the GPU test suite); ``FASTPPO_CHECKS=0`` turns value checks off.
 """
 
 from __future__ import annotations
@@ -16,15 +18,26 @@ from torch import Tensor
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def value_check_mode() -> str:
+    """``FASTPPO_CHECKS``: ``"on"`` (default: raise on CPU, device-side assert elsewhere), ``"sync"`` (raise on
+    every device) or ``"off"``."""
+    raw = os.environ.get("FASTPPO_CHECKS", "1").strip().lower()
+    if raw in ("0", "false", "off", ""):
+        return "off"
+    return "sync" if raw == "sync" else "on"
+
+
 def value_checks_enabled() -> bool:
-    return os.environ.get("FASTPPO_CHECKS", "1") not in ("0", "false", "False", "")
+    return value_check_mode() != "off"
 
 
 def check_value(ok: Tensor, message: str) -> None:
-    """Raise ``ValueError(message)`` unless the 0-d bool tensor ``ok`` is true (async on CUDA)."""
-    if not value_checks_enabled():
+    """Raise ``ValueError(message)`` unless the 0-d bool tensor ``ok`` is true (a device-side assert on CUDA unless
+    ``FASTPPO_CHECKS=sync``)."""
+    mode = value_check_mode()
+    if mode == "off":
         return
-    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (ok.device.type != "cpu" and mode != "sync"):
         torch._assert_async(ok, message)
         return
     if not bool(ok):

@@ -3,6 +3,10 @@
 Triton decides at ``@triton.jit`` time whether to interpret, so on machines without a GPU the interpreter is
 switched on here, before any test module can import ``fastppo.kernels``. Auto dispatch never picks the
 interpreter on its own (CPU tensors go to cpp or torch); tests ask for ``backend="triton"`` explicitly.
+
+On a GPU, value checks would be device-side asserts, and the first bad-input test would end the CUDA context for
+every test after it: the suite runs with ``FASTPPO_CHECKS=sync`` (a ``ValueError`` on every device), and
+``tests/ops/test_validation.py`` checks the default device-side assert in a child process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTPPO_CHECKS", "sync")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fastppo.benchmarks import (
     bench_contended,
     bench_e2e,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastppo.benchmarks import bench_gae, bench_logprobs, copy_baseline, runner, timing
 
 CPU = torch.device("cpu")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fastppo import reference as ref
 from fastppo.benchmarks import bench_gae, runner, timing
 from fastppo.benchmarks.gae_row_serial import gae_row_serial
 from fastppo.kernels._jit import interpreting
-
-from fastppo import reference as ref
 
 runs = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                           reason="needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without one)")

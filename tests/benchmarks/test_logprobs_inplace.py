@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from fastppo.benchmarks import bench_logprobs, runner, timing
-from fastppo.benchmarks.providers import Provider
 
 import fastppo
+from fastppo.benchmarks import bench_logprobs, runner, timing
+from fastppo.benchmarks.providers import Provider
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")

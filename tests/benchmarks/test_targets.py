@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+
 from fastppo.benchmarks import bench_gae, bench_logprobs, cli, targets
 from fastppo.benchmarks.targets import TARGETS, evaluate
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastppo
 from fastppo import _contract, _native
 from fastppo._native_launchers import NativeLaunchers, contract_mismatches
 
@@ -38,13 +37,13 @@ def test_a_module_of_another_contract_is_refused(monkeypatch):
 
 
 def test_python_users_share_one_definition():
-    from fastppo.kernels import logprobs as triton_logprobs
-
     from fastppo import autograd, ops
+    from fastppo.kernels import launchers as triton_launchers
+    from fastppo.kernels import logprobs as triton_logprobs
     from fastppo.reference import kl, losses
 
     assert autograd.PPO_TERMS is _contract.PPO_TERMS and autograd.KL_KINDS is _contract.KL_KINDS
-    assert triton_logprobs.PPO_TERMS is _contract.PPO_TERMS and fastppo.kernels.PPO_TERMS is _contract.PPO_TERMS
+    assert triton_logprobs.PPO_TERMS is _contract.PPO_TERMS and triton_launchers.PPO_TERMS is _contract.PPO_TERMS
     assert triton_logprobs._RATIO_CLAMP.value == _contract.LOG_RATIO_CLAMP
     assert kl.KL_KINDS is _contract.KL_KINDS and losses.LOG_RATIO_CLAMP is _contract.LOG_RATIO_CLAMP
     assert ops.TERM is _contract.TERM and ops._KERNEL_DTYPES is _contract.DTYPES

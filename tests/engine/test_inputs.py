@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from fastppo.benchmarks.bench_e2e import build_tokenizer
 
+from fastppo.benchmarks.bench_e2e import build_tokenizer
 from fastppo.engine.config import ConfigError
 from fastppo.engine.experience import score_rollout
 from fastppo.engine.rollout import Rollout

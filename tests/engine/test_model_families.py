@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastppo.benchmarks.bench_e2e import build_tokenizer
 
+from fastppo.benchmarks.bench_e2e import build_tokenizer
 from fastppo.engine import cli
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"

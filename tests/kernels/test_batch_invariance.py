@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastppo
-from fastppo import kernels as fk
+from fastppo.kernels import launchers as fk
 
 F32 = torch.float32
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import fastppo
-from fastppo import kernels as fk
 from tests.tolerances import assert_close
 
 F32 = torch.float32
@@ -88,7 +87,8 @@ _GAE = {
 
 
 def _variants():
-    lp, gae = fk.logprobs, fk.gae
+    from fastppo.kernels import gae
+    from fastppo.kernels import logprobs as lp
     out = []
     for dtype in ("bf16", "fp32"):
         fwd = {**_ROW_FWD, "x_ptr": f"*{dtype}"}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastppo
-from fastppo import kernels as fk
 from fastppo import reference as ref
+from fastppo.kernels import launchers as fk
 from tests.tolerances import tol
 
 gae_forward = fk.gae_forward

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastppo.kernels import linear as kl
 
 import fastppo
 from fastppo import _dispatch
+from fastppo.kernels import linear as kl
 from fastppo.reference import linear as RL
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 

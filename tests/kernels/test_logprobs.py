@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import fastppo
-from fastppo import kernels as fk
 from fastppo import reference as ref
+from fastppo.kernels import gae as kernel_gae
+from fastppo.kernels import launchers as fk
+from fastppo.kernels import logprobs as kernel_logprobs
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
-K = fk.logprobs
+K = kernel_logprobs
 logprobs_forward, logprobs_backward, ppo_loss_forward = fk.logprobs_forward, fk.logprobs_backward, fk.ppo_loss_forward
 
 NEG_INF = float("-inf")
@@ -254,4 +256,4 @@ def test_kernels_follow_triton_interpret_at_launch_time(monkeypatch: pytest.Monk
     assert isinstance(K._row_forward.jit(), JITFunction)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert isinstance(K._row_forward.jit(), InterpretedFunction)
-    assert isinstance(fk.gae._gae.jit(), InterpretedFunction)
+    assert isinstance(kernel_gae._gae.jit(), InterpretedFunction)

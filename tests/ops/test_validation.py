@@ -169,3 +169,36 @@ def test_kl_penalty_bad_clamp():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="clamp"):
             fastppo.kl_penalty(lp, lp, "k3", clamp=bad)
+
+
+def test_check_mode_is_read_from_the_environment(monkeypatch):
+    from fastppo import _validate
+
+    for raw, mode in [("1", "on"), ("sync", "sync"), ("SYNC", "sync"), ("0", "off"), ("off", "off")]:
+        monkeypatch.setenv("FASTPPO_CHECKS", raw)
+        assert _validate.value_check_mode() == mode
+    monkeypatch.delenv("FASTPPO_CHECKS")
+    assert _validate.value_check_mode() == "on"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_default_checks_on_cuda_are_device_side_asserts_with_the_message(backend):
+    # The default never syncs the host: a NaN logit on CUDA is a device-side assert that names the problem and ends
+    # the CUDA context, so it runs in a child process (the suite itself runs with FASTPPO_CHECKS=sync).
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastppo\n"
+        "x = torch.randn(4, 300, device='cuda'); x[2, 7] = float('nan')\n"
+        "lab = torch.randint(0, 300, (4,), device='cuda')\n"
+        f"fastppo.token_logprobs(x, lab, backend={backend!r})\n"
+        "torch.cuda.synchronize()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTPPO_CHECKS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "non-finite result" in out.stderr, out.stderr[-3000:]
