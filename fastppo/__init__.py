@@ -14,6 +14,7 @@ import fastppo._layout  # noqa: F401  (first: lets an editable install find fast
 from fastppo._dispatch import BackendInfo, BackendUnavailableError
 from fastppo._dispatch import backends as _backends
 from fastppo.linear import linear_logprobs, linear_logprobs_and_entropy, ppo_loss_from_hidden
+from fastppo.objective import PPOObjective
 from fastppo.ops import (
     gae,
     grpo_advantages,
@@ -45,6 +46,7 @@ def backends() -> dict[str, BackendInfo]:
 
 __all__ = [
     "BackendInfo",
+    "PPOObjective",
     "BackendUnavailableError",
     "backends",
     "gae",

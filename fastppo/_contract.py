@@ -38,12 +38,14 @@ def triton_interpret() -> bool:
 # ------------------------------------------------------------------------------------- the launchers' inputs
 # Every launcher (Triton, C++, CUDA) checks its tensors with these same functions and converts nothing: the
 # public ops (fastppo/ops.py) are the one place that reshapes, copies or casts user inputs into this form.
-def check_logits(logits: torch.Tensor) -> None:
-    """``logits [B, T, V]``: fp32/bf16/fp16, any strides on B and T, unit stride along V."""
+def check_logits(logits: torch.Tensor, dtypes: tuple[torch.dtype, ...] = DTYPES) -> None:
+    """``logits [B, T, V]``: one of ``dtypes`` (the kernels': fp32/bf16/fp16), any strides on B and T, unit stride
+    along V."""
     if logits.dim() != 3:
         raise ValueError(f"launchers take logits as [B, T, V], got shape {tuple(logits.shape)}")
-    if logits.dtype not in DTYPE_CODES:
-        raise TypeError(f"launchers take fp32/bf16/fp16 logits, got {logits.dtype}")
+    if logits.dtype not in dtypes:
+        names = "/".join(str(d).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf") for d in dtypes)
+        raise TypeError(f"launchers take {names} logits, got {logits.dtype}")
     if logits.stride(2) != 1 and logits.shape[2] > 1:
         raise ValueError("launchers need unit stride along the vocabulary (logits.stride(-1) == 1)")
 

@@ -21,22 +21,14 @@ from types import ModuleType
 
 import torch
 
-from fastppo import _native
+from fastppo import _launchers, _native
 from fastppo._contract import triton_interpret
 
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 _CHOICES = ("auto", *BACKENDS)
 
-# Launcher modules per backend. Each exposes the launcher functions of the op families it implements
-# (see fastppo/autograd.py for the contract): a family is implemented when all its launchers are present.
-FAMILY_LAUNCHERS: dict[str, tuple[str, ...]] = {
-    "logprobs": ("logprobs_forward", "logprobs_backward"),
-    "ppo_loss": ("ppo_loss_forward", "logprobs_backward"),
-    "gae": ("gae_forward",),
-    "gae_whiten": ("gae_whiten_forward",),
-    "sampling": ("sample_forward",),
-    "linear_tiled": ("linear_forward", "linear_backward"),  # the tiled fused LM head (Triton only)
-}
+# The launchers each op family needs (derived from the typed protocols of fastppo/_launchers.py).
+FAMILY_LAUNCHERS = _launchers.FAMILY_LAUNCHERS
 
 _INSTALL_HINT = {
     "triton": "install Triton (`pip install triton`) on a machine with a CUDA GPU, or set TRITON_INTERPRET=1 "
@@ -112,12 +104,17 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def launcher_module(backend: str) -> object | None:
-    """The object holding the launchers of ``backend`` (None for torch): the ``fastppo.kernels.launchers`` module, or
-    for cpp/cuda the Python launcher layer over the compiled module (``_native.launchers``)."""
+    """The object holding the launchers of ``backend``: the ``fastppo.kernels.launchers`` module, for cpp/cuda the
+    Python launcher layer over the compiled module (``_native.launchers``), for torch the reference's
+    (``fastppo._torch_launchers``); None when the backend is not loaded."""
     if backend == "triton":
         return _triton_import()[0]
     if backend in ("cpp", "cuda"):
         return _native.launchers(backend)
+    if backend == "torch":
+        from fastppo._torch_launchers import LAUNCHERS  # the reference's row math (imports the reference: lazily)
+
+        return LAUNCHERS
     return None
 
 

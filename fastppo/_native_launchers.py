@@ -9,6 +9,7 @@ threads, CUDA calls the tensor's device index and the current stream (no host sy
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from fastppo._contract import (
     check_out,
     check_vector,
 )
+
+if TYPE_CHECKING:
+    from fastppo.objective import PPOObjective
 
 
 def contract_mismatches(mod: ModuleType) -> list[str]:
@@ -47,7 +51,9 @@ def _ptr(t: Tensor | None) -> int:
 
 
 class NativeLaunchers:
-    """``logprobs_forward``, ``logprobs_backward``, ``ppo_loss_forward``, ``gae_forward`` over ``mod``."""
+    """The launchers of ``fastppo._launchers``' families over a compiled module ``mod``: logprobs, ppo_loss, gae,
+    and sampling where the module was built with it (``sample_forward`` exists only then, so dispatch sees the
+    family as missing otherwise)."""
 
     def __init__(self, kind: str, mod: ModuleType) -> None:
         bad = contract_mismatches(mod)
@@ -139,19 +145,12 @@ class NativeLaunchers:
         adv: Tensor,
         ref_logp: Tensor | None,
         mask: Tensor,
-        temperature: float,
-        clip_low: float,
-        clip_high: float,
-        dual_clip: float,
-        kl_kind: int,
-        kl_coef: float,
-        entropy_coef: float,
+        objective: PPOObjective,
     ) -> Tensor:
         """Per-token PPO terms ``[NUM_TERMS, N]`` float32 in ``PPO_TERMS`` order (masked rows: zeros)."""
         view = self._logits(logits)
         n = view[2] * view[3]
-        if not 0 <= int(kl_kind) < len(KL_KINDS):
-            raise ValueError(f"kl_kind must index {KL_KINDS}, got {kl_kind}")
+        obj = objective
         labels = self._vec("labels", labels, logits, n, torch.int64)
         old = self._vec("old_logp", old_logp, logits, n)
         adv = self._vec("adv", adv, logits, n)
@@ -159,9 +158,11 @@ class NativeLaunchers:
         mask = self._vec("mask", mask, logits, n)
         terms = torch.empty((NUM_TERMS, n), dtype=torch.float32, device=logits.device)
         if n > 0:
+            # the C struct PpoParams (csrc/common/ppo_epilogue.h), field by field; dual clip 0.0 = off
             self.module.ppo_loss_forward(*view, _ptr(labels), _ptr(old), _ptr(adv), _ptr(ref), _ptr(mask),
-                                         1.0 / float(temperature), float(clip_low), float(clip_high),
-                                         float(dual_clip), int(kl_kind), float(kl_coef), float(entropy_coef),
+                                         1.0 / float(obj.temperature), float(obj.clip_low), float(obj.clip_high),
+                                         0.0 if obj.dual_clip is None else float(obj.dual_clip),
+                                         KL_KINDS.index(obj.kl_kind), float(obj.kl_coef), float(obj.entropy_coef),
                                          terms.data_ptr(), *self._tail(logits))
         return terms
 

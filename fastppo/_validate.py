@@ -100,17 +100,22 @@ def logits_and_labels(logits: object, labels: object | None) -> tuple[Tensor, Te
     return logits, labels
 
 
-def finite_rows(name: str, lse: Tensor, valid: Tensor | None = None, temperature: float = 1.0) -> None:
-    """A non-finite per-row log-sum-exp (or max) means a NaN/+inf logit or a row with no finite logit (or, at
-    a small temperature, a logit / temperature beyond the float32 range)."""
+# What a non-finite row statistic can come from, per kind of input (the message names the caller's inputs).
+ROW_SOURCES = {
+    "logits": "the logits contain NaN or +inf, or a row where every logit is -inf",
+    "hidden": "hidden, weight or bias contain NaN or inf, or a row's logits are all -inf",
+}
+
+
+def finite_rows(name: str, lse: Tensor, valid: Tensor | None = None, temperature: float = 1.0,
+                source: str = "logits") -> None:
+    """A non-finite per-row log-sum-exp (or max) means a NaN/+inf input or a row with no finite logit (or, at a small
+    temperature, a logit / temperature beyond the float32 range). Rows where ``valid`` is 0 are not checked."""
     bad = ~torch.isfinite(lse)
     if valid is not None:
-        bad = bad & valid.bool()
+        bad = bad & (valid != 0).reshape(bad.shape)
     scaled = f", or logits / temperature (temperature={temperature:g}) beyond float32" if temperature < 1.0 else ""
-    check_value(
-        ~bad.any(),
-        f"{name}: non-finite result; the logits contain NaN or +inf, or a row where every logit is -inf{scaled}",
-    )
+    check_value(~bad.any(), f"{name}: non-finite result; {ROW_SOURCES[source]}{scaled}")
 
 
 # The kernels scale by 1/temperature in float32: below this, 1/temperature overflows to inf.
@@ -168,3 +173,108 @@ def no_overlap(name: str, t: Tensor) -> None:
                 "use inplace_backward=False"
             )
         extent = st * (sz - 1) + extent
+
+
+# ------------------------------------------------------------------------------------------- the PPO objective
+def clips(clip_low: object, clip_high: object, dual_clip: object) -> tuple[float, float, float | None]:
+    """``(clip_low, clip_high, dual_clip)`` checked; ``clip_high`` None means ``clip_low``."""
+    low = number("clip_low", clip_low)
+    high = low if clip_high is None else number("clip_high", clip_high)
+    dual = number("dual_clip", dual_clip, optional=True)
+    if not (0.0 <= low < 1.0) or high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {low}, {high}")
+    if dual is not None and dual <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (got {dual})")
+    return low, high, dual
+
+
+def objective(obj: object) -> dict[str, object]:
+    """Every field of a ``PPOObjective`` checked; returns the normalised values (floats; ``clip_high`` resolved)."""
+    from fastppo.objective import CHOICES  # floor 0 both; imported here so this module needs no objective at import
+
+    low, high, dual = clips(obj.clip_low, obj.clip_high, obj.dual_clip)
+    out: dict[str, object] = {"clip_low": low, "clip_high": high, "dual_clip": dual,
+                              "kl_coef": number("kl_coef", obj.kl_coef),
+                              "entropy_coef": number("entropy_coef", obj.entropy_coef),
+                              "temperature": temperature(obj.temperature)}
+    for name, allowed in CHOICES.items():
+        value = getattr(obj, name)
+        if value not in allowed:
+            what = "KL kind (kl_kind)" if name == "kl_kind" else name
+            raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
+        out[name] = value
+    return out
+
+
+def aggregation(agg: str, shape: torch.Size) -> None:
+    """The ``seq-*`` aggregations need per-token tensors ``[B, T]`` (the last dim is time)."""
+    if agg != "token-mean" and len(shape) < 2:
+        raise ValueError(f"agg={agg!r} needs per-token tensors [B, T], got shape {tuple(shape)}")
+
+
+def half_to_float(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def loss_inputs(names: tuple[str, ...], tensors: tuple[object, ...], mask: object) -> tuple[list[Tensor], Tensor]:
+    """Per-token loss inputs of one shape with their mask: float tensors (half precision promoted to float32), on one
+    device, a non-empty batch with at least one valid token."""
+    named = {name: float_tensor(name, t) for name, t in zip(names, tensors, strict=True)}
+    out = list(named.values())
+    first = out[0]
+    same_shape(names[0], first, **named)
+    mask = mask_tensor("mask", mask, first.shape)
+    same_device(mask=mask, **named)
+    if first.numel() == 0:
+        raise ValueError("empty batch: the loss of no tokens is undefined")
+    check_value(mask.bool().any(), "all-masked batch: the mask has no valid token, the loss would be 0/0")
+    return [half_to_float(t) for t in out], mask
+
+
+class PPOInputs:
+    """The per-token inputs of a PPO loss, checked: ``old`` (None: on-policy), ``adv``, ``ref`` (None: no reference
+    policy), ``mask``, all of the entry point's token shape ``[...]`` (``[B, T]`` for the ``seq-*`` aggregations)."""
+
+    __slots__ = ("adv", "mask", "old", "ref")
+
+    def __init__(self, old: Tensor | None, adv: Tensor, ref: Tensor | None, mask: Tensor) -> None:
+        self.old, self.adv, self.ref, self.mask = old, adv, ref, mask
+
+
+def ppo_inputs(op: str, lead: torch.Size, lead_name: str, device: torch.device, old_logprobs: object | None,
+               advantages: object, mask: object, ref_logprobs: object | None, obj: object, *,
+               on_policy_ok: bool) -> PPOInputs:
+    """Every check of a PPO loss's per-token inputs, the same for every entry point: shapes equal to the token shape
+    ``lead`` of the logits / hidden states (``lead_name`` says which), one device, non-empty, a valid token, reference
+    log-probs when ``kl_coef != 0``, the aggregation's shape, and finite values at valid tokens (``old_logprobs``,
+    ``advantages``, and ``ref_logprobs`` when ``kl_coef != 0``: a NaN there would be NaN on one backend and a
+    finite, wrong number on another). ``old_logprobs=None`` (on-policy) only where ``on_policy_ok``."""
+    if old_logprobs is None and not on_policy_ok:
+        raise TypeError(f"{op}: old_logprobs are required")
+    names = ("advantages",) if old_logprobs is None else ("old_logprobs", "advantages")
+    given = (advantages,) if old_logprobs is None else (old_logprobs, advantages)
+    tensors, mask = loss_inputs(names, given, mask)
+    for name, t in zip(names, tensors, strict=True):
+        if t.shape != lead:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(lead)} ({lead_name})")
+    for name, t in zip(names, tensors, strict=True):
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device; got {lead_name} on {device}, {name} on {t.device}")
+    old, adv = (None, tensors[0]) if old_logprobs is None else tensors
+    ref = None
+    if ref_logprobs is None:
+        if obj.kl_coef != 0.0:
+            raise ValueError("kl_coef != 0 needs ref_logprobs")
+    else:
+        ref = half_to_float(float_tensor("ref_logprobs", ref_logprobs))
+        if ref.shape != lead:
+            raise ValueError(f"ref_logprobs has shape {tuple(ref.shape)}, expected {tuple(lead)} ({lead_name})")
+        same_device(advantages=adv, ref_logprobs=ref)
+    aggregation(obj.agg, lead)
+    for name, t in (("old_logprobs", old), ("advantages", adv)):
+        if t is not None:
+            finite_where_valid(name, t, mask)
+    if ref is not None and obj.kl_coef != 0.0:
+        # With kl_coef == 0 the reference log-probs only feed the KL statistic (an infinite KL is an honest one).
+        finite_where_valid("ref_logprobs", ref, mask)
+    return PPOInputs(old, adv, ref, mask)

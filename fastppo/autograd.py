@@ -1,34 +1,10 @@
 """Autograd glue: torch.library custom ops over the backend launchers.
 
-The launchers (Triton in ``fastppo.kernels``, C++ in ``fastppo._C_cpu`` via ``fastppo._native``, CUDA in
-``fastppo._C_cuda``) know nothing of autograd. Every backend exposes the same Python-level launcher
-functions; this module wraps them in ``torch.library`` custom ops (with fake impls, so a caller compiles
-with ``torch.compile(fullgraph=True)``) and registers their backward.
-
-Launcher contract (all backends; ``N = B*T``; vectors are contiguous ``[N]``; ``logits``/``out`` are 3-D
-``[B, T, V]`` views with arbitrary strides on B and T and stride 1 on V; offsets are 64-bit):
-
-``logprobs_forward(logits, labels, temperature, with_entropy) -> (logp, entropy | None, lse)``
-    labels int64 ``[N]``; outputs float32 ``[N]``: ``lse = logsumexp(x/T)``, ``logp = x_t/T - lse``,
-    ``entropy = lse - sum(softmax(x/T) * x/T)``.
-
-``logprobs_backward(logits, labels, lse, entropy | None, grad_logp | None, grad_entropy | None,
-temperature, out) -> out``
-    grads float32 ``[N]``; writes ``dx_j = [g_lp*(1[j=t] - p_j) - g_H*p_j*(log p_j + H)] / T`` into ``out``
-    (``[B, T, V]``, logits' dtype; may be ``logits`` itself for the in-place backward). Rows where both
-    grads are zero get zeros without computing exp.
-
-``ppo_loss_forward(logits, labels, old_logp, adv, ref_logp | None, mask, temperature, clip_low, clip_high,
-dual_clip, kl_kind, kl_coef, entropy_coef) -> terms``
-    float32 ``[N]`` inputs (mask 0/1 as float32), ``dual_clip`` 0.0 = off, ``kl_kind`` an index into
-    ``KL_KINDS``; returns ``terms`` float32 ``[len(PPO_TERMS), N]`` in the order of ``PPO_TERMS``, matching
-    ``fastppo.reference.losses.ppo_token_terms`` + ``kl_penalty``; masked rows (mask == 0) are skipped and
-    get zeros in every term. ``dpg`` / ``dkl`` are d(pg)/d(logp) and d(kl)/d(logp) (0 where clipped).
-    ``loss = pg + kl_coef*kl - entropy_coef*entropy`` (kl = 0 when ref_logp is None).
-
-``gae_forward(rewards, values, mask, bootstrap | None, gamma, lam) -> (advantages, returns)``
-    float32 contiguous ``[B, T]`` rewards/values, bool ``[B, T]`` mask, float32 ``[B]`` bootstrap;
-    float32 ``[B, T]`` outputs with the carry-forward semantics of ``fastppo.reference.gae``.
+The launchers (Triton in ``fastppo.kernels``, C++ in ``fastppo._C_cpu`` and CUDA in ``fastppo._C_cuda`` via
+``fastppo._native_launchers``) know nothing of autograd; their interface is the typed protocols of
+``fastppo/_launchers.py`` (one per op family). This module wraps them in ``torch.library`` custom ops (with fake
+impls, so a caller compiles with ``torch.compile(fullgraph=True)``) and registers their backward. A ``PPOObjective``
+crosses the custom-op boundary packed as ``list[float]`` and is unpacked on the other side, then read by name.
 """
 
 from __future__ import annotations
@@ -39,6 +15,7 @@ from torch import Tensor
 from fastppo import _dispatch
 from fastppo._contract import KL_KINDS, NUM_TERMS, PPO_TERMS
 from fastppo._contract import TERM as _T
+from fastppo.objective import PPOObjective
 
 __all__ = ["KL_KINDS", "PPO_TERMS"]  # re-exported: the contract's names, defined in fastppo/_contract.py
 
@@ -185,58 +162,46 @@ def ppo_loss_terms(
     adv: Tensor,
     ref_logp: Tensor,
     mask: Tensor,
-    temperature: float,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float,
-    kl_kind: int,
-    kl_coef: float,
-    entropy_coef: float,
+    objective: list[float],
     backend: str,
     inplace: bool,
 ) -> Tensor:
-    """Per-token PPO terms ``[len(PPO_TERMS), N]`` float32 in one pass over ``logits [B, T, V]``."""
-    return _launchers(backend).ppo_loss_forward(
-        logits,
-        labels,
-        old_logp,
-        adv,
-        _opt(ref_logp),
-        mask,
-        temperature,
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_kind,
-        kl_coef,
-        entropy_coef,
-    )
+    """Per-token PPO terms ``[len(PPO_TERMS), N]`` float32 in one pass over ``logits [B, T, V]``; ``objective`` is a
+    packed ``PPOObjective`` (``PPOObjective.pack``), ``ref_logp`` empty: none."""
+    return _launchers(backend).ppo_loss_forward(logits, labels, old_logp, adv, _opt(ref_logp), mask,
+                                                PPOObjective.unpack(objective))
 
 
 @ppo_loss_terms.register_fake
-def _(logits, labels, old_logp, adv, ref_logp, mask, temperature, clip_low, clip_high, dual_clip, kl_kind,
-      kl_coef, entropy_coef, backend, inplace):
+def _(logits, labels, old_logp, adv, ref_logp, mask, objective, backend, inplace):
     n = logits.shape[0] * logits.shape[1]
     return logits.new_empty((NUM_TERMS, n), dtype=torch.float32)
 
 
 def _ppo_setup(ctx, inputs, output):
-    logits, labels = inputs[0], inputs[1]
-    ctx.temperature, ctx.kl_coef, ctx.entropy_coef = inputs[6], inputs[11], inputs[12]
-    ctx.backend, ctx.inplace = inputs[13], inputs[14]
+    logits, labels, *_, objective, backend, inplace = inputs
+    ctx.objective, ctx.backend, ctx.inplace = PPOObjective.unpack(objective), backend, inplace
     ctx.save_for_backward(logits, labels, output)
+
+
+def per_token_grads(terms: Tensor, weight: Tensor, objective: PPOObjective) -> tuple[Tensor, Tensor | None]:
+    """``(g_lp, g_h)``: d(sum(weight * loss_tok))/d(logp) and d/d(entropy) per token ``[N]``, from the launcher's
+    terms (``weight``: the upstream gradient of each token's loss)."""
+    obj = objective
+    d_lp = terms[_T["dpg"]] if obj.kl_coef == 0.0 else terms[_T["dpg"]] + obj.kl_coef * terms[_T["dkl"]]
+    g_lp = (weight * d_lp).contiguous()  # kl_coef == 0: no 0 * inf = NaN from an infinite dkl (k2 at ref = -inf)
+    g_h = (weight * -obj.entropy_coef).contiguous() if obj.entropy_coef != 0.0 else None
+    return g_lp, g_h
 
 
 def _ppo_backward(ctx, g_terms):
     logits, labels, terms = ctx.saved_tensors
     # Only the per-token loss row is differentiable: the other rows are statistics (callers detach them).
-    g_loss = g_terms[_T["loss"]].to(torch.float32)
-    d_lp = terms[_T["dpg"]] if ctx.kl_coef == 0.0 else terms[_T["dpg"]] + ctx.kl_coef * terms[_T["dkl"]]
-    g_lp = (g_loss * d_lp).contiguous()  # kl_coef == 0: no 0 * inf = NaN from an infinite dkl (k2 at ref = -inf)
-    g_h = (g_loss * (-ctx.entropy_coef)).contiguous() if ctx.entropy_coef != 0.0 else _empty(terms)
+    g_lp, g_h = per_token_grads(terms, g_terms[_T["loss"]].to(torch.float32), ctx.objective)
     lse, entropy = terms[_T["lse"]].contiguous(), terms[_T["entropy"]].contiguous()
-    dlogits = _dlogits(logits, labels, lse, entropy, g_lp, g_h, ctx.temperature, ctx.backend, ctx.inplace)
-    return (dlogits,) + (None,) * 14
+    dlogits = _dlogits(logits, labels, lse, entropy, g_lp, _empty(terms) if g_h is None else g_h,
+                       ctx.objective.temperature, ctx.backend, ctx.inplace)
+    return (dlogits,) + (None,) * 8
 
 
 ppo_loss_terms.register_autograd(_ppo_backward, setup_context=_ppo_setup)

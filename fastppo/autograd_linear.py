@@ -19,16 +19,19 @@ Chunk size: ``chunk_rows`` (a function of V, H, dtype, device and a memory budge
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fastppo import _dispatch
-from fastppo._contract import KL_KINDS, LOG_RATIO_CLAMP, PPO_TERMS
+from fastppo._contract import PPO_TERMS
 from fastppo._contract import TERM as _T
-from fastppo.reference.kl import kl_penalty
-from fastppo.reference.losses import ppo_token_terms
+from fastppo.autograd import per_token_grads
+from fastppo.objective import PPOObjective
+from fastppo.reference.losses import ppo_term_rows
 
 # Memory for one chunk's logits (plus its fp32 hidden-sized rows) when the caller names no chunk size. CPU: every
 # chunk reads W twice and reads + writes the dW accumulator, so small chunks turn the three matmuls memory-bound
@@ -84,90 +87,51 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ row work on one chunk's buffer
-def _torch_rows(x: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(logp_all [C, V], logp [C], entropy [C], lse [C])`` in the promoted dtype (the reference's formulas)."""
-    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    logp_all = z - lse[:, None]
-    p = logp_all.exp()
-    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
-    return logp_all, logp_all.gather(-1, labels[:, None]).squeeze(-1), ent, lse
-
-
 def rows_forward(x: Tensor, labels: Tensor, temperature: float, with_entropy: bool, backend: str
                  ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``x [C, V]`` logits -> ``(logp [C], entropy [C] | None, lse [C])``."""
-    if backend == "torch":
-        _, logp, ent, lse = _torch_rows(x, labels, temperature)
-        return logp, (ent if with_entropy else None), lse
+    """``x [C, V]`` logits -> ``(logp [C], entropy [C] | None, lse [C])`` (the backend's ``logprobs_forward``)."""
     return _launchers(backend).logprobs_forward(x.unsqueeze(0), labels, temperature, with_entropy)
 
 
 def rows_backward_(x: Tensor, labels: Tensor, lse: Tensor, ent: Tensor | None, g_lp: Tensor | None,
                    g_h: Tensor | None, temperature: float, backend: str) -> None:
     """Overwrite ``x [C, V]`` with dlogits for per-token grads ``g_lp``, ``g_h`` (``[C]``, None: zero)."""
-    if backend != "torch":
-        x3 = x.unsqueeze(0)
-        _launchers(backend).logprobs_backward(x3, labels, lse, ent, g_lp, g_h, temperature, x3)
-        return
-    z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
-    logp_all = z - lse.to(z.dtype)[:, None]
-    p = logp_all.exp()
-    dz = torch.zeros_like(z)
-    active = torch.zeros_like(lse, dtype=torch.bool)
-    if g_lp is not None:
-        dz = -g_lp.to(z.dtype)[:, None] * p
-        dz.scatter_add_(1, labels[:, None], g_lp.to(z.dtype)[:, None])
-        active |= g_lp != 0
-    if g_h is not None:
-        dz = dz - g_h.to(z.dtype)[:, None] * torch.where(p > 0, p * (logp_all + ent.to(z.dtype)[:, None]), 0.0)
-        active |= g_h != 0
-    # Rows with no upstream gradient (masked tokens, whose saved lse is 0) get zeros, as in the kernels.
-    x.copy_(torch.where(active[:, None], dz / temperature, 0.0))
+    x3 = x.unsqueeze(0)
+    _launchers(backend).logprobs_backward(x3, labels, lse, ent, g_lp, g_h, temperature, x3)
 
 
-def _torch_ppo_terms(x: Tensor, labels: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, mask: Tensor,
-                     temperature: float, clip_low: float, clip_high: float, dual_clip: float, kl_kind: int,
-                     kl_coef: float, entropy_coef: float) -> Tensor:
-    """The ``ppo_loss_forward`` launcher contract in PyTorch: terms ``[len(PPO_TERMS), C]`` (masked rows 0)."""
-    _, logp, ent, lse = _torch_rows(x, labels, temperature)
-    return ppo_terms_from_rows(logp, ent, lse, old, adv, ref, mask, clip_low, clip_high, dual_clip, kl_kind,
-                               kl_coef, entropy_coef)
+@dataclass(frozen=True)
+class TokenRows:
+    """The per-token inputs of the fused LM head's PPO loss, ``[N]`` each: labels (int64), old log-probs (None:
+    on-policy, each token's own), advantages, reference log-probs (None: none), mask, and the aggregation weights
+    (``loss = sum(weights * loss_tok)``)."""
+
+    labels: Tensor
+    old: Tensor | None
+    adv: Tensor
+    ref: Tensor | None
+    mask: Tensor
+    weights: Tensor
+
+    def take(self, index: Tensor | slice) -> TokenRows:
+        """The rows at ``index`` (a slice: views; an index tensor: copies)."""
+        if isinstance(index, slice):
+            pick = lambda t: None if t is None else t[index]  # noqa: E731
+        else:
+            pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return TokenRows(*(pick(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
 
-def ppo_terms_from_rows(logp: Tensor, ent: Tensor, lse: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None,
-                        mask: Tensor, clip_low: float, clip_high: float, dual_clip: float, kl_kind: int,
-                        kl_coef: float, entropy_coef: float) -> Tensor:
-    """Per-token PPO terms ``[len(PPO_TERMS), N]`` from the row statistics ``logp, entropy, lse [N]``."""
-    dt = logp.dtype
-    old, adv = old.to(dt), adv.to(dt)
-    pg, ratio, clipped, dual = ppo_token_terms(logp, old, adv, clip_low=clip_low, clip_high=clip_high,
-                                               dual_clip=dual_clip if dual_clip > 0.0 else None)
-    log_ratio = logp - old
-    grad_ok = ~clipped & ~dual & (log_ratio.abs() <= LOG_RATIO_CLAMP)
-    dpg = torch.where(grad_ok, -adv * ratio, torch.zeros_like(ratio))
-    zero = torch.zeros_like(logp)
-    kl, dkl = zero, zero
-    if ref is not None:
-        d = logp - ref.to(dt)
-        kind = KL_KINDS[kl_kind]
-        kl = kl_penalty(logp, ref.to(dt), kind)
-        dkl = {"k1": torch.ones_like(d), "k2": d, "k3": 1.0 - torch.exp(-d), "abs": torch.sign(d)}[kind]
-    loss = pg - entropy_coef * ent
-    if kl_coef != 0.0:
-        loss = loss + kl_coef * kl
-    rows = {"logp": logp, "entropy": ent, "lse": lse, "pg": pg, "ratio": ratio, "kl": kl, "dpg": dpg, "dkl": dkl,
-            "clipped": clipped.to(dt), "dual_clipped": dual.to(dt), "loss": loss}
-    valid = mask != 0
-    return torch.stack([torch.where(valid, rows[k], zero) for k in PPO_TERMS])
+@dataclass(frozen=True)
+class NeedGrads:
+    """Which gradients a chunked pass computes: hidden, weight, bias."""
 
+    hidden: bool
+    weight: bool
+    bias: bool
 
-def _per_token_grads(t: Tensor, w: Tensor, kl_coef: float, entropy_coef: float) -> tuple[Tensor, Tensor | None]:
-    """``(g_lp, g_h)``: d(sum(w * loss_tok))/d(logp) and d/d(entropy) per token, from the terms."""
-    d_lp = t[_T["dpg"]] if kl_coef == 0.0 else t[_T["dpg"]] + kl_coef * t[_T["dkl"]]
-    g_lp = (w * d_lp).contiguous()  # kl_coef == 0: no 0 * inf from an infinite dkl
-    g_h = (w * -entropy_coef).contiguous() if entropy_coef != 0.0 else None
-    return g_lp, g_h
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
 
 
 # ------------------------------------------------------------------------------------- tiled Triton kernel
@@ -191,9 +155,9 @@ class _GradSink:
     """The three gradients of one chunked pass: ``dh [N, H]`` (rows written per chunk), ``dW [V, H]`` and
     ``db [V]`` accumulated over chunks (fp32 accumulators for low-precision weights, cast once in ``result``)."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, n_chunks: int,
-                 need_h: bool, need_w: bool, need_b: bool) -> None:
-        self.dh = torch.empty_like(hidden) if need_h else None
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, n_chunks: int, need: NeedGrads) -> None:
+        need_w, need_b = need.weight, need.bias
+        self.dh = torch.empty_like(hidden) if need.hidden else None
         # One chunk: the matmul's own fp32 accumulation and a single rounding, exactly like unchunked PyTorch.
         self.acc_dtype = weight.dtype if n_chunks <= 1 or weight.dtype == torch.float64 else torch.float32
         self.need_w = need_w
@@ -239,6 +203,11 @@ def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
+def _empty_grads(hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # three distinct empties: custom-op outputs may not alias each other
+    return tuple(_empty(hidden, hidden.dtype) for _ in range(3))  # type: ignore[return-value]
+
+
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
                             with_entropy: bool, chunk: int, backend: str) -> tuple[Tensor, Tensor | None, Tensor]:
     """``hidden [N, H]`` -> ``(logp [N], entropy [N] | None, lse [N])`` float32 (float64 for float64 inputs)."""
@@ -261,16 +230,15 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
                              ent: Tensor | None, g_lp: Tensor | None, g_h: Tensor | None, temperature: float,
-                             chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+                             chunk: int, backend: str, need: NeedGrads) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed)."""
     if use_tiled(backend):
         grads = _launchers("triton").linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature,
-                                                     need_h, need_w, need_b)
+                                                     need.hidden, need.weight, need.bias)
         return tuple(_empty(hidden, hidden.dtype) if g is None else g for g in grads)
     n = hidden.shape[0]
     spans = _chunks(n, chunk)
-    sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b)
+    sink = _GradSink(hidden, weight, bias, len(spans), need)
     for s, e in spans:
         x = _chunk_logits(hidden[s:e], weight, bias)
         rows_backward_(x, labels[s:e], lse[s:e], None if ent is None else ent[s:e],
@@ -280,80 +248,68 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     return sink.result()
 
 
-def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, old: Tensor | None,
-                       adv: Tensor, ref: Tensor | None, mask: Tensor, weights: Tensor, temperature: float,
-                       clip_low: float, clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float,
-                       entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(weights * terms['loss'])`` and its
-    gradients for a unit upstream gradient (empty where not needed). ``old`` None: on-policy, each token's old
+def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: TokenRows, objective: PPOObjective,
+                       chunk: int, backend: str, need: NeedGrads) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(rows.weights * terms['loss'])`` and its
+    gradients for a unit upstream gradient (empty where not needed). ``rows.old`` None: on-policy, each token's old
     log-prob is its own log-prob (ratio 1), as TRL does when the update is exactly on-policy.
 
     On CPU only the valid (mask != 0) tokens go through the LM head: a masked token's terms and gradient are 0
     whatever its logits, so padding costs no matmul (finding the valid rows is free on the host; on a GPU it would
     be a sync, so there every row is computed)."""
-    keep = valid_rows_on_cpu(mask)
-    if keep is not None:
-        sel = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
-        loss, t_k, dh_k, dw, db = _linear_ppo_rows(
-            sel(hidden), weight, bias, sel(labels), sel(old), sel(adv), sel(ref), sel(mask), sel(weights),
-            temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h,
-            need_w, need_b)
-        terms = t_k.new_zeros((t_k.shape[0], hidden.shape[0]))
-        terms[:, keep] = t_k
-        dh = dh_k
-        if dh_k.numel() > 0:
-            dh = hidden.new_zeros(hidden.shape)
-            dh[keep] = dh_k
-        return loss, terms, dh, dw, db
-    return _linear_ppo_rows(hidden, weight, bias, labels, old, adv, ref, mask, weights, temperature, clip_low,
-                            clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h, need_w,
-                            need_b)
+    keep = valid_rows_on_cpu(rows.mask)
+    if keep is None:
+        return _linear_ppo_rows(hidden, weight, bias, rows, objective, chunk, backend, need)
+    loss, t_k, dh_k, dw, db = _linear_ppo_rows(hidden.index_select(0, keep), weight, bias, rows.take(keep), objective,
+                                               chunk, backend, need)
+    terms = t_k.new_zeros((t_k.shape[0], hidden.shape[0]))
+    terms[:, keep] = t_k
+    dh = dh_k
+    if dh_k.numel() > 0:
+        dh = hidden.new_zeros(hidden.shape)
+        dh[keep] = dh_k
+    return loss, terms, dh, dw, db
 
 
-def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, old: Tensor | None,
-                     adv: Tensor, ref: Tensor | None, mask: Tensor, weights: Tensor, temperature: float,
-                     clip_low: float, clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float,
-                     entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: TokenRows, objective: PPOObjective,
+                     chunk: int, backend: str, need: NeedGrads) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``linear_ppo_forward`` over every row given."""
-    need = need_h or need_w or need_b
-    args = (temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef)
+    obj = objective
     if use_tiled(backend):
         mod = _launchers("triton")
-        logp, ent, lse = mod.linear_forward(hidden, weight, bias, labels, temperature, True)
-        terms = ppo_terms_from_rows(logp, ent, lse, logp if old is None else old, adv, ref, mask, *args[1:])
-        loss = (weights.to(terms.dtype) * terms[_T["loss"]]).sum()
+        logp, ent, lse = mod.linear_forward(hidden, weight, bias, rows.labels, obj.temperature, True)
+        terms = ppo_term_rows(logp, ent, lse, logp if rows.old is None else rows.old, rows.adv, rows.ref, rows.mask,
+                              obj)
+        weights = rows.weights.to(terms.dtype)
+        loss = (weights * terms[_T["loss"]]).sum()
         grads = (None, None, None)
-        if need:
-            g_lp, g_h = _per_token_grads(terms, weights.to(terms.dtype), kl_coef, entropy_coef)
-            grads = mod.linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature, need_h,
-                                        need_w, need_b)
+        if need.any():
+            g_lp, g_h = per_token_grads(terms, weights, obj)
+            grads = mod.linear_backward(hidden, weight, bias, rows.labels, lse, ent, g_lp, g_h, obj.temperature,
+                                        need.hidden, need.weight, need.bias)
         return (loss, terms, *(_empty(hidden, hidden.dtype) if g is None else g for g in grads))
     n = hidden.shape[0]
     spans = _chunks(n, chunk)
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
     terms = hidden.new_empty((len(PPO_TERMS), n), dtype=out_dtype)
-    sink = _GradSink(hidden, weight, bias, len(spans), need_h, need_w, need_b) if need else None
+    sink = _GradSink(hidden, weight, bias, len(spans), need) if need.any() else None
+    launchers = _launchers(backend)
     for s, e in spans:
         x = _chunk_logits(hidden[s:e], weight, bias)
+        r = rows.take(slice(s, e))
         # old None: on-policy, the old log-probs are this chunk's own (one extra pass over the buffer, no matmul)
-        old_c = rows_forward(x, labels[s:e], temperature, False, backend)[0] if old is None else old[s:e]
-        sl = (labels[s:e], old_c, adv[s:e], None if ref is None else ref[s:e], mask[s:e])
-        if backend == "torch":
-            t = _torch_ppo_terms(x, *sl, *args)
-        else:
-            t = _launchers(backend).ppo_loss_forward(x.unsqueeze(0), *sl, *args)
+        old = rows_forward(x, r.labels, obj.temperature, False, backend)[0] if r.old is None else r.old
+        t = launchers.ppo_loss_forward(x.unsqueeze(0), r.labels, old, r.adv, r.ref, r.mask, obj)
         terms[:, s:e] = t
         if sink is not None:
-            g_lp, g_h = _per_token_grads(t, weights[s:e].to(out_dtype), kl_coef, entropy_coef)
+            g_lp, g_h = per_token_grads(t, r.weights.to(t.dtype), obj)
             lse, ent = t[_T["lse"]].contiguous(), t[_T["entropy"]].contiguous()
-            rows_backward_(x, labels[s:e], lse, ent, g_lp, g_h, temperature, backend)
+            rows_backward_(x, r.labels, lse, ent, g_lp, g_h, obj.temperature, backend)
             sink.add(s, e, x, hidden[s:e])
         del x
-    loss = (weights.to(out_dtype) * terms[_T["loss"]]).sum()
-    if sink is None:  # three distinct empties: custom-op outputs may not alias each other
-        return loss, terms, _empty(hidden, hidden.dtype), _empty(hidden, hidden.dtype), _empty(hidden, hidden.dtype)
+    loss = (rows.weights.to(out_dtype) * terms[_T["loss"]]).sum()
+    if sink is None:
+        return (loss, terms, *_empty_grads(hidden))
     return (loss, terms, *sink.result())
 
 
@@ -365,19 +321,19 @@ def _b(bias: Tensor) -> Tensor | None:
 @torch.library.custom_op("fastppo::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-    grad_entropy: Tensor, temperature: float, chunk: int, backend: str, need_h: bool, need_w: bool, need_b: bool,
+    grad_entropy: Tensor, temperature: float, chunk: int, backend: str, need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dhidden [N, H], dweight [V, H], dbias [V])`` (empty where not needed) from per-token grads ``[N]``."""
+    """``(dhidden [N, H], dweight [V, H], dbias [V])`` (empty where not needed) from per-token grads ``[N]``;
+    ``need``: [hidden, weight, bias]."""
     return linear_logprobs_backward(hidden, weight, _b(bias), labels, lse, _opt(entropy), _opt(grad_logp),
-                                    _opt(grad_entropy), temperature, chunk, backend, need_h, need_w, need_b)
+                                    _opt(grad_entropy), temperature, chunk, backend, NeedGrads(*need))
 
 
 @linear_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, chunk, backend, need_h,
-      need_w, need_b):
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, chunk, backend, need):
     e = lambda: hidden.new_empty((0,))  # noqa: E731
-    return (torch.empty_like(hidden) if need_h else e(), torch.empty_like(weight) if need_w else e(),
-            torch.empty_like(bias) if need_b and bias.numel() > 0 else e())
+    return (torch.empty_like(hidden) if need[0] else e(), torch.empty_like(weight) if need[1] else e(),
+            torch.empty_like(bias) if need[2] and bias.numel() > 0 else e())
 
 
 @torch.library.custom_op("fastppo::linear_logprobs", mutates_args=())
@@ -410,13 +366,13 @@ def _lp_setup(ctx, inputs, output):
 def _lp_backward(ctx, g_logp, g_ent, _g_lse):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias.numel() > 0
     vec = lambda g: _empty(lse, lse.dtype) if g is None else g.to(lse.dtype).contiguous()  # noqa: E731
     g_h = vec(g_ent) if ent.numel() > 0 else _empty(lse, lse.dtype)
     dh, dw, db = torch.ops.fastppo.linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, vec(g_logp), g_h,
-                                                       ctx.temperature, ctx.chunk, ctx.backend, need_h, need_w,
-                                                       need_b and bias.numel() > 0)
-    return (dh if need_h else None, dw if need_w else None, db if need_b and bias.numel() > 0 else None,
-            None, None, None, None, None)
+                                                       ctx.temperature, ctx.chunk, ctx.backend,
+                                                       [need_h, need_w, need_b])
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None, None, None, None)
 
 
 linear_logprobs_op.register_autograd(_lp_backward, setup_context=_lp_setup)
@@ -425,25 +381,26 @@ linear_logprobs_op.register_autograd(_lp_backward, setup_context=_lp_setup)
 @torch.library.custom_op("fastppo::linear_ppo_loss", mutates_args=())
 def linear_ppo_loss_op(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, old_logp: Tensor, adv: Tensor, ref_logp: Tensor,
-    mask: Tensor, weights: Tensor, temperature: float, clip_low: float, clip_high: float, dual_clip: float,
-    kl_kind: int, kl_coef: float, entropy_coef: float, chunk: int, backend: str, need_h: bool, need_w: bool,
-    need_b: bool,
+    mask: Tensor, weights: Tensor, objective: list[float], chunk: int, backend: str, need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` over ``hidden [N, H]``; ``weights [N]`` aggregate;
-    ``old_logp`` empty: on-policy (the tokens' own log-probs)."""
-    return linear_ppo_forward(hidden, weight, _b(bias), labels, _opt(old_logp), adv, _opt(ref_logp), mask, weights,
-                              temperature, clip_low, clip_high, dual_clip, kl_kind, kl_coef, entropy_coef, chunk,
-                              backend, need_h, need_w, need_b)
+    ``objective`` a packed ``PPOObjective``; ``old_logp`` empty: on-policy (the tokens' own log-probs); ``need``:
+    [hidden, weight, bias]."""
+    rows = TokenRows(labels, _opt(old_logp), adv, _opt(ref_logp), mask, weights)
+    return linear_ppo_forward(hidden, weight, _b(bias), rows, PPOObjective.unpack(objective), chunk, backend,
+                              NeedGrads(*need))
 
 
 @linear_ppo_loss_op.register_fake
-def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, temperature, clip_low, clip_high,
-      dual_clip, kl_kind, kl_coef, entropy_coef, chunk, backend, need_h, need_w, need_b):
+def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, objective, chunk, backend, need):
     dt = torch.promote_types(hidden.dtype, torch.float32)
     e = lambda: hidden.new_empty((0,))  # noqa: E731
     return (hidden.new_empty((), dtype=dt), hidden.new_empty((len(PPO_TERMS), hidden.shape[0]), dtype=dt),
-            torch.empty_like(hidden) if need_h else e(), torch.empty_like(weight) if need_w else e(),
-            torch.empty_like(bias) if need_b and bias.numel() > 0 else e())
+            torch.empty_like(hidden) if need[0] else e(), torch.empty_like(weight) if need[1] else e(),
+            torch.empty_like(bias) if need[2] and bias.numel() > 0 else e())
+
+
+_LINEAR_PPO_NON_TENSOR_ARGS = 4  # objective, chunk, backend, need
 
 
 def _ppo_setup(ctx, inputs, output):
@@ -451,10 +408,11 @@ def _ppo_setup(ctx, inputs, output):
     # Held as plain attributes, not saved tensors: the backward hands them on and drops its reference, so autograd
     # can adopt them as .grad instead of copying (a copy of dW would double the op's peak memory).
     ctx.grads = [dh, dw, db]
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(terms, dh, dw, db)
 
 
-def _ppo_backward(ctx, g_loss, _g_terms, _g_dh, _g_dw, _g_db):
+def _ppo_backward(ctx, g_loss, _g_terms=None, _g_dh=None, _g_dw=None, _g_db=None):
     if ctx.grads is None:
         raise RuntimeError("ppo_loss_from_hidden computed its gradients during the forward and hands them out once; "
                            "a second backward through the same graph (retain_graph=True) is not supported")
@@ -471,7 +429,7 @@ def _ppo_backward(ctx, g_loss, _g_terms, _g_dh, _g_dw, _g_db):
         return t if unit else t.mul_(g_loss.to(t.dtype))
     out = (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b))
     del dh, dw, db
-    return out + (None,) * 18
+    return out + (None,) * (ctx.n_inputs - 3)
 
 
 linear_ppo_loss_op.register_autograd(_ppo_backward, setup_context=_ppo_setup)
@@ -487,10 +445,10 @@ class LinearPPOLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, *rest):
         loss, terms, dh, dw, db = torch.ops.fastppo.linear_ppo_loss(hidden, weight, bias, *rest)
         ctx.grads = [dh, dw, db]
+        ctx.n_inputs = 3 + len(rest)
         ctx.mark_non_differentiable(terms)
         return loss, terms
 
     @staticmethod
     def backward(ctx, g_loss, _g_terms):
-        return _ppo_backward(ctx, g_loss, None, None, None, None)[:3] + (None,) * 18
-
+        return _ppo_backward(ctx, g_loss)

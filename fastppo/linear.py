@@ -11,14 +11,16 @@ buffer that the row kernels of ``backend`` read and overwrite with dlogits. Grad
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from fastppo import _validate as V
-from fastppo._contract import KL_KINDS
+from fastppo import _validate as validate
 from fastppo._contract import TERM as _T
 from fastppo.autograd_linear import LinearPPOLoss, chunk_rows
-from fastppo.ops import _backend_for, _check_agg, _check_clips, _loss_inputs, _ref_input
+from fastppo.objective import PPOObjective, objective_from
+from fastppo.ops import _backend_for
 from fastppo.reference import masked_mean
 from fastppo.reference.linear import agg_weights
 from fastppo.reference.losses import policy_stats
@@ -30,8 +32,8 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
             op: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor, int | None]:
     """Validate; return ``(hidden [N, H], weight [V, H], bias [V] | None, labels [N] int64, chunk)``; ``chunk`` is
     None when the caller named none (``_chunk`` picks the default once the backend is known)."""
-    hidden = V.float_tensor("hidden", hidden)
-    weight = V.float_tensor("weight", weight)
+    hidden = validate.float_tensor("hidden", hidden)
+    weight = validate.float_tensor("weight", weight)
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0:
@@ -41,7 +43,7 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must have one dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
-        bias = V.float_tensor("bias", bias)
+        bias = validate.float_tensor("bias", bias)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
@@ -53,10 +55,10 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)} needs "
                          f"{tuple(hidden.shape[:-1])}")
-    V.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    validate.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     v = weight.shape[0]
     if labels.numel() > 0:
-        V.check_value(((labels >= 0) & (labels < v)).all(), f"{op}: labels out of range: every label must be in "
+        validate.check_value(((labels >= 0) & (labels < v)).all(), f"{op}: labels out of range: every label must be in "
                       f"[0, {v})")
     chunk = None
     if chunk_size is not None:
@@ -74,14 +76,6 @@ def _chunk(chunk: int | None, weight: Tensor, hidden: Tensor, backend: str) -> i
     return chunk_rows(weight.shape[0], weight.shape[1], hidden.dtype, hidden.device, backend=backend)
 
 
-def _finite(op: str, lse: Tensor, valid: Tensor | None = None) -> None:
-    bad = ~torch.isfinite(lse.reshape(-1))
-    if valid is not None:
-        bad = bad & valid.reshape(-1).bool()
-    V.check_value(~bad.any(), f"{op}: non-finite result; hidden, weight or bias contain NaN or inf (or the logits "
-                  "overflow)")
-
-
 def _bias_arg(bias: Tensor | None, like: Tensor) -> Tensor:
     return bias if bias is not None else like.new_empty((0,))
 
@@ -89,13 +83,13 @@ def _bias_arg(bias: Tensor | None, like: Tensor) -> Tensor:
 def _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, with_entropy, op):
     lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
-    temperature = V.temperature(temperature)
+    temperature = validate.temperature(temperature)
     name = _backend_for(backend, h, "logprobs")
     chunk = _chunk(chunk, w, h, name)
     logp, ent, lse = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, temperature, with_entropy, chunk,
                                                        name)
     if lse.numel() > 0:
-        _finite(op, lse.detach())
+        validate.finite_rows(op, lse.detach(), temperature=temperature, source="hidden")
     return logp.view(lead), (ent.view(lead) if with_entropy else None)
 
 
@@ -138,30 +132,23 @@ def ppo_loss_from_hidden(
     *,
     bias: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_kind: str = "k3",
-    entropy_coef: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    agg: str = "token-mean",
+    objective: PPOObjective | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without the logits: same keywords, same
-    ``(loss, stats)``. ``hidden [B, T, H]`` (any ``[..., H]`` for token-mean), ``weight [V, H]``, per-token tensors
-    ``[B, T]``. The gradient is computed during the forward (the loss is linear in its per-token terms), so the
-    backward only scales it: three matmuls in all.
+    """``ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without the logits: same objective settings
+    (``objective`` and/or its fields as keywords), same ``(loss, stats)``. ``hidden [B, T, H]`` (any ``[..., H]`` for
+    token-mean), ``weight [V, H]``, per-token tensors ``[B, T]``. The gradient is computed during the forward (the
+    loss is linear in its per-token terms), so the backward only scales it: three matmuls in all.
 
     ``old_logprobs=None``: the update is exactly on-policy (one epoch, one minibatch, the policy that sampled), so
     each token's old log-prob is its own log-prob from this forward, detached (ratio 1; TRL's convention when it has
     no old log-probs). No separate forward over the LM head is needed for them.
     """
-    return ppo_loss_and_terms_from_hidden(
-        hidden, weight, labels, old_logprobs, advantages, mask, bias=bias, ref_logprobs=ref_logprobs,
-        kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, temperature=temperature, agg=agg, backend=backend, chunk_size=chunk_size)[:2]
+    return ppo_loss_and_terms_from_hidden(hidden, weight, labels, old_logprobs, advantages, mask, bias=bias,
+                                          ref_logprobs=ref_logprobs, objective=objective, backend=backend,
+                                          chunk_size=chunk_size, **settings)[:2]
 
 
 def ppo_loss_and_terms_from_hidden(
@@ -174,59 +161,42 @@ def ppo_loss_and_terms_from_hidden(
     *,
     bias: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_kind: str = "k3",
-    entropy_coef: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    agg: str = "token-mean",
+    objective: PPOObjective | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """``ppo_loss_from_hidden`` plus the detached per-token ``logprobs`` and ``entropy`` (``[...]``, zero at masked
     tokens) it computed on the way: the engine's on-policy update stores them as the experience's old log-probs."""
     op = "ppo_loss_from_hidden"
+    obj = objective_from(objective, settings, op)
     lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
-    temperature = V.temperature(temperature)
-    on_policy = old_logprobs is None
-    names = ("advantages",) if on_policy else ("old_logprobs", "advantages")
-    loss_in, mask = _loss_inputs(names, (advantages,) if on_policy else (old_logprobs, advantages), mask)
-    old, adv = (None, *loss_in) if on_policy else loss_in
-    if adv.shape != lead:
-        raise ValueError(f"{names[0]} has shape {tuple(loss_in[0].shape)}, expected {tuple(lead)} (hidden[..., 0])")
-    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "advantages", adv, hidden=h)
-    V.same_device(hidden=h, advantages=adv)
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
-    _check_agg(agg, lead)
-    clip_high = _check_clips(clip_low, clip_high, dual_clip)
+    ins = validate.ppo_inputs(op, lead, "hidden[..., 0]", h.device, old_logprobs, advantages, mask, ref_logprobs,
+                              obj, on_policy_ok=True)
+    mask = ins.mask
     name = _backend_for(backend, h, "ppo_loss")
     chunk = _chunk(chunk, w, h, name)
     vec_dtype = torch.promote_types(h.dtype, torch.float32)
     flat = lambda t: t.reshape(-1).to(vec_dtype).contiguous()  # noqa: E731
-    wts = agg_weights(mask.to(vec_dtype), agg)
+    wts = agg_weights(mask.to(vec_dtype), obj.agg)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (h, w, b)]
     empty = h.new_empty((0,), dtype=vec_dtype)
-    args = (h, w, _bias_arg(b, h), lab, empty if on_policy else flat(old), flat(adv),
-            flat(ref_logprobs) if ref_logprobs is not None else empty,
-            flat(mask), flat(wts), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
-            KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), chunk, name, *need)
+    args = (h, w, _bias_arg(b, h), lab, empty if ins.old is None else flat(ins.old), flat(ins.adv),
+            empty if ins.ref is None else flat(ins.ref), flat(mask), flat(wts), obj.pack(), chunk, name, need)
     if torch.compiler.is_compiling() or not any(need):
         loss, terms = torch.ops.fastppo.linear_ppo_loss(*args)[:2]
     else:  # eager with gradients: the Function that lets autograd adopt dW instead of copying it
         loss, terms = LinearPPOLoss.apply(*args)
     row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
-    _finite(op, row("lse").detach(), valid=mask)
+    validate.finite_rows(op, row("lse").detach(), valid=mask, temperature=obj.temperature, source="hidden")
     with torch.no_grad():
         pg_loss = (wts * row("pg")).sum()
         logp = row("logp")
-        stats = policy_stats(pg_loss, logp, logp if on_policy else old.to(vec_dtype), row("ratio"), row("clipped"),
-                             row("dual_clipped"), mask)
-        if ref_logprobs is not None:
+        old = logp if ins.old is None else ins.old.to(vec_dtype)
+        stats = policy_stats(pg_loss, logp, old, row("ratio"), row("clipped"), row("dual_clipped"), mask)
+        if ins.ref is not None:
             stats["kl"] = masked_mean(row("kl"), mask)
         stats["entropy"] = masked_mean(row("entropy"), mask)
         stats["loss"] = loss.detach()

@@ -11,16 +11,19 @@ Logprob-like outputs are float32 (float64 for float64 inputs, which always take 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from fastppo import _dispatch
-from fastppo import _validate as V
+from fastppo import _validate as validate
 from fastppo import reference as ref
 from fastppo._contract import DTYPES, KL_KINDS, TERM
 from fastppo.autograd import direct_call_ok, gae_launch
+from fastppo.objective import AGG_MODES, PPOObjective, objective_from
 from fastppo.reference import advantages as ref_adv
-from fastppo.reference.losses import AGG_MODES, policy_stats
+from fastppo.reference.losses import policy_stats
 
 __all__ = [
     "gae",
@@ -71,8 +74,7 @@ def _scaled_row_max(logits: Tensor, temperature: float) -> Tensor:
     return m.to(torch.promote_types(m.dtype, torch.float32)) / temperature
 
 
-def _half_to_float(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+_half_to_float = validate.half_to_float
 
 
 # ------------------------------------------------------------------------------------ logprobs / entropy
@@ -99,10 +101,10 @@ def _logprobs_entropy(
     want_logp: bool,
     want_entropy: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    logits, labels = V.logits_and_labels(logits, labels)
-    temperature = V.temperature(temperature)
+    logits, labels = validate.logits_and_labels(logits, labels)
+    temperature = validate.temperature(temperature)
     if inplace_backward:
-        V.no_overlap("logits", logits)
+        validate.no_overlap("logits", logits)
     name = _backend_for(backend, logits, "logprobs")
     if logits.numel() == 0:
         name = "torch"  # nothing to launch; the reference returns correctly shaped empty tensors
@@ -110,12 +112,12 @@ def _logprobs_entropy(
         if logits.numel() > 0:
             # One cheap reduction: NaN/+inf logits and all -inf rows make the row max non-finite (and so does
             # a max / temperature beyond float32, which the kernels meet as a non-finite lse).
-            V.finite_rows("logprobs", _scaled_row_max(logits, temperature), temperature=temperature)
+            validate.finite_rows("logprobs", _scaled_row_max(logits, temperature), temperature=temperature)
         logp = ref.token_logprobs(logits, labels, temperature=temperature) if want_logp else None
         ent = ref.token_entropy(logits, temperature=temperature) if want_entropy else None
         return logp, ent
     logp, ent, lse = _kernel_logprobs(logits, labels, temperature, want_entropy, name, inplace_backward)
-    V.finite_rows("logprobs", lse.detach(), temperature=temperature)
+    validate.finite_rows("logprobs", lse.detach(), temperature=temperature)
     return (logp if want_logp else None), (ent if want_entropy else None)
 
 
@@ -173,10 +175,10 @@ def kl_penalty(
     kinds: ``k1 = lp - ref``, ``k2 = 0.5*(lp - ref)^2``, ``k3 = exp(ref - lp) - (ref - lp) - 1``,
     ``abs = |lp - ref|``; ``clamp`` clips the result to ``[-clamp, clamp]``.
     """
-    V.float_tensor("logprob", logprob)
-    V.float_tensor("ref_logprob", ref_logprob)
-    V.same_shape("logprob", logprob, ref_logprob=ref_logprob)
-    V.same_device(logprob=logprob, ref_logprob=ref_logprob)
+    validate.float_tensor("logprob", logprob)
+    validate.float_tensor("ref_logprob", ref_logprob)
+    validate.same_shape("logprob", logprob, ref_logprob=ref_logprob)
+    validate.same_device(logprob=logprob, ref_logprob=ref_logprob)
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_KINDS}")
     if clamp is not None and not float(clamp) > 0.0:
@@ -187,9 +189,9 @@ def kl_penalty(
 
 
 def _masked_input(x: object, mask: object, name: str = "x") -> tuple[Tensor, Tensor]:
-    x = V.float_tensor(name, x)
-    mask = V.mask_tensor("mask", mask, x.shape)
-    V.same_device(**{name: x, "mask": mask})
+    x = validate.float_tensor(name, x)
+    mask = validate.mask_tensor("mask", mask, x.shape)
+    validate.same_device(**{name: x, "mask": mask})
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: a masked statistic of no elements is undefined")
     return _half_to_float(x), mask
@@ -201,7 +203,7 @@ def masked_mean(
     """Mean of ``x`` over valid (mask != 0) elements, over ``dim`` or all. All-masked input raises."""
     x, mask = _masked_input(x, mask)
     _dispatch.resolve(backend, x.device, None)
-    V.check_value(mask.bool().any(), "masked_mean: the mask has no valid element (all-masked batch)")
+    validate.check_value(mask.bool().any(), "masked_mean: the mask has no valid element (all-masked batch)")
     return ref.masked_mean(x, mask, dim)
 
 
@@ -210,7 +212,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, backend: str |
     x, mask = _masked_input(x, mask)
     _dispatch.resolve(backend, x.device, None)
     need = 2 if unbiased else 1
-    V.check_value(
+    validate.check_value(
         mask.bool().sum() >= need,
         f"masked_var: needs at least {need} valid element(s) (unbiased={unbiased}); the mask has fewer",
     )
@@ -222,10 +224,10 @@ def masked_whiten(
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over valid elements (unbiased var); mean added back if not shift_mean."""
     x, mask = _masked_input(x, mask)
-    if V.number("eps", eps) < 0:
+    if validate.number("eps", eps) < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     _dispatch.resolve(backend, x.device, None)
-    V.check_value(mask.bool().sum() >= 2, "masked_whiten: needs at least 2 valid elements")
+    validate.check_value(mask.bool().sum() >= 2, "masked_whiten: needs at least 2 valid elements")
     return ref.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
 
 
@@ -250,25 +252,25 @@ def gae(
     ``whiten_advantages=True`` whitens the advantages over all valid tokens (unbiased variance, as
     ``masked_whiten``) after the scan; returns are computed from the raw advantages.
     """
-    V.float_tensor("rewards", rewards)
-    V.float_tensor("values", values)
+    validate.float_tensor("rewards", rewards)
+    validate.float_tensor("values", values)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
-    V.same_shape("rewards", rewards, values=values)
-    mask = V.mask_tensor("mask", mask, rewards.shape)
+    validate.same_shape("rewards", rewards, values=values)
+    mask = validate.mask_tensor("mask", mask, rewards.shape)
     if bootstrap_value is not None:
-        V.float_tensor("bootstrap_value", bootstrap_value)
+        validate.float_tensor("bootstrap_value", bootstrap_value)
         if bootstrap_value.shape != rewards.shape[:1]:
             raise ValueError(f"bootstrap_value must be [B] = [{rewards.shape[0]}], got {tuple(bootstrap_value.shape)}")
-    V.same_device(rewards=rewards, values=values, mask=mask, bootstrap_value=bootstrap_value)
+    validate.same_device(rewards=rewards, values=values, mask=mask, bootstrap_value=bootstrap_value)
     for name, val in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= V.number(name, val) <= 1.0:
+        if not 0.0 <= validate.number(name, val) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {val}")
     name = _backend_for(backend, rewards, "gae")
     if rewards.numel() == 0:
         name = "torch"
     if whiten_advantages:
-        V.check_value(mask.bool().sum() >= 2, "gae(whiten_advantages=True) needs at least 2 valid tokens")
+        validate.check_value(mask.bool().sum() >= 2, "gae(whiten_advantages=True) needs at least 2 valid tokens")
     if name == "torch":
         adv, ret = ref.gae(rewards, values, mask, gamma=gamma, lam=lam, bootstrap_value=bootstrap_value)
     else:
@@ -289,50 +291,10 @@ def gae(
 
 
 # --------------------------------------------------------------------------------------------------- losses
-def _ref_input(ref_logprobs: object | None, kl_coef: float, like_name: str, like: Tensor,
-               **device_of: Tensor) -> Tensor | None:
-    """The optional reference log-probs of a PPO loss: a float tensor shaped like ``like`` (on the device of
-    ``device_of``, when named), half precision promoted to float32; None is refused when ``kl_coef`` needs them."""
-    if ref_logprobs is None:
-        if kl_coef != 0.0:
-            raise ValueError("kl_coef != 0 needs ref_logprobs")
-        return None
-    V.float_tensor("ref_logprobs", ref_logprobs)
-    V.same_shape(like_name, like, ref_logprobs=ref_logprobs)
-    if device_of:
-        V.same_device(**device_of, ref_logprobs=ref_logprobs)
-    return _half_to_float(ref_logprobs)
-
-
 def _check_agg(agg: str, shape: torch.Size) -> None:
     if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
-    if agg != "token-mean" and len(shape) < 2:
-        raise ValueError(f"agg={agg!r} needs per-token tensors [B, T], got shape {tuple(shape)}")
-
-
-def _check_clips(clip_low: float, clip_high: float | None, dual_clip: float | None) -> float:
-    clip_low = V.number("clip_low", clip_low)
-    clip_high = clip_low if clip_high is None else V.number("clip_high", clip_high)
-    V.number("dual_clip", dual_clip, optional=True)
-    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
-    return clip_high
-
-
-def _loss_inputs(names: tuple[str, ...], tensors: tuple[object, ...], mask: object) -> tuple[list[Tensor], Tensor]:
-    named = {name: V.float_tensor(name, t) for name, t in zip(names, tensors, strict=True)}
-    out = list(named.values())
-    first = out[0]
-    V.same_shape(names[0], first, **named)
-    mask = V.mask_tensor("mask", mask, first.shape)
-    V.same_device(mask=mask, **named)
-    if first.numel() == 0:
-        raise ValueError("empty batch: the loss of no tokens is undefined")
-    V.check_value(mask.bool().any(), "all-masked batch: the mask has no valid token, the loss would be 0/0")
-    return [_half_to_float(t) for t in out], mask
+    validate.aggregation(agg, shape)
 
 
 def ppo_policy_loss(
@@ -353,12 +315,12 @@ def ppo_policy_loss(
     loss of negative-advantage tokens at ``-A*c``. Returns ``(loss, stats)`` with detached stats
     ``pg_loss, clipfrac, dual_clipfrac, approx_kl (k3 of old vs new), ratio_mean, ratio_max``.
     """
-    (lp, old, adv), mask = _loss_inputs(("logprobs", "old_logprobs", "advantages"),
-                                        (logprobs, old_logprobs, advantages), mask)
-    V.finite_where_valid("old_logprobs", old, mask)
-    V.finite_where_valid("advantages", adv, mask)
+    (lp, old, adv), mask = validate.loss_inputs(("logprobs", "old_logprobs", "advantages"),
+                                                (logprobs, old_logprobs, advantages), mask)
+    validate.finite_where_valid("old_logprobs", old, mask)
+    validate.finite_where_valid("advantages", adv, mask)
     _check_agg(agg, lp.shape)
-    _check_clips(clip_low, clip_high, dual_clip)
+    validate.clips(clip_low, clip_high, dual_clip)
     _dispatch.resolve(backend, lp.device, None)
     return ref.ppo_policy_loss(lp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                agg=agg)
@@ -378,9 +340,10 @@ def value_loss(
 
     Returns ``(loss, stats)`` with ``vf_loss, vf_clipfrac, value_mean``.
     """
-    (v, old, ret), mask = _loss_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
+    (v, old, ret), mask = validate.loss_inputs(("values", "old_values", "returns"), (values, old_values, returns),
+                                               mask)
     _check_agg(agg, v.shape)
-    if V.number("clip", clip, optional=True) is not None and clip <= 0:
+    if validate.number("clip", clip, optional=True) is not None and clip <= 0:
         raise ValueError(f"value clip must be > 0 or None, got {clip}")
     _dispatch.resolve(backend, v.device, None)
     return ref.value_loss(v, old, ret, mask, clip=clip, agg=agg)
@@ -389,81 +352,64 @@ def value_loss(
 def ppo_loss_from_logits(
     logits: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
     ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_kind: str = "k3",
-    entropy_coef: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    agg: str = "token-mean",
+    objective: PPOObjective | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
+    **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The full PPO objective from logits, differentiable w.r.t. ``logits``.
 
     ``logits [B, T, V]`` (any ``[..., V]`` for token-mean), ``labels/old_logprobs/advantages/mask [B, T]``,
-    ``ref_logprobs [B, T]`` (needed when ``kl_coef != 0``). Per token:
+    ``ref_logprobs [B, T]`` (needed when ``kl_coef != 0``). The settings are ``objective`` (a ``PPOObjective``) and/or
+    its fields as keywords (``clip_low``, ``clip_high``, ``dual_clip``, ``kl_coef``, ``kl_kind``, ``entropy_coef``,
+    ``temperature``, ``agg``; keywords override the objective's fields). Per token:
     ``pg + kl_coef * KL_kind(logp, ref) - entropy_coef * entropy``, aggregated with ``agg``.
+    ``old_logprobs=None``: exactly on-policy, each token's own log-prob (detached) is its old one.
     Kernel backends do it in one pass over the logits (forward) and one read + one write (backward);
     masked tokens cost nothing. Stats (detached): pg_loss, kl, entropy, clipfrac, dual_clipfrac, approx_kl,
     ratio_mean, ratio_max, loss.
     """
-    logits, labels = V.logits_and_labels(logits, labels)
+    op = "ppo_loss_from_logits"
+    obj = objective_from(objective, settings, op)
+    logits, labels = validate.logits_and_labels(logits, labels)
     if labels is None:
         raise TypeError("labels are required")
-    temperature = V.temperature(temperature)
-    kl_coef = V.number("kl_coef", kl_coef)
-    entropy_coef = V.number("entropy_coef", entropy_coef)
     if inplace_backward:
-        V.no_overlap("logits", logits)
+        validate.no_overlap("logits", logits)
     lead = logits.shape[:-1]
-    names = ("old_logprobs", "advantages")
-    (old, adv), mask = _loss_inputs(names, (old_logprobs, advantages), mask)
-    if old.shape != lead:
-        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(lead)} (logits[..., 0])")
-    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "old_logprobs", old, logits=logits)
-    V.same_device(logits=logits, old_logprobs=old)
-    # A NaN/inf at a valid token would be NaN on one backend and clamped to a finite number on another.
-    # ref_logprobs with kl_coef == 0 only feed the KL statistic (an infinite KL there is an honest statistic).
-    for tname, t in (("old_logprobs", old), ("advantages", adv), ("ref_logprobs", ref_logprobs)):
-        if t is not None and (tname != "ref_logprobs" or kl_coef != 0.0):
-            V.finite_where_valid(tname, t, mask)
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
-    _check_agg(agg, lead)
-    clip_high = _check_clips(clip_low, clip_high, dual_clip)
+    ins = validate.ppo_inputs(op, lead, "logits[..., 0]", logits.device, old_logprobs, advantages, mask,
+                              ref_logprobs, obj, on_policy_ok=True)
+    mask = ins.mask
     name = _backend_for(backend, logits, "ppo_loss")
     if name == "torch":
-        loss, stats = ref.ppo_loss_from_logits(
-            logits, labels, old, adv, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind,
-            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            temperature=temperature, agg=agg,
-        )
-        V.finite_rows("ppo_loss_from_logits", _scaled_row_max(logits, temperature), valid=mask,
-                      temperature=temperature)
-        return loss, stats
+        validate.finite_rows(op, _scaled_row_max(logits, obj.temperature), valid=mask, temperature=obj.temperature)
+        return ref.ppo_loss_from_logits(logits, labels, ins.old, ins.adv, mask, ref_logprobs=ins.ref, objective=obj)
+    if ins.old is None:
+        # On-policy: the old log-probs are this call's own, so the loss is a function of the log-probs and entropies
+        # alone: the logprobs kernels (one pass forward, one backward) and the objective's reference tail.
+        logp, ent, lse = _kernel_logprobs(logits, labels, obj.temperature, True, name, inplace_backward)
+        validate.finite_rows(op, lse.detach(), valid=mask, temperature=obj.temperature)
+        return ref.ppo_loss_from_logprobs(logp, ent, None, ins.adv, mask, ref_logprobs=ins.ref, objective=obj)
 
     flat = lambda t: t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
     x3 = _as_3d(logits)
     terms = torch.ops.fastppo.ppo_loss_terms(
-        x3, labels.reshape(-1).to(torch.int64).contiguous(), flat(old), flat(adv),
-        flat(ref_logprobs) if ref_logprobs is not None else old.new_empty((0,), dtype=torch.float32),
-        flat(mask), temperature, float(clip_low), float(clip_high), float(dual_clip or 0.0),
-        KL_KINDS.index(kl_kind), float(kl_coef), float(entropy_coef), name, inplace_backward,
+        x3, labels.reshape(-1).to(torch.int64).contiguous(), flat(ins.old), flat(ins.adv),
+        flat(ins.ref) if ins.ref is not None else ins.old.new_empty((0,), dtype=torch.float32),
+        flat(mask), obj.pack(), name, inplace_backward,
     )
     row = lambda k: terms[TERM[k]].view(lead)  # noqa: E731
-    V.finite_rows("ppo_loss_from_logits", row("lse").detach(), valid=mask, temperature=temperature)
-    loss = ref.agg_loss(row("loss"), mask, agg)
+    validate.finite_rows(op, row("lse").detach(), valid=mask, temperature=obj.temperature)
+    loss = ref.agg_loss(row("loss"), mask, obj.agg)
     with torch.no_grad():
-        stats = policy_stats(ref.agg_loss(row("pg"), mask, agg), row("logp"), old, row("ratio"), row("clipped"),
-                             row("dual_clipped"), mask)
-        if ref_logprobs is not None:
+        stats = policy_stats(ref.agg_loss(row("pg"), mask, obj.agg), row("logp"), ins.old, row("ratio"),
+                             row("clipped"), row("dual_clipped"), mask)
+        if ins.ref is not None:
             stats["kl"] = ref.masked_mean(row("kl"), mask)
         stats["entropy"] = ref.masked_mean(row("entropy"), mask)
         stats["loss"] = loss.detach()
@@ -472,7 +418,7 @@ def ppo_loss_from_logits(
 
 # ------------------------------------------------------------------------------- outcome advantage estimators
 def _outcome_inputs(scores: object, group_index: object, mask: object) -> tuple[Tensor, Tensor, Tensor]:
-    scores = V.float_tensor("scores", scores)
+    scores = validate.float_tensor("scores", scores)
     if scores.dim() != 1:
         raise ValueError(f"scores must be [B] (one outcome per response), got shape {tuple(scores.shape)}")
     if not isinstance(group_index, Tensor):
@@ -484,8 +430,8 @@ def _outcome_inputs(scores: object, group_index: object, mask: object) -> tuple[
     if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != scores.shape[0]:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must be [B, T] with B = {scores.shape[0]}, got {shape}")
-    mask = V.mask_tensor("mask", mask, mask.shape)
-    V.same_device(scores=scores, group_index=group_index, mask=mask)
+    mask = validate.mask_tensor("mask", mask, mask.shape)
+    validate.same_device(scores=scores, group_index=group_index, mask=mask)
     return _half_to_float(scores), group_index, mask
 
 
@@ -505,7 +451,7 @@ def grpo_advantages(
     mean 0 and std 1 (verl's convention). Vectorised (``index_add``), no host synchronisation.
     """
     s, gid, mask = _outcome_inputs(scores, group_index, mask)
-    if V.number("eps", eps) < 0:
+    if validate.number("eps", eps) < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     _dispatch.resolve(backend, s.device, None)
     return ref_adv.grpo_advantages(s, gid, mask, norm_by_std=norm_by_std, eps=eps)
@@ -538,22 +484,23 @@ def reinforce_pp_advantages(
     ``advantages``: returns whitened over all valid tokens of the batch (unbiased var, ``rsqrt(var + eps)``),
     0 where mask is 0. The scan runs on the GAE kernel on kernel backends (values 0, lam 1).
     """
-    rewards = V.float_tensor("rewards", rewards)
+    rewards = validate.float_tensor("rewards", rewards)
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         raise ValueError("mask must be a [B, T] tensor")
     if rewards.dim() == 1:
         if rewards.shape[0] != mask.shape[0]:
             raise ValueError(f"scores [B] = {tuple(rewards.shape)} do not match mask {tuple(mask.shape)}")
-        V.same_device(rewards=rewards, mask=mask)
+        validate.same_device(rewards=rewards, mask=mask)
         rewards = ref_adv.place_on_last_token(_half_to_float(rewards), mask)
-    mask = V.mask_tensor("mask", mask, rewards.shape)
-    V.same_device(rewards=rewards, mask=mask)
-    if not 0.0 <= V.number("gamma", gamma) <= 1.0:
+    mask = validate.mask_tensor("mask", mask, rewards.shape)
+    validate.same_device(rewards=rewards, mask=mask)
+    if not 0.0 <= validate.number("gamma", gamma) <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if V.number("eps", eps) < 0:
+    if validate.number("eps", eps) < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if whiten:
-        V.check_value(mask.bool().sum() >= 2, "reinforce_pp_advantages(whiten=True) needs at least 2 valid tokens")
+        validate.check_value(mask.bool().sum() >= 2,
+                             "reinforce_pp_advantages(whiten=True) needs at least 2 valid tokens")
     name = _backend_for(backend, rewards, "gae")
     if name == "torch" or rewards.numel() == 0:
         return ref_adv.reinforce_pp_advantages(_half_to_float(rewards), mask, gamma=float(gamma), whiten=whiten,
@@ -584,10 +531,10 @@ def sample_tokens(
     default generator of the logits' device). Same distribution as ``softmax`` + ``torch.multinomial``; the
     filtering rules (ties kept together) are in ``fastppo.reference.sampling``. No gradient flows.
     """
-    logits = V.float_tensor("logits", logits)
+    logits = validate.float_tensor("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    temperature = V.temperature(temperature)
+    temperature = validate.temperature(temperature)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     top_p = float(top_p)
@@ -600,11 +547,11 @@ def sample_tokens(
     elif not isinstance(seeds, Tensor) or seeds.dtype != torch.int64 or seeds.shape != lead:
         got = f"{seeds.dtype} {tuple(seeds.shape)}" if isinstance(seeds, Tensor) else type(seeds).__name__
         raise ValueError(f"seeds must be an int64 tensor of shape {tuple(lead)} (one per row), got {got}")
-    V.same_device(logits=logits, seeds=seeds)
+    validate.same_device(logits=logits, seeds=seeds)
     x = logits.detach().reshape(-1, logits.shape[-1])
     if x.shape[0] > 0:
         # NaN/+inf logits, or a row with no finite logit, have no distribution to draw from
-        V.finite_rows("sample_tokens", x.amax(-1))
+        validate.finite_rows("sample_tokens", _scaled_row_max(x, temperature), temperature=temperature)
     uniforms = ref.sampling.seed_uniforms(seeds.reshape(-1))
     name = _backend_for(backend, x, "sampling")
     if name == "torch" or x.shape[0] == 0:

@@ -23,13 +23,14 @@ ops on the concatenated logits (tests: 2 and 3 ranks, a vocabulary that does not
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastppo import _validate as V
-from fastppo._contract import KL_KINDS
-from fastppo.ops import _check_agg, _check_clips, _loss_inputs, _ref_input
+from fastppo import _validate as validate
+from fastppo.objective import PPOObjective, objective_from
 from fastppo.reference.losses import ppo_loss_from_logprobs
 
 
@@ -49,7 +50,7 @@ def _collective_device(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return t
 
 
-def _all_reduce(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
+def all_reduce_copy(t: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
     buf = _collective_device(t, group)
     buf = buf.clone() if buf is t else buf  # all_reduce works in place: never on the caller's tensor
     dist.all_reduce(buf, op=op, group=group)
@@ -68,17 +69,29 @@ def local_partials(z: Tensor, idx: Tensor, owned: Tensor) -> tuple[Tensor, Tenso
 
 
 def combine_partials(m_local: Tensor, s_local: Tensor, u_local: Tensor, y: Tensor, owned: Tensor,
-                     group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     group: dist.ProcessGroup | None, *, op: str, temperature: float, source: str = "logits",
+                     valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Global row statistics from every rank's partials, in two collectives: the max, then one packed sum of the
-    rescaled partials. Returns ``(max m, log S, E_p[z], label logit)``, each ``[N]``, equal on every rank."""
-    m = _all_reduce(m_local, dist.ReduceOp.MAX, group)
-    V.finite_rows("vocab_parallel_logprobs_and_entropy", m)
+    rescaled partials. Returns ``(max m, log S, E_p[z], label logit)``, each ``[N]``, equal on every rank. A
+    non-finite row max is an error (``op`` and ``source`` name the caller and its inputs) except at rows where
+    ``valid`` is 0."""
+    m = all_reduce_copy(m_local, dist.ReduceOp.MAX, group)
+    validate.finite_rows(op, m, valid=valid, temperature=temperature, source=source)
     scale = torch.where(torch.isfinite(m_local), torch.exp(m_local - m), torch.zeros_like(m))
     packed = torch.stack([s_local * scale, u_local * scale, y, owned.to(m.dtype)])  # [4, N]: one collective
-    s, u, y, owners = _all_reduce(packed, dist.ReduceOp.SUM, group).unbind(0)
-    V.check_value((owners == 1).all(), "labels out of range: every label must lie in [0, V) of the global "
-                                       "vocabulary (no rank owns some of them)")
+    s, u, y, owners = all_reduce_copy(packed, dist.ReduceOp.SUM, group).unbind(0)
+    validate.check_value((owners == 1).all(), f"{op}: labels out of range: every label must lie in [0, V) of the "
+                                              "global vocabulary (no rank owns some of them)")
     return m, torch.log(s), u / s, y
+
+
+def scaled_logits(logits: Tensor, temperature: float, valid: Tensor | None) -> Tensor:
+    """``logits / T`` in float32 (float64 for float64 logits) ``[C, V_r]``; rows where ``valid`` is 0 are zeros
+    (a masked token's logits may hold anything, and must reach neither the statistics nor the gradient)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if valid is not None:
+        z = torch.where((valid != 0).unsqueeze(-1), z, torch.zeros_like(z))
+    return z
 
 
 def local_label_index(labels: Tensor, vocab_start: int, local_vocab: int) -> tuple[Tensor, Tensor]:
@@ -99,27 +112,59 @@ def dlogits_local(z: Tensor, m: Tensor, log_s: Tensor, expect: Tensor, idx: Tens
 
 
 class VocabParallelLogprobsEntropy(torch.autograd.Function):
-    """``(local_logits [N, V_r], labels [N], ...) -> (logp [N], entropy [N])``; see the module docstring."""
+    """``(local_logits [N, V_r], labels [N], ...) -> (logp [N], entropy [N])``; see the module docstring. ``valid``
+    (``[N]`` or None): rows to compute; the others are zeroed first and not checked."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, vocab_start: int, temperature: float,
-                group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
-        z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+                group: dist.ProcessGroup | None, valid: Tensor | None, op: str) -> tuple[Tensor, Tensor]:
+        z = scaled_logits(logits, temperature, valid)
         idx, owned = local_label_index(labels, vocab_start, z.shape[-1])
-        m, log_s, expect, y = combine_partials(*local_partials(z, idx, owned), owned, group)
+        m, log_s, expect, y = combine_partials(*local_partials(z, idx, owned), owned, group, op=op,
+                                               temperature=temperature, valid=valid)
         logp = y - m - log_s  # float32 (float64 for float64 logits, as the reference)
         entropy = m + log_s - expect
-        ctx.save_for_backward(logits, idx, owned, m, log_s, expect)
+        ctx.save_for_backward(logits, idx, owned, m, log_s, expect, valid)
         ctx.temperature = temperature
         return logp, entropy
 
     @staticmethod
     def backward(ctx, dlogp: Tensor, dentropy: Tensor):
-        logits, idx, owned, m, log_s, expect = ctx.saved_tensors
+        logits, idx, owned, m, log_s, expect, valid = ctx.saved_tensors
         t = ctx.temperature
-        z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / t
-        dz = dlogits_local(z, m, log_s, expect, idx, owned, dlogp, dentropy, t)
-        return dz.to(logits.dtype), None, None, None, None
+        dz = dlogits_local(scaled_logits(logits, t, valid), m, log_s, expect, idx, owned, dlogp, dentropy, t)
+        return dz.to(logits.dtype), None, None, None, None, None, None
+
+
+def require_process_group() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_* ops need an initialized torch.distributed process group")
+
+
+def _logits_and_labels(local_logits: object, labels: object) -> tuple[Tensor, Tensor]:
+    local_logits = validate.float_tensor("local_logits", local_logits)
+    if local_logits.dim() < 1 or local_logits.shape[-1] == 0:
+        raise ValueError(f"local_logits must have shape [..., V_r] with V_r >= 1, got {tuple(local_logits.shape)}")
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype in (torch.bool,):
+        raise TypeError("labels must be an integer torch.Tensor of global token ids")
+    if labels.shape != local_logits.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(local_logits.shape[:-1])}")
+    validate.same_device(local_logits=local_logits, labels=labels)
+    return local_logits, labels
+
+
+def _logprobs_entropy(local_logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None, temperature: float,
+                      vocab_start: int | None, valid: Tensor | None, op: str) -> tuple[Tensor, Tensor]:
+    lead = local_logits.shape[:-1]
+    if lead.numel() == 0:  # no rows: nothing to reduce (every rank sees the same empty batch)
+        empty = local_logits.new_empty(lead, dtype=torch.promote_types(local_logits.dtype, torch.float32))
+        return empty, empty.clone()
+    if vocab_start is None:
+        vocab_start = vocab_start_of(local_logits.shape[-1], group)
+    flat = local_logits.reshape(-1, local_logits.shape[-1])
+    logp, ent = VocabParallelLogprobsEntropy.apply(flat, labels.reshape(-1), int(vocab_start), temperature, group,
+                                                   None if valid is None else valid.reshape(-1), op)
+    return logp.view(lead), ent.view(lead)
 
 
 def vocab_parallel_logprobs_and_entropy(
@@ -137,59 +182,35 @@ def vocab_parallel_logprobs_and_entropy(
     slice starts (default: the lower ranks' slice sizes summed, one small all-gather). Differentiable w.r.t.
     ``local_logits``; the backward is local. Two all-reduces per call (row max, then one packed sum).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("vocab_parallel_* ops need an initialized torch.distributed process group")
-    local_logits = V.float_tensor("local_logits", local_logits)
-    if local_logits.dim() < 1 or local_logits.shape[-1] == 0:
-        raise ValueError(f"local_logits must have shape [..., V_r] with V_r >= 1, got {tuple(local_logits.shape)}")
-    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype in (torch.bool,):
-        raise TypeError("labels must be an integer torch.Tensor of global token ids")
-    if labels.shape != local_logits.shape[:-1]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(local_logits.shape[:-1])}")
-    V.same_device(local_logits=local_logits, labels=labels)
-    temperature = V.temperature(temperature)
-    lead = local_logits.shape[:-1]
-    if vocab_start is None:
-        vocab_start = vocab_start_of(local_logits.shape[-1], group)
-    flat = local_logits.reshape(-1, local_logits.shape[-1])
-    logp, ent = VocabParallelLogprobsEntropy.apply(flat, labels.reshape(-1), int(vocab_start), temperature, group)
-    return logp.view(lead), ent.view(lead)
+    require_process_group()
+    local_logits, labels = _logits_and_labels(local_logits, labels)
+    temperature = validate.temperature(temperature)
+    return _logprobs_entropy(local_logits, labels, group, temperature, vocab_start, None,
+                             "vocab_parallel_logprobs_and_entropy")
 
 
 def vocab_parallel_ppo_loss(
     local_logits: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     group: dist.ProcessGroup | None = None,
     *,
     ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_kind: str = "k3",
-    entropy_coef: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    agg: str = "token-mean",
+    objective: PPOObjective | None = None,
     vocab_start: int | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``fastppo.ppo_loss_from_logits`` over a vocabulary split across ``group``: same arguments, same loss and
-    stats (equal on every rank), plus ``group`` and ``vocab_start``. ``local_logits [B, T, V_r]``, the per-token
-    tensors ``[B, T]`` replicated on every rank. Gradient w.r.t. ``local_logits`` only (local backward)."""
-    names = ("old_logprobs", "advantages")
-    (old, adv), mask = _loss_inputs(names, (old_logprobs, advantages), mask)
-    if tuple(old.shape) != tuple(local_logits.shape[:-1]):
-        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(local_logits.shape[:-1])} "
-                         "(local_logits[..., 0])")
-    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "old_logprobs", old)
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"unknown KL kind {kl_kind!r}; choose from {KL_KINDS}")
-    _check_agg(agg, old.shape)
-    clip_high = _check_clips(clip_low, clip_high, dual_clip)
-    logp, entropy = vocab_parallel_logprobs_and_entropy(local_logits, labels, group, temperature=temperature,
-                                                        vocab_start=vocab_start)
-    return ppo_loss_from_logprobs(logp, entropy, old, adv, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                                  kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                                  dual_clip=dual_clip, agg=agg)
+    """``fastppo.ppo_loss_from_logits`` over a vocabulary split across ``group``: same objective settings
+    (``objective`` and/or its fields as keywords), same loss and stats (equal on every rank), plus ``group`` and
+    ``vocab_start``. ``local_logits [B, T, V_r]``, the per-token tensors ``[B, T]`` replicated on every rank.
+    Gradient w.r.t. ``local_logits`` only (local backward). Masked tokens' logits may hold anything."""
+    op = "vocab_parallel_ppo_loss"
+    obj = objective_from(objective, settings, op)
+    require_process_group()
+    local_logits, labels = _logits_and_labels(local_logits, labels)
+    ins = validate.ppo_inputs(op, local_logits.shape[:-1], "local_logits[..., 0]", local_logits.device, old_logprobs,
+                              advantages, mask, ref_logprobs, obj, on_policy_ok=True)
+    logp, entropy = _logprobs_entropy(local_logits, labels, group, obj.temperature, vocab_start, ins.mask, op)
+    return ppo_loss_from_logprobs(logp, entropy, ins.old, ins.adv, ins.mask, ref_logprobs=ins.ref, objective=obj)

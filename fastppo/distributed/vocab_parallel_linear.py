@@ -13,48 +13,55 @@ into a tensor-parallel region performs in Megatron-style models).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastppo import _validate as V
+from fastppo import _validate as validate
 from fastppo.autograd_linear import chunk_rows
 from fastppo.distributed.vocab_parallel import (
-    _all_reduce,
+    all_reduce_copy,
     combine_partials,
     dlogits_local,
     local_label_index,
     local_partials,
+    require_process_group,
+    scaled_logits,
     vocab_start_of,
 )
-from fastppo.ops import _check_agg, _check_clips, _loss_inputs, _ref_input
+from fastppo.objective import PPOObjective, objective_from
 from fastppo.reference.losses import ppo_loss_from_logprobs
 
 
-def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
-    """``z = (h @ w.T + b) / T`` in float32 (float64 for float64 inputs), as the LM head computes the logits."""
-    z = torch.nn.functional.linear(h, w, b)
-    return z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, valid: Tensor | None) -> Tensor:
+    """``z = (h @ w.T + b) / T`` in float32 (float64 for float64 inputs), as the LM head computes the logits; rows
+    where ``valid`` is 0 are zeros."""
+    return scaled_logits(torch.nn.functional.linear(h, w, b), temperature, valid)
 
 
 class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
-    """``(hidden [N, H], local_weight [V_r, H], local_bias [V_r] | None, labels [N], ...) -> (logp [N], H [N])``."""
+    """``(hidden [N, H], local_weight [V_r, H], local_bias [V_r] | None, labels [N], ...) -> (logp [N], H [N])``.
+    ``valid`` (``[N]`` or None): rows to compute; the others' logits are zeroed and not checked."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, vocab_start: int, temperature: float,
-                chunk: int, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+                chunk: int, group: dist.ProcessGroup | None, valid: Tensor | None, op: str) -> tuple[Tensor, Tensor]:
         idx, owned = local_label_index(labels, vocab_start, w.shape[0])
-        parts = [local_partials(_chunk_logits(h[s: s + chunk], w, b, temperature), idx[s: s + chunk],
+        vc = lambda s: None if valid is None else valid[s: s + chunk]  # noqa: E731
+        parts = [local_partials(_chunk_logits(h[s: s + chunk], w, b, temperature, vc(s)), idx[s: s + chunk],
                                 owned[s: s + chunk]) for s in range(0, h.shape[0], chunk)]
         m_l, s_l, u_l, y = (torch.cat(p) for p in zip(*parts, strict=True))
-        m, log_s, expect, y = combine_partials(m_l, s_l, u_l, y, owned, group)
-        ctx.save_for_backward(h, w, b, idx, owned, m, log_s, expect)
+        m, log_s, expect, y = combine_partials(m_l, s_l, u_l, y, owned, group, op=op, temperature=temperature,
+                                               source="hidden", valid=valid)
+        ctx.save_for_backward(h, w, b, idx, owned, m, log_s, expect, valid)
         ctx.temperature, ctx.chunk, ctx.group = temperature, chunk, group
         return y - m - log_s, m + log_s - expect
 
     @staticmethod
     def backward(ctx, dlogp: Tensor, dentropy: Tensor):
-        h, w, b, idx, owned, m, log_s, expect = ctx.saved_tensors
+        h, w, b, idx, owned, m, log_s, expect, valid = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         acc = torch.promote_types(h.dtype, torch.float32)
         dh = torch.empty(h.shape, dtype=acc, device=h.device)
@@ -63,21 +70,23 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             sl = slice(s, s + chunk)
             hc = h[sl]
-            dz = dlogits_local(_chunk_logits(hc, w, b, t), m[sl], log_s[sl], expect[sl], idx[sl], owned[sl],
-                               dlogp[sl], dentropy[sl], t)
+            z = _chunk_logits(hc, w, b, t, None if valid is None else valid[sl])
+            dz = dlogits_local(z, m[sl], log_s[sl], expect[sl], idx[sl], owned[sl], dlogp[sl], dentropy[sl], t)
+            # a masked row's hidden state may hold anything: its (zero) gradient must not meet it in dW
+            hc = hc if valid is None else torch.where((valid[sl] != 0).unsqueeze(-1), hc, torch.zeros_like(hc))
             dh[sl] = dz @ w.to(acc)
             dw += dz.T @ hc.to(acc)
             if db is not None:
                 db += dz.sum(0)
-        dh = _all_reduce(dh, dist.ReduceOp.SUM, ctx.group)  # every slice of the vocabulary contributes to dh
+        dh = all_reduce_copy(dh, dist.ReduceOp.SUM, ctx.group)  # every slice of the vocabulary contributes to dh
         return (dh.to(h.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
             chunk_size: int | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor, int]:
-    hidden = V.float_tensor("hidden", hidden)
-    weight = V.float_tensor("local_weight", weight)
+    hidden = validate.float_tensor("hidden", hidden)
+    weight = validate.float_tensor("local_weight", weight)
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
@@ -85,7 +94,7 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and local_weight must have one dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None:
-        bias = V.float_tensor("local_bias", bias)
+        bias = validate.float_tensor("local_bias", bias)
         if bias.shape != weight.shape[:1] or bias.dtype != hidden.dtype:
             raise ValueError(f"local_bias must be [V_r] = [{weight.shape[0]}] of dtype {hidden.dtype}, got "
                              f"{tuple(bias.shape)} {bias.dtype}")
@@ -93,7 +102,7 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
         raise TypeError("labels must be an integer torch.Tensor of global token ids")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])}")
-    V.same_device(hidden=hidden, local_weight=weight, local_bias=bias, labels=labels)
+    validate.same_device(hidden=hidden, local_weight=weight, local_bias=bias, labels=labels)
     if chunk_size is None:
         chunk = chunk_rows(weight.shape[0], weight.shape[1], hidden.dtype, hidden.device)
     elif int(chunk_size) < 1:
@@ -101,6 +110,21 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
     else:
         chunk = int(chunk_size)
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), chunk
+
+
+def _linear_logprobs_entropy(hidden: Tensor, local_weight: Tensor, labels: Tensor, group: dist.ProcessGroup | None,
+                             local_bias: Tensor | None, temperature: float, vocab_start: int | None,
+                             chunk_size: int | None, valid: Tensor | None, op: str) -> tuple[Tensor, Tensor]:
+    lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
+    h, w, b, lab, chunk = _inputs(hidden, local_weight, labels, local_bias, chunk_size)
+    if h.shape[0] == 0:  # no rows: nothing to reduce (every rank sees the same empty batch)
+        empty = h.new_empty(lead, dtype=torch.promote_types(h.dtype, torch.float32))
+        return empty, empty.clone()
+    if vocab_start is None:
+        vocab_start = vocab_start_of(w.shape[0], group)
+    logp, ent = VocabParallelLinearLogprobsEntropy.apply(h, w, b, lab, int(vocab_start), temperature, chunk, group,
+                                                         None if valid is None else valid.reshape(-1), op)
+    return logp.view(lead), ent.view(lead)
 
 
 def vocab_parallel_linear_logprobs_and_entropy(
@@ -117,50 +141,37 @@ def vocab_parallel_linear_logprobs_and_entropy(
     """``vocab_parallel_logprobs_and_entropy(hidden @ local_weight.T + local_bias, labels, group)`` without the
     logits. ``[..., H], [V_r, H], [...] -> ([...], [...])`` float32 (float64 for float64 inputs), equal on every
     rank. Gradients reach ``hidden`` (summed over the group), ``local_weight`` and ``local_bias``."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("vocab_parallel_* ops need an initialized torch.distributed process group")
-    lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
-    h, w, b, lab, chunk = _inputs(hidden, local_weight, labels, local_bias, chunk_size)
-    temperature = V.temperature(temperature)
-    if vocab_start is None:
-        vocab_start = vocab_start_of(w.shape[0], group)
-    logp, ent = VocabParallelLinearLogprobsEntropy.apply(h, w, b, lab, int(vocab_start), temperature, chunk, group)
-    return logp.view(lead), ent.view(lead)
+    require_process_group()
+    temperature = validate.temperature(temperature)
+    return _linear_logprobs_entropy(hidden, local_weight, labels, group, local_bias, temperature, vocab_start,
+                                    chunk_size, None, "vocab_parallel_linear_logprobs_and_entropy")
 
 
 def vocab_parallel_ppo_loss_from_hidden(
     hidden: Tensor,
     local_weight: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     group: dist.ProcessGroup | None = None,
     *,
     local_bias: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_kind: str = "k3",
-    entropy_coef: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    agg: str = "token-mean",
+    objective: PPOObjective | None = None,
     vocab_start: int | None = None,
     chunk_size: int | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``fastppo.ppo_loss_from_hidden`` over a vocabulary-split LM head: same keywords and ``(loss, stats)``, plus
-    ``group``, ``local_bias``, ``vocab_start``. ``hidden [B, T, H]``, per-token tensors ``[B, T]`` replicated."""
-    (old, adv), mask = _loss_inputs(("old_logprobs", "advantages"), (old_logprobs, advantages), mask)
-    if isinstance(hidden, Tensor) and tuple(old.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"old_logprobs has shape {tuple(old.shape)}, expected {tuple(hidden.shape[:-1])}")
-    ref_logprobs = _ref_input(ref_logprobs, kl_coef, "old_logprobs", old)
-    _check_agg(agg, old.shape)
-    clip_high = _check_clips(clip_low, clip_high, dual_clip)
-    logp, entropy = vocab_parallel_linear_logprobs_and_entropy(hidden, local_weight, labels, group,
-                                                               local_bias=local_bias, temperature=temperature,
-                                                               vocab_start=vocab_start, chunk_size=chunk_size)
-    return ppo_loss_from_logprobs(logp, entropy, old, adv, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                                  kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                                  dual_clip=dual_clip, agg=agg)
+    """``fastppo.ppo_loss_from_hidden`` over a vocabulary-split LM head: same objective settings and
+    ``(loss, stats)``, plus ``group``, ``local_bias``, ``vocab_start``. ``hidden [B, T, H]``, per-token tensors
+    ``[B, T]`` replicated. Masked tokens' hidden states may hold anything."""
+    op = "vocab_parallel_ppo_loss_from_hidden"
+    obj = objective_from(objective, settings, op)
+    require_process_group()
+    hidden = validate.float_tensor("hidden", hidden)
+    ins = validate.ppo_inputs(op, hidden.shape[:-1], "hidden[..., 0]", hidden.device, old_logprobs, advantages,
+                              mask, ref_logprobs, obj, on_policy_ok=True)
+    logp, entropy = _linear_logprobs_entropy(hidden, local_weight, labels, group, local_bias, obj.temperature,
+                                             vocab_start, chunk_size, ins.mask, op)
+    return ppo_loss_from_logprobs(logp, entropy, ins.old, ins.adv, ins.mask, ref_logprobs=ins.ref, objective=obj)

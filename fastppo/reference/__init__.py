@@ -11,7 +11,9 @@ from fastppo.reference.logprobs import logprobs_and_entropy, token_entropy, toke
 from fastppo.reference.losses import (
     agg_loss,
     ppo_loss_from_logits,
+    ppo_loss_from_logprobs,
     ppo_policy_loss,
+    ppo_term_rows,
     ppo_token_terms,
     value_loss,
 )
@@ -26,7 +28,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "ppo_loss_from_logits",
+    "ppo_loss_from_logprobs",
     "ppo_policy_loss",
+    "ppo_term_rows",
     "ppo_token_terms",
     "sampling",
     "token_entropy",

@@ -33,3 +33,18 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k1", *, clamp:
     if clamp is not None:
         kl = kl.clamp(-clamp, clamp)
     return kl
+
+
+def kl_penalty_grad(logprob: Tensor, ref_logprob: Tensor, kind: str = "k1") -> Tensor:
+    """``d kl_penalty(logprob, ref_logprob, kind) / d logprob`` (unclamped), elementwise: the values the kernels'
+    ``dkl`` term holds. With ``d = logprob - ref_logprob``: k1 1, k2 d, k3 1 - exp(-d), abs sign(d)."""
+    d = logprob - ref_logprob
+    if kind == "k1":
+        return torch.ones_like(d)
+    if kind == "k2":
+        return d
+    if kind == "k3":
+        return 1.0 - torch.exp(-d)
+    if kind == "abs":
+        return torch.sign(d)
+    raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_KINDS}")

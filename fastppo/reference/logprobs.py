@@ -39,3 +39,37 @@ def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float =
         token_logprobs(logits, labels, temperature=temperature),
         token_entropy(logits, temperature=temperature),
     )
+
+
+def row_statistics(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, entropy, lse)`` per row of ``logits [..., V]`` (``lse = logsumexp(logits / T)``): what the kernels'
+    ``logprobs_forward`` returns. ``[..., V], [...] -> ([...], [...], [...])``."""
+    x = logits.to(_compute_dtype(logits)) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logp_all = x - lse.unsqueeze(-1)
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    return logp_all.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1), entropy, lse
+
+
+def logprobs_entropy_grad(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor | None,
+                          grad_logp: Tensor | None, grad_entropy: Tensor | None, *, temperature: float = 1.0) -> Tensor:
+    """d(sum(grad_logp * logp + grad_entropy * entropy))/d(logits) ``[..., V]`` from the forward's ``lse`` and
+    ``entropy`` (None grads: zero): ``dx_j = [g_lp (1[j = label] - p_j) - g_H p_j (log p_j + H)] / T``, what the
+    kernels' ``logprobs_backward`` writes. Rows with no upstream gradient get exact zeros (a masked token's saved
+    statistics may be anything)."""
+    x = logits.to(_compute_dtype(logits)) / temperature
+    logp_all = x - lse.to(x.dtype).unsqueeze(-1)
+    p = logp_all.exp()
+    dx = torch.zeros_like(x)
+    active = torch.zeros(lse.shape, dtype=torch.bool, device=lse.device)
+    if grad_logp is not None:
+        g = grad_logp.to(x.dtype).unsqueeze(-1)
+        dx = -g * p
+        dx = dx.scatter_add(-1, labels.long().unsqueeze(-1), g)
+        active |= grad_logp != 0
+    if grad_entropy is not None:
+        g = grad_entropy.to(x.dtype).unsqueeze(-1)
+        dx = dx - g * torch.where(p > 0, p * (logp_all + entropy.to(x.dtype).unsqueeze(-1)), torch.zeros_like(p))
+        active |= grad_entropy != 0
+    return torch.where(active.unsqueeze(-1), dx / temperature, torch.zeros_like(dx))

@@ -7,15 +7,19 @@ the last dim as time and flatten the rest into sequences). ``mask`` is bool or f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from fastppo._contract import LOG_RATIO_CLAMP
-from fastppo.reference.kl import kl_penalty
+from fastppo._contract import LOG_RATIO_CLAMP, PPO_TERMS
+from fastppo.objective import AGG_MODES, PPOObjective, objective_from
+from fastppo.reference.kl import kl_penalty, kl_penalty_grad
 from fastppo.reference.logprobs import logprobs_and_entropy
 from fastppo.reference.stats import masked_mean
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+__all__ = ["AGG_MODES", "agg_loss", "policy_stats", "ppo_loss_from_logits", "ppo_loss_from_logprobs",
+           "ppo_policy_loss", "ppo_term_rows", "ppo_token_terms", "value_loss"]
 
 # Log-ratios are clamped to +-LOG_RATIO_CLAMP before exp so a wildly off-policy token cannot overflow to inf
 # (verl does the same).
@@ -166,52 +170,94 @@ def value_loss(
 def ppo_loss_from_logits(
     logits: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
     ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_kind: str = "k3",
-    entropy_coef: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    temperature: float = 1.0,
-    agg: str = "token-mean",
+    objective: PPOObjective | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Full PPO objective from logits ``[..., V]``: per token
-    ``pg + kl_coef * KL(lp, ref) - entropy_coef * H``, aggregated with ``agg``.
+    """Full PPO objective from logits ``[..., V]``: per token ``pg + kl_coef * KL(lp, ref) - entropy_coef * H``,
+    aggregated with ``agg`` (``objective``, or its fields as keywords: see ``fastppo.PPOObjective``).
 
-    Stats: pg_loss, kl, entropy (masked means), clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max.
+    Stats: pg_loss, kl, entropy (masked means), clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max, loss.
+    ``old_logprobs=None``: on-policy (each token's own log-prob, detached).
     """
+    obj = objective_from(objective, settings, "ppo_loss_from_logits")
     # Masked rows of the logits may hold anything too (NaN at a padding position): replaced by zeros, so the
     # softmax backward of a masked row sees finite numbers next to its zero upstream gradient.
     logits = torch.where((mask != 0).unsqueeze(-1), logits, torch.zeros_like(logits))
-    old_logprobs, advantages, ref_logprobs = _valid_only(mask, old_logprobs, advantages, ref_logprobs)
-    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=temperature)
-    logprobs, entropy = _valid_only(mask, logprobs, entropy)
+    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=obj.temperature)
     return ppo_loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-                                  kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
-                                  clip_high=clip_high, dual_clip=dual_clip, agg=agg)
+                                  objective=obj)
 
 
-def ppo_loss_from_logprobs(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                           *, ref_logprobs: Tensor | None, kl_coef: float, kl_kind: str, entropy_coef: float,
-                           clip_low: float, clip_high: float | None, dual_clip: float | None,
-                           agg: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO objective's per-token terms once the token log-probs and entropies ``[B, T]`` exist: the tail of
-    ``ppo_loss_from_logits``, shared with the vocabulary-parallel ops (which get logprobs/entropy from collectives).
-    """
-    loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                  dual_clip=dual_clip, agg=agg)
+def ppo_loss_from_logprobs(
+    logprobs: Tensor,
+    entropy: Tensor,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    objective: PPOObjective | None = None,
+    **settings: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO objective once the token log-probs and entropies ``[B, T]`` exist (``objective.temperature`` was
+    applied when they were computed): the tail of ``ppo_loss_from_logits``, and what every entry point computes when
+    its log-probs come from elsewhere (the vocabulary-parallel ops' collectives, the fused LM head's chunks).
+    ``old_logprobs=None``: on-policy, each token's old log-prob is its own, detached (ratio 1)."""
+    obj = objective_from(objective, settings, "ppo_loss_from_logprobs")
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    logprobs, entropy, old_logprobs, advantages, ref_logprobs = _valid_only(
+        mask, logprobs, entropy, old_logprobs, advantages, ref_logprobs)
+    pg, ratio, clipped, dual = ppo_token_terms(logprobs, old_logprobs, advantages, clip_low=obj.clip_low,
+                                               clip_high=obj.clip_high, dual_clip=obj.dual_clip)
+    loss = agg_loss(pg, mask, obj.agg)
+    stats = policy_stats(loss, logprobs, old_logprobs, ratio, clipped, dual, mask)
     if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
-        if kl_coef != 0.0:
-            loss = loss + kl_coef * agg_loss(kl, mask, agg)
+        kl = kl_penalty(logprobs, ref_logprobs, obj.kl_kind)
+        if obj.kl_coef != 0.0:
+            loss = loss + obj.kl_coef * agg_loss(kl, mask, obj.agg)
         stats["kl"] = masked_mean(kl.detach(), mask)
-    if entropy_coef != 0.0:
-        loss = loss - entropy_coef * agg_loss(entropy, mask, agg)
+    if obj.entropy_coef != 0.0:
+        loss = loss - obj.entropy_coef * agg_loss(entropy, mask, obj.agg)
     stats["entropy"] = masked_mean(entropy.detach(), mask)
     stats["loss"] = loss.detach()
     return loss, stats
+
+
+def ppo_term_rows(logp: Tensor, entropy: Tensor, lse: Tensor, old_logp: Tensor, adv: Tensor, ref_logp: Tensor | None,
+                  mask: Tensor, objective: PPOObjective) -> Tensor:
+    """The per-token terms ``[len(PPO_TERMS), N]`` of the objective, rows in ``PPO_TERMS`` order, from the row
+    statistics ``logp, entropy, lse [N]``: the spec of every backend's ``ppo_loss_forward`` launcher (the kernels'
+    shared epilogue) and the ``torch`` backend's rows in the fused LM head.
+
+    ``dpg`` / ``dkl`` are d(pg)/d(logp) and d(kl)/d(logp) (0 where clipped or the log-ratio clamp binds);
+    ``loss = pg + kl_coef * kl - entropy_coef * entropy`` (kl = 0 without ``ref_logp``; ``kl_coef == 0`` adds
+    nothing, not ``0 * inf``). Masked rows (``mask == 0``) are 0 in every term, whatever their inputs hold.
+    """
+    obj = objective
+    dt = logp.dtype
+    valid = mask != 0
+    zero = torch.zeros_like(logp)
+    logp, entropy, lse, old_logp, adv = (torch.where(valid, t.to(dt), zero)
+                                         for t in (logp, entropy, lse, old_logp, adv))
+    pg, ratio, clipped, dual = ppo_token_terms(logp, old_logp, adv, clip_low=obj.clip_low, clip_high=obj.clip_high,
+                                               dual_clip=obj.dual_clip)
+    log_ratio = logp - old_logp
+    grad_ok = ~clipped & ~dual & (log_ratio.abs() <= LOG_RATIO_CLAMP)
+    dpg = torch.where(grad_ok, -adv * ratio, zero)
+    kl, dkl = zero, zero
+    if ref_logp is not None:
+        ref_logp = torch.where(valid, ref_logp.to(dt), zero)
+        kl = kl_penalty(logp, ref_logp, obj.kl_kind)
+        dkl = kl_penalty_grad(logp, ref_logp, obj.kl_kind)
+    loss = pg - obj.entropy_coef * entropy
+    if obj.kl_coef != 0.0:
+        loss = loss + obj.kl_coef * kl
+    rows = {"logp": logp, "entropy": entropy, "lse": lse, "pg": pg, "ratio": ratio, "kl": kl, "dpg": dpg,
+            "dkl": dkl, "clipped": clipped.to(dt), "dual_clipped": dual.to(dt), "loss": loss}
+    return torch.stack([torch.where(valid, rows[k], zero) for k in PPO_TERMS])

@@ -2,7 +2,8 @@
 
 torch (the reference), triton (the interpreter on CPU, the compiler on a GPU), cpp at each SIMD level this CPU has,
 cuda executed by the SIMT emulator on CPU, and cuda on a GPU. Each yields a ``Backend``: the ``backend=`` name the
-public ops take, the device of its tensors and, for kernel backends, the launcher object behind that name.
+public ops take, the device of its tensors and the launcher object behind that name (for torch: the reference's
+row math, which the fused LM head's chunks call).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class Backend:
     id: str
     name: str  # the public ops' backend= value
     device: torch.device
-    launchers: object | None  # what autograd.py calls (None: the torch reference)
+    launchers: object  # what the autograd glue calls (the torch backend's: the reference's row math)
 
     @property
     def kernel(self) -> bool:
-        return self.launchers is not None
+        """A compiled or Triton backend (the torch backend's ops go through the reference, not its launchers)."""
+        return self.name != "torch"
 
 
 def _emulated_cuda(request, monkeypatch) -> object:
@@ -60,7 +62,7 @@ def backend(request, monkeypatch):
     kind = request.param
     cpu = torch.device("cpu")
     if kind == "torch":
-        yield Backend(kind, "torch", torch.device("cuda") if GPU else cpu, None)
+        yield Backend(kind, "torch", torch.device("cuda") if GPU else cpu, _dispatch.launcher_module("torch"))
     elif kind in ("triton-interpret", "triton"):
         yield Backend(kind, "triton", torch.device("cuda") if kind == "triton" else cpu,
                       _dispatch.launcher_module("triton"))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastppo
+from fastppo import PPOObjective
 from fastppo.kernels import launchers as fk
 
 F32 = torch.float32
@@ -83,7 +84,8 @@ def test_ppo_terms_batch_invariant(device):
     old = old - 6.0
     mask = torch.ones(10, device=device)
     mask[::3] = 0
-    args = (1.0, 0.2, 0.28, 3.0, 2, 0.05, 0.01)
+    args = (PPOObjective(temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_kind="k3", kl_coef=0.05,
+                         entropy_coef=0.01),)
     whole = fk.ppo_loss_forward(x.unsqueeze(0), lab, old, adv, old + 0.1, mask, *args)
     for a, b in ((0, 1), (1, 10), (4, 6)):
         part = fk.ppo_loss_forward(x[a:b].unsqueeze(0), lab[a:b], old[a:b].contiguous(), adv[a:b].contiguous(),
