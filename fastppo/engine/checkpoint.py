@@ -16,6 +16,10 @@ directory is renamed into place (``os.replace``) and its parent fsynced. A crash
 complete new checkpoint or none; older checkpoints are pruned (keep the last K) only after the new one is in
 place. Loading verifies the manifest, so a truncated or edited file is a clear error, never a silent resume;
 resuming skips such a checkpoint (with a warning naming it) for the newest valid one.
+
+That protocol (``begin_checkpoint`` / ``commit_checkpoint``) is the same for the sharded checkpoints of
+multi-process runs (``engine/distributed.py``): every process writes its files into the staging directory, then
+one process commits it.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk (for a file written by another library, e.g. ``torch.save``)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -114,47 +119,55 @@ def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    *,
-    policy: torch.nn.Module,
-    critic: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: dict[str, Any],
-    metrics: list[dict[str, Any]],
-    keep: int,
-) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}"
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` lives once committed: ``RUN_DIR/checkpoints/step_N``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before its commit (never read on resume)."""
+    final = checkpoint_dir(run_dir, step)
+    return final.with_name(f".tmp-{final.name}")
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """An empty ``staging_dir`` for checkpoint ``step``'s files; ``commit_checkpoint`` once every file is written.
+    In a multi-process run one process calls this, and the others wait for it before writing theirs."""
+    tmp = staging_dir(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)  # a leftover of a crash during an earlier attempt at this step
     tmp.mkdir()
-    save_model(policy, str(tmp / "policy.safetensors"))
-    if critic is not None:
-        save_model(critic, str(tmp / "critic.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng_meta, rng_tensors = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_meta}))
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    files = sorted(p.name for p in tmp.iterdir())
+    return tmp
+
+
+def commit_checkpoint(run_dir: str | Path, step: int, *, keep: int, meta: dict[str, Any] | None = None) -> Path:
+    """Make the staged ``begin_checkpoint`` directory of ``step`` the checkpoint ``checkpoints/step_N``.
+
+    Every file under it (subdirectories included) is fsynced, then ``manifest.json`` (``step``, ``meta``, sha256
+    and size of every file) is written last, as the completed-marker, then the directory is renamed into place
+    and its parent fsynced: a crash at any moment leaves either the complete new checkpoint or none. An existing
+    checkpoint of the same step is replaced, and deleted only once the new one is in place. Then checkpoints are
+    pruned to the last ``keep`` among this step and older ones. In a multi-process run one process calls this,
+    after every process has written its files.
+    """
+    final, tmp = checkpoint_dir(run_dir, step), staging_dir(run_dir, step)
+    root = final.parent
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
     with open(tmp / MANIFEST, "w") as f:
-        json.dump({"step": step, "files": manifest}, f, indent=1)
+        json.dump({"step": step, **(meta or {}), "files": manifest}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(d)
     _fsync_dir(tmp)
     if final.exists():
         # Re-saving a step (e.g. the final save after a periodic one): move the old copy aside first, so the
         # rename below never targets a non-empty directory, and delete it only once the new one is in place.
-        old = root / f".old-step_{step:06d}"
+        old = final.with_name(f".old-{final.name}")
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
@@ -168,6 +181,41 @@ def save_checkpoint(
     for _, path in [c for c in checkpoint_dirs(run_dir) if c[0] <= step][:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    policy: torch.nn.Module,
+    critic: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    keep: int,
+) -> Path:
+    """A single-process checkpoint (safetensors, see the module docstring), committed by ``commit_checkpoint``."""
+    tmp = begin_checkpoint(run_dir, step)
+    save_model(policy, str(tmp / "policy.safetensors"))
+    if critic is not None:
+        save_model(critic, str(tmp / "critic.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng_meta, rng_tensors = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_meta}))
+    write_metrics(tmp, metrics)
+    return commit_checkpoint(run_dir, step, keep=keep)
+
+
+def write_metrics(ckpt_dir: Path, metrics: list[dict[str, Any]]) -> None:
+    """``metrics.jsonl`` of a checkpoint: every step's metrics so far."""
+    (ckpt_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def read_metrics(ckpt: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -269,8 +317,7 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     state = json.loads((ckpt / "state.json").read_text())
     set_rng_state(state.pop("rng"), load_file(str(ckpt / "rng.safetensors")))
-    metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return state, metrics
+    return state, read_metrics(ckpt)
 
 
 def _load_module(module: torch.nn.Module, path: Path) -> None:
@@ -287,7 +334,7 @@ def save_module(module: torch.nn.Module, path: Path) -> None:
     """Write one module's weights atomically (temp file, fsync, rename)."""
     tmp = path.with_name(f".tmp-{path.name}")
     save_model(module, str(tmp))
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,55 +233,31 @@ def save_checkpoint(ctx: DistContext, run_dir: Path, step: int, *, models: dict[
                     metrics: list[dict[str, Any]], keep: int) -> Path:
     """A DCP checkpoint ``checkpoints/step_N/``: ``dcp/`` (sharded models + optimizer, written by every rank),
     ``rng_rank{r}.pt`` (each rank's generator states), ``scheduler.pt``, ``state.json`` (step, data position,
-    KL controller, world size), ``metrics.jsonl``; rank 0 writes ``manifest.json`` (sha256 of every file) last,
-    after every rank has finished, then renames the directory into place. A crash leaves no partial checkpoint."""
+    KL controller, world size), ``metrics.jsonl``. Rank 0 stages the directory, every rank writes its files, then
+    rank 0 commits it (``checkpoint.commit_checkpoint``: manifest last, atomic rename, pruning) once every rank has
+    finished. A crash leaves no partial checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
     if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        ckpt_io.begin_checkpoint(run_dir, step)
     ctx.barrier()
+    tmp = ckpt_io.staging_dir(run_dir, step)
     mods = nn.ModuleDict(models)  # one module tree: its state-dict keys are 'policy.…', 'critic.…'
     model_sd, optim_sd = get_state_dict(mods, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     meta, tensors = ckpt_io.rng_state()
     torch.save({"meta": json.dumps(meta), **tensors}, tmp / f"rng_rank{ctx.rank}.pt")
-    ckpt_io._fsync_file(tmp / f"rng_rank{ctx.rank}.pt")
+    ckpt_io.fsync_file(tmp / f"rng_rank{ctx.rank}.pt")
     ctx.barrier()
     if ctx.is_main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": ctx.world,
                                                     "models": list(models)}))
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        for name in files:
-            ckpt_io._fsync_file(tmp / name)
-        manifest = {n: {"sha256": ckpt_io._sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}
-        with open(tmp / ckpt_io.MANIFEST, "w") as f:  # the completed-marker: written last
-            json.dump({"step": step, "format": DCP_FORMAT, "world_size": ctx.world, "files": manifest}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        ckpt_io._fsync_dir(tmp)
-        ckpt_io._fsync_dir(tmp / "dcp")
-        if final.exists():
-            old = root / f".old-step_{step:06d}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        ckpt_io._fsync_dir(root)
-        for _, path in ckpt_io.checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+        ckpt_io.write_metrics(tmp, metrics)
+        ckpt_io.commit_checkpoint(run_dir, step, keep=keep, meta={"format": DCP_FORMAT, "world_size": ctx.world})
     ctx.barrier()
-    return final
+    return ckpt_io.checkpoint_dir(run_dir, step)
 
 
 def load_checkpoint(ctx: DistContext, ckpt: Path, *, models: dict[str, nn.Module],
@@ -312,8 +287,7 @@ def load_checkpoint(ctx: DistContext, ckpt: Path, *, models: dict[str, nn.Module
         # are not needed to continue the same run
         echo(f"resume: checkpoint written by {saved_world} processes, resharding it onto {ctx.world} "
              "(models and optimizer resharded by torch.distributed.checkpoint; per-rank RNG states not restored)")
-    metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return state, metrics
+    return state, ckpt_io.read_metrics(ckpt)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
