@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastppo.engine.config import ConfigError, PPOConfig
+from fastppo.engine.lm_head import forward_keep, last_hidden
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,8 +72,6 @@ class ValueModel(nn.Module):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         if hidden_only:
-            from fastppo.engine.lm_head import last_hidden
-
             hidden = last_hidden(self.lm, input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False, **kw)
             vals = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
@@ -84,21 +83,6 @@ class ValueModel(nn.Module):
         hidden = out.hidden_states[-1]
         vals = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         return out.logits, vals
-
-
-def forward_keep(lm: nn.Module, keep: int, **kw):
-    """``lm(**kw)`` with logits for the last ``keep`` positions only (``logits_to_keep``; all when 0). A model whose
-    forward does not take ``logits_to_keep`` computes them all and the result is sliced."""
-    if keep <= 0:
-        return lm(**kw)
-    try:
-        return lm(logits_to_keep=keep, **kw)
-    except TypeError as exc:
-        if "logits_to_keep" not in str(exc):
-            raise
-    out = lm(**kw)
-    out.logits = out.logits[:, -keep:]
-    return out
 
 
 def build_tokenizer(cfg: PPOConfig):

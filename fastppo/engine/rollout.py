@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 import fastppo
+from fastppo.engine.lm_head import body_of, lm_head_of
 from fastppo.engine.models import cache_kwarg, position_ids_from_mask
 from fastppo.engine.streams import token_seeds
 
@@ -68,8 +69,6 @@ class LastLogits:
     """
 
     def __init__(self, lm: torch.nn.Module) -> None:
-        from fastppo.engine.lm_head import body_of, lm_head_of
-
         self.lm = lm
         self.body = body_of(lm)
         self.head = lm_head_of(lm) if self.body is not None else None
