@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .report import load_json
+from .result_files import load_json
 
 # The committed runs of the checkout (read only: `fastppo bench` writes there only when told `--out`).
 RESULTS = Path(__file__).resolve().parent / "results"

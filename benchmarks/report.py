@@ -8,7 +8,6 @@ machines and days never collide.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import math
@@ -22,7 +21,9 @@ from typing import Any
 import torch
 
 from .providers import PEER_DISTS, version_of
+from .result_files import clean_dicts, write_dicts_csv
 from .runner import Row
+from .targets import write_csv as write_checks_csv
 
 CSV_FIELDS = [
     "suite", "op", "mode", "provider", "group", "device", "dtype", "shape", "N", "V", "B", "T", "median_ms", "gbps",
@@ -84,26 +85,6 @@ def file_stem(device: torch.device, suites: list[str]) -> str:
     return f"bench-{'+'.join(suites)}-{device_slug(device)}-{ts}"
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; keep them visible as strings
-    return v
-
-
-def clean_dicts(dicts: list[dict]) -> list[dict]:
-    """JSON-safe copies (non-finite floats as strings) of result rows or target checks."""
-    return [{k: _clean(v) for k, v in d.items()} for d in dicts]
-
-
-def write_dicts_csv(dicts: list[dict], fields: list[str], path: Path) -> None:
-    """One CSV line per dict (``fields`` in order, other keys dropped, None as an empty cell)."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for d in dicts:
-            w.writerow({k: ("" if v is None else v) for k, v in d.items()})
-
-
 def write_csv(rows: list[Row], path: Path) -> None:
     write_dicts_csv([r.as_dict() for r in rows], CSV_FIELDS, path)
 
@@ -113,11 +94,6 @@ def write_json(rows: list[Row], meta: dict, path: Path, targets: list[dict] | No
     if targets is not None:
         data["targets"] = clean_dicts(targets)
     path.write_text(json.dumps(data, indent=1, default=str))
-
-
-def load_json(path: Path) -> tuple[dict, list[dict]]:
-    data = json.loads(Path(path).read_text())
-    return data["meta"], data["rows"]
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -317,15 +293,13 @@ def print_table(rows: list[Row], console: Any = None) -> None:
 
 def write_all(rows: list[Row], meta: dict, out_dir: Path, stem: str, checks: list | None = None) -> dict[str, Path]:
     """Write every file of a run; ``checks`` are ``targets.Check`` objects (JSON ``"targets"`` + a CSV)."""
-    from . import targets
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json"}
     write_csv(rows, paths["csv"])
     write_json(rows, meta, paths["json"], None if checks is None else [c.as_dict() for c in checks])
     if checks is not None:
         paths["targets"] = out_dir / f"{stem}-targets.csv"
-        targets.write_csv(checks, paths["targets"])
+        write_checks_csv(checks, paths["targets"])
     dicts = [r.as_dict() for r in rows]
     title = f"fastppo bench on {meta['device_name']} ({meta['date_utc'][:10]})"
     p = out_dir / f"{stem}-time_vs_V.png"

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .result_files import clean_dicts, load_json, write_dicts_csv
+
 PER_TOKEN_SLACK = 64  # bytes per token: up to sixteen fp32 [N] vectors
 ALLOCATOR_SLACK = 2 * 2**20
 _ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -335,15 +337,11 @@ CSV_FIELDS = ["target", "issue", "claim", "case", "provider", "baseline", "metri
 
 
 def write_csv(checks: list[Check], path: Path) -> None:
-    from .report import write_dicts_csv
-
     write_dicts_csv([c.as_dict() for c in checks], CSV_FIELDS, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     import json
-
-    from .report import clean_dicts, load_json
 
     args = sys.argv[1:] if argv is None else argv
     write = "--write" in args
