@@ -5,12 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from fastppo.engine.checkpoint import CheckpointError, write_text_atomic
 from fastppo.engine.config import ConfigError, PPOConfig, from_dict, help_text, load_yaml, parse_overrides
+
+if TYPE_CHECKING:  # the trainer pulls in transformers: imported only when a run starts
+    from fastppo.engine.trainer import StepCallback
 
 USAGE = """usage: fastppo train [--config FILE.yaml] [--field value ...] [--nproc N]
        fastppo train --resume RUN_DIR [--nproc N]
@@ -74,7 +79,9 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, on_step_end: Sequence[StepCallback] = ()) -> int:
+    """``fastppo train ARGS``; ``on_step_end`` is passed to ``PPOTrainer.train`` (in this process only: not to the
+    processes that ``--nproc`` starts)."""
     if any(a in ("-h", "--help") for a in argv):
         from fastppo.engine.preflight import RESUME_MUTABLE
 
@@ -94,16 +101,20 @@ def main(argv: list[str]) -> int:
         print(f"fastppo train: error: {exc}", file=sys.stderr)
         return 2
     if nproc is not None and int(nproc) > 1:
+        if on_step_end:
+            raise ValueError("on_step_end callbacks cannot reach the processes that --nproc starts: start them "
+                             "under torchrun yourself")
         return _launch_torchrun(int(nproc), argv)
     if launched_by_torchrun():
         from torch.distributed.elastic.multiprocessing.errors import record
 
         # record: an exception on any rank is written where torchrun reports it as the run's root cause
-        return record(_run)(cfg, run_dir, resume, True)
-    return _run(cfg, run_dir, resume, False)
+        return record(_run)(cfg, run_dir, resume, True, on_step_end)
+    return _run(cfg, run_dir, resume, False, on_step_end)
 
 
-def _run(cfg: PPOConfig, run_dir: Path, resume: bool, distributed: bool) -> int:
+def _run(cfg: PPOConfig, run_dir: Path, resume: bool, distributed: bool,
+         on_step_end: Sequence[StepCallback] = ()) -> int:
     from fastppo.engine.trainer import PPOTrainer
 
     t0 = time.perf_counter()
@@ -127,7 +138,7 @@ def _run(cfg: PPOConfig, run_dir: Path, resume: bool, distributed: bool) -> int:
             procs = f" on {ctx.world} processes" if ctx is not None else ""
             print(f"fastppo train: run dir {run_dir}{' (resuming)' if resume else ''}{procs}", flush=True)
         trainer = PPOTrainer(cfg, run_dir, resume=resume, dist_ctx=ctx)
-        summary = trainer.train()
+        summary = trainer.train(on_step_end=on_step_end)
     except (ConfigError, CheckpointError) as exc:
         rank = f" (rank {ctx.rank})" if ctx is not None else ""
         print(f"fastppo train: error{rank}: {exc}", file=sys.stderr)

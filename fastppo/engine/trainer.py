@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,8 @@ from fastppo.engine.streams import sample_seeds, stream_seed
 from fastppo.engine.tracking import MetricsLog, plot_curves
 from fastppo.linear import ppo_loss_and_terms_from_hidden
 
-# Crash tests set this to stretch each step so a SIGKILL reliably lands mid-run; never needed otherwise.
-_STEP_DELAY_ENV = "FASTPPO_TEST_STEP_DELAY"
-# Fault tests: this rank raises after its first step, to check that the other ranks stop instead of hanging.
-_FAIL_RANK_ENV = "FASTPPO_TEST_FAIL_RANK"
+# Called with the step number after each PPO step, once its metrics are logged and its checkpoint (if due) saved.
+StepCallback = Callable[[int], None]
 
 
 class KLController:
@@ -465,13 +463,14 @@ class PPOTrainer:
                                        optimizer=self.optimizer, scheduler=self.scheduler, state=state,
                                        metrics=self.metrics.history, keep=self.cfg.keep_checkpoints)
 
-    def train(self) -> dict[str, Any]:
+    def train(self, *, on_step_end: Sequence[StepCallback] = ()) -> dict[str, Any]:
+        """Run the remaining PPO steps, save, write the final model and summary. ``on_step_end``: callables
+        ``f(step)`` run after each step (after its checkpoint, if one is due), e.g. to stop or slow a run."""
         cfg = self.cfg
         t_start = time.perf_counter()
         if self.step == 0:
             before = self.write_samples("before")
             self.echo(f"greedy score before PPO (held-out prompts): {before:.3f}")
-        delay = float(os.environ.get(_STEP_DELAY_ENV, "0") or 0)
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -488,10 +487,8 @@ class PPOTrainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
                 last_saved = self.step
-            if delay:
-                time.sleep(delay)
-            if self.dist is not None and os.environ.get(_FAIL_RANK_ENV) == str(self.dist.rank):
-                raise RuntimeError(f"injected failure on rank {self.dist.rank} ({_FAIL_RANK_ENV})")
+            for callback in on_step_end:
+                callback(self.step)
         if bar is not None:
             bar.close()
         if last_saved != self.step:

@@ -30,15 +30,17 @@ REPO = Path(__file__).resolve().parents[2]
 TIMING_KEYS = ("tokens_per_s", "time_generation", "time_experience", "time_update", "time_step")
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra or {})}
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(nproc: int, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def _torchrun(nproc: int, args: list[str], faults: list[str] | None = None) -> subprocess.Popen:
+    """``fastppo train args`` under torchrun; with ``faults`` (flags of ``tests/engine/train_with_faults.py``)
+    through that fault-injection entry point instead."""
+    entry = ["tests.engine.train_with_faults", *faults] if faults else ["fastppo", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fastppo", "train", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+           "-m", *entry, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _single(args: list[str]) -> subprocess.Popen:
@@ -80,7 +82,7 @@ def runs(tmp_path_factory):
     r = {name: tmp / name for name in ("single", "full", "killed", "reshard", "failing")}
     ps = _single(["--config", str(conf), "--output_dir", str(r["single"])])
     pf = _single(["--config", str(conf), "--output_dir", str(r["full"]), "--nproc", "2"])  # the shorthand
-    pk = _torchrun(2, ["--config", str(conf), "--output_dir", str(r["killed"])], {"FASTPPO_TEST_STEP_DELAY": "1.0"})
+    pk = _torchrun(2, ["--config", str(conf), "--output_dir", str(r["killed"])], ["--step-delay", "1.0"])
     deadline = time.monotonic() + 240
     while not (r["killed"] / "checkpoints" / "step_000002").is_dir():
         assert pk.poll() is None, f"run ended before its first checkpoint:\n{pk.stdout.read()}"
@@ -99,7 +101,7 @@ def runs(tmp_path_factory):
     pr = _torchrun(2, ["--resume", str(r["killed"])])
     p1 = _torchrun(1, ["--resume", str(r["reshard"])])
     t_fail = time.monotonic()
-    px = _torchrun(2, ["--config", str(conf), "--output_dir", str(r["failing"])], {"FASTPPO_TEST_FAIL_RANK": "1"})
+    px = _torchrun(2, ["--config", str(conf), "--output_dir", str(r["failing"])], ["--fail-rank", "1"])
     out = {"single": _finish(ps), "full": _finish(pf), "failing": _finish(px)}
     failing_s = time.monotonic() - t_fail
     out["killed"], out["reshard"] = _finish(pr), _finish(p1)

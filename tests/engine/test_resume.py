@@ -25,9 +25,12 @@ TIMING_KEYS = ("tokens_per_s", "time_generation", "time_experience", "time_updat
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "fastppo.cli", "train", *args], cwd=REPO, env=env,
+def _train(args: list[str], step_delay: float | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # with a step delay: the same command through the fault-injection entry point (see train_with_faults.py)
+    cmd = ["fastppo.cli", "train"] if step_delay is None else ["tests.engine.train_with_faults", "--step-delay",
+                                                               str(step_delay)]
+    return subprocess.Popen([sys.executable, "-m", *cmd, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -46,7 +49,7 @@ def killed_and_resumed(tmp_path_factory):
     full, killed = tmp / "full", tmp / "killed"
     # both at once: two cores; the killed one sleeps between steps so the kill lands mid-run
     pa = _train(["--config", str(conf), "--output_dir", str(full)])
-    pb = _train(["--config", str(conf), "--output_dir", str(killed)], {"FASTPPO_TEST_STEP_DELAY": "0.4"})
+    pb = _train(["--config", str(conf), "--output_dir", str(killed)], step_delay=0.4)
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "step_000002").is_dir():
         assert pb.poll() is None, f"run ended before its first checkpoint:\n{pb.stdout.read()}"

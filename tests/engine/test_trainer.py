@@ -28,8 +28,10 @@ def test_a_few_ppo_steps_write_the_run_directory(tmp_path):
     cfg = tiny_config(total_steps=3, save_every=2, tensorboard=True, plot=True, num_samples=3)
     tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
-    summary = tr.train()
+    seen = []  # on_step_end runs after each step, once that step's checkpoint (if due) is in place
+    summary = tr.train(on_step_end=[lambda step: seen.append((step, (tmp_path / "checkpoints").is_dir()))])
     assert summary["steps"] == 3
+    assert seen == [(1, False), (2, True), (3, True)]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     for m in lines:
