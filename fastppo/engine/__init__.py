@@ -6,6 +6,8 @@
   rollout.py     the batched KV-cached sampling loop (left-padded prompts, temperature / top-k / top-p, EOS)
   experience.py  logprobs, values, rewards with the KL penalty, GAE / GRPO / RLOO / REINFORCE++ advantages
   trainer.py     PPOTrainer: rollout -> experience -> ppo_epochs x minibatches; stats; checkpoints
+  context.py     what the trainer calls that differs between one process (LocalContext) and a torchrun group
+  distributed.py the torchrun context (collectives, FSDP2, sharded DCP checkpoints); single-process runs skip it
   checkpoint.py  atomic, verified checkpoints and exact resume (skipping a corrupt newest one)
   preflight.py   before any model work: the backend is usable; a resume's config matches its checkpoint
   tracking.py    metrics.jsonl, TensorBoard, curves.png

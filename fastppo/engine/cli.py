@@ -137,7 +137,7 @@ def _run(cfg: PPOConfig, run_dir: Path, resume: bool, distributed: bool,
         if is_main:
             procs = f" on {ctx.world} processes" if ctx is not None else ""
             print(f"fastppo train: run dir {run_dir}{' (resuming)' if resume else ''}{procs}", flush=True)
-        trainer = PPOTrainer(cfg, run_dir, resume=resume, dist_ctx=ctx)
+        trainer = PPOTrainer(cfg, run_dir, resume=resume, ctx=ctx)
         summary = trainer.train(on_step_end=on_step_end)
     except (ConfigError, CheckpointError) as exc:
         rank = f" (rank {ctx.rank})" if ctx is not None else ""

@@ -23,7 +23,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from fastppo.engine import checkpoint as ckpt_io
 from fastppo.engine.config import ConfigError, PPOConfig
+from fastppo.engine.context import LossFn
 from fastppo.engine.distributed_launch import launched_by_torchrun
 
 # Fields that may legitimately differ between ranks (none today: output_dir is broadcast from rank 0 first).
@@ -43,10 +44,14 @@ DCP_FORMAT = "dcp"
 
 @dataclass
 class DistContext:
+    """The torchrun ``context.ProcessContext``: this rank's place in the process group, and what the trainer does
+    through it (collectives, the split of each micro-batch, FSDP2 sharding, DCP checkpoints)."""
+
     rank: int
     world: int
     local_rank: int
     device: torch.device
+    distributed = True  # a class attribute (not a field): any DistContext is a process group, even of one rank
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +122,16 @@ class DistContext:
         be summed, so they are multiplied by the world size first (exact for powers of two)."""
         return float(self.world)
 
+    def piece_loss(self, micro: Tensor, mask: Tensor, agg: str, loss_fn: LossFn
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``loss_fn`` on this rank's ``micro_piece``, loss and stats multiplied by the piece's weight."""
+        piece, w = self.micro_piece(micro, mask, agg)
+        loss, stats = loss_fn(piece)
+        return piece, loss * w, {k: v * w for k, v in stats.items()}
+
+    def backward(self, loss: Tensor, accum: int) -> None:
+        (loss * (self.grad_scale / accum)).backward()
+
     def reduce_stats(self, stats: dict[str, Tensor], keep: tuple[str, ...]) -> dict[str, Tensor]:
         """Sum the (already weighted) per-rank stats, one collective; ``keep`` are global already."""
         names = [k for k in stats if k not in keep]
@@ -155,6 +170,22 @@ class DistContext:
             for m in mods:
                 m.set_reshard_after_forward(True)
                 m.reshard()
+
+    def full_model(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The unsharded weights gathered (a collective) into ``build()`` on rank 0; None on the others."""
+        full_sd = full_state_dict(model)
+        if not self.is_main:
+            return None
+        full = build()
+        full.load_state_dict(full_sd)
+        return full
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, run_dir: Path, step: int, **kw: Any) -> Path:
+        return save_checkpoint(self, run_dir, step, **kw)
+
+    def load_checkpoint(self, ckpt: Path, **kw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return load_checkpoint(self, ckpt, **kw)
 
     # ----------------------------------------------------------------------------------------- start-up check
     def check_same_config(self, cfg: PPOConfig) -> None:
@@ -295,16 +326,3 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-class MemoryLog:
-    """The metrics history on ranks other than 0 (only rank 0 writes files)."""
-
-    def __init__(self, history: list[dict[str, Any]] | None = None) -> None:
-        self.history = list(history or [])
-
-    def log(self, metrics: dict[str, Any]) -> None:
-        self.history.append(metrics)
-
-    def close(self) -> None:
-        pass

@@ -51,6 +51,20 @@ class MetricsLog:
             self.writer.close()
 
 
+class MemoryLog:
+    """The metrics history kept in memory only: ranks other than 0 of a multi-process run (rank 0 writes the
+    files)."""
+
+    def __init__(self, history: list[dict[str, Any]] | None = None) -> None:
+        self.history = list(history or [])
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+
+    def close(self) -> None:
+        pass
+
+
 def _tb_name(key: str) -> str:
     if key.startswith("time_") or key == "tokens_per_s":
         return f"perf/{key}"

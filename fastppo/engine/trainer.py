@@ -7,7 +7,6 @@ bitwise).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -26,6 +25,7 @@ from fastppo.engine import inputs, preflight
 from fastppo.engine import ptx as ptx_mod
 from fastppo.engine import task as task_mod
 from fastppo.engine.config import ConfigError, PPOConfig
+from fastppo.engine.context import LocalContext, ProcessContext
 from fastppo.engine.experience import (
     Experience,
     fill_from_update,
@@ -47,7 +47,7 @@ from fastppo.engine.models import (
 )
 from fastppo.engine.rollout import Rollout, generate
 from fastppo.engine.streams import sample_seeds, stream_seed
-from fastppo.engine.tracking import MetricsLog, plot_curves
+from fastppo.engine.tracking import MemoryLog, MetricsLog, plot_curves
 from fastppo.linear import ppo_loss_and_terms_from_hidden
 
 # Called with the step number after each PPO step, once its metrics are logged and its checkpoint (if due) saved.
@@ -97,12 +97,12 @@ def seed_everything(seed: int) -> None:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, run_dir: str | Path, *, resume: bool = False, echo=print,
-                 dist_ctx: Any = None) -> None:
-        """``dist_ctx``: a ``fastppo.engine.distributed.DistContext`` when launched by torchrun, else None."""
+                 ctx: ProcessContext | None = None) -> None:
+        """``ctx``: the process context, a ``fastppo.engine.distributed.DistContext`` when launched by torchrun;
+        by default one process on ``cfg.device`` (``context.LocalContext``)."""
         cfg.validate()
         self.cfg = cfg
-        self.dist = dist_ctx
-        self.is_main = dist_ctx is None or dist_ctx.is_main
+        self.is_main = ctx is None or ctx.is_main
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.echo = echo if self.is_main else (lambda *a, **k: None)
@@ -110,11 +110,12 @@ class PPOTrainer:
         threads = cfg.torch_threads or (1 if not cfg.model else 0)
         if threads:
             torch.set_num_threads(threads)
-        self.device = resolve_device(cfg.device) if dist_ctx is None else dist_ctx.device
+        self.ctx: ProcessContext = ctx if ctx is not None else LocalContext(resolve_device(cfg.device))
+        self.device = self.ctx.device
         preflight.check_backend(cfg, self.device)
         resume_from = preflight.resume_point(cfg, self.run_dir, echo) if resume else None
         if resume_from is not None:
-            ckpt_io.check_format(resume_from, multi_process=dist_ctx is not None)
+            ckpt_io.check_format(resume_from, multi_process=self.ctx.distributed)
         seed_everything(cfg.seed)
         self.tokenizer = build_tokenizer(cfg)
         self.reward_fn = build_reward(cfg, self.device)
@@ -142,10 +143,9 @@ class PPOTrainer:
             trunk = build_causal_lm(cfg, self.tokenizer, cfg.critic_model).to(self.device) if cfg.critic_model \
                 else frozen_copy(lm).requires_grad_(True)
             self.critic = ValueModel(trunk).to(self.device)
-        if dist_ctx is not None:
-            for model in (self.ref_lm, self.policy, self.critic):
-                if model is not None:
-                    dist_ctx.shard(model)
+        for model in (self.ref_lm, self.policy, self.critic):
+            if model is not None:
+                self.ctx.shard(model)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if self.critic is not None:
             params += [p for p in self.critic.parameters() if p.requires_grad]
@@ -156,10 +156,10 @@ class PPOTrainer:
         # one epoch of one minibatch: the update's own forward gives the old log-probs (no policy forward in the
         # experience pass); tests switch it off to check the results are the same. Single process only: across ranks
         # each computes only its piece of a micro-batch's log-probs.
-        self.old_from_update = update_is_on_policy(cfg) and self.dist is None
+        self.old_from_update = update_is_on_policy(cfg) and not self.ctx.distributed
         self.ptx: ptx_mod.PtxBatches | None = None
         if cfg.ptx_coef > 0:
-            if self.dist is not None:
+            if self.ctx.distributed:
                 raise ConfigError("ptx_coef > 0 in a multi-process run is not supported yet")
             texts = ptx_mod.load_texts(cfg.ptx_file) if cfg.ptx_file else [
                 f"{p} {d}" for p, d in zip(self.train_prompts, task_mod.make_demonstrations(
@@ -171,26 +171,14 @@ class PPOTrainer:
         history: list[dict[str, Any]] = []
         if resume:
             path = resume_from
-            if dist_ctx is None:
-                state, history = ckpt_io.load_checkpoint(path, policy=self.policy, critic=self.critic,
-                                                         optimizer=self.optimizer, scheduler=self.scheduler,
-                                                         verified=True)
-            else:
-                from fastppo.engine import distributed
-
-                state, history = distributed.load_checkpoint(dist_ctx, path, models=self._models(),
-                                                             optimizer=self.optimizer, scheduler=self.scheduler,
-                                                             echo=self.echo)
+            state, history = self.ctx.load_checkpoint(path, models=self._models(), optimizer=self.optimizer,
+                                                      scheduler=self.scheduler, echo=self.echo)
             self.step = int(state["step"])
             self.stream.position = int(state["data_position"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.echo(f"resumed from {path} at step {self.step}/{cfg.total_steps}")
-        if self.is_main:
-            self.metrics = MetricsLog(self.run_dir, cfg.tensorboard, history)
-        else:
-            from fastppo.engine.distributed import MemoryLog
-
-            self.metrics = MemoryLog(history)  # type: ignore[assignment]
+        self.metrics: MetricsLog | MemoryLog = MetricsLog(self.run_dir, cfg.tensorboard, history) if self.is_main \
+            else MemoryLog(history)
 
     def _models(self) -> dict[str, torch.nn.Module]:
         models: dict[str, torch.nn.Module] = {"policy": self.policy}
@@ -236,8 +224,8 @@ class PPOTrainer:
             ids, mask = ids[rows], mask[rows]
         cfg = self.cfg
         self.policy.eval()
-        with contextlib.nullcontext() if self.dist is None else self.dist.unsharded(self.policy):
-                return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
+        with self.ctx.unsharded(self.policy):
+            return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
                             cache=cfg.kv_cache, seeds=seeds)
@@ -340,17 +328,14 @@ class PPOTrainer:
             for mb in perm.split(cfg.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mb.split(cfg.micro_batch_size):
-                    if self.dist is None:
-                        loss, st = self.micro_loss(exp.select(micro))
-                        if "old_logprobs" in st:
-                            fresh["old_logprobs"][micro] = st["old_logprobs"]
-                            fresh["entropy"][micro] = st["entropy"]
-                    else:
-                        # this rank's piece of the global micro-batch, weighted by its share of the aggregation
-                        piece, w = self.dist.micro_piece(micro, exp.mask, cfg.loss_agg)
-                        loss, st = self.micro_loss(exp.select(piece))
-                        loss, st = loss * w, {k: v * w for k, v in st.items()}
-                    (loss / accum if self.dist is None else loss * (self.dist.grad_scale / accum)).backward()
+                    # this process's piece of the global micro-batch (all of it in one process), weighted by its
+                    # share of the aggregation
+                    piece, loss, st = self.ctx.piece_loss(micro, exp.mask, cfg.loss_agg,
+                                                          lambda rows: self.micro_loss(exp.select(rows)))
+                    if "old_logprobs" in st:  # old_from_update: single-process only, so piece == micro
+                        fresh["old_logprobs"][piece] = st["old_logprobs"]
+                        fresh["entropy"][piece] = st["entropy"]
+                    self.ctx.backward(loss, accum)
                     for k in ("loss", "pg_loss", "clipfrac", "approx_kl", "value_loss", "vf_clipfrac"):
                         acc[k].append(st[k].detach().float())
                 if self.ptx is not None:  # PPO-ptx: + ptx_coef x the NLL of this optimizer step's pretraining batch
@@ -372,11 +357,11 @@ class PPOTrainer:
         if self.old_from_update:
             fill_from_update(exp, fresh["old_logprobs"], fresh["entropy"], cfg)
         out = {k: torch.stack(v).float().mean() for k, v in acc.items()}
-        return out if self.dist is None else self.dist.reduce_stats(out, keep=("grad_norm",))
+        return self.ctx.reduce_stats(out, keep=("grad_norm",))
 
     def _pad_responses(self, ro: Rollout) -> Rollout:
         """Pad this rank's responses to the longest response of any rank (the width one process would have)."""
-        width = self.dist.max_int(ro.response_ids.shape[1])
+        width = self.ctx.max_int(ro.response_ids.shape[1])
         extra = width - ro.response_ids.shape[1]
         if extra == 0:
             return ro
@@ -395,19 +380,16 @@ class PPOTrainer:
         prompts = self.stream.take(cfg.batch_size // cfg.samples_per_prompt)
         prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # group members adjacent
         # every rank holds the global prompt list and generates its rows of it
-        rows = slice(0, len(prompts)) if self.dist is None else self.dist.local_rows(len(prompts))
+        rows = self.ctx.local_rows(len(prompts))
         seeds = sample_seeds(cfg.seed, self.step, torch.arange(len(prompts), device=self.device)[rows])
         rollout = self._generate(prompts, greedy=False, seeds=seeds, rows=rows)
         scores, _, _ = score_rollout(rollout, self.tokenizer, self.reward_fn, cfg)
-        gather = None
-        if self.dist is not None:
-            rollout = self._pad_responses(rollout)
-            gather = self.dist.gather_experience
+        rollout = self._pad_responses(rollout)
         self._sync()
         t1 = time.perf_counter()
         kl_coef = self.kl_ctl.value
-        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef, gather=gather,
-                              old_from_update=self.old_from_update)
+        exp = make_experience(rollout, scores, self.policy, self.ref_lm, self.critic, cfg, kl_coef,
+                              gather=self.ctx.gather_experience, old_from_update=self.old_from_update)
         self._sync()
         t2 = time.perf_counter()
         up = self.update(exp)
@@ -453,15 +435,9 @@ class PPOTrainer:
     def save(self) -> Path:
         state = {"data_position": self.stream.position, "kl_controller": self.kl_ctl.state_dict(),
                  "config": self.cfg.to_dict()}
-        if self.dist is not None:
-            from fastppo.engine import distributed
-
-            return distributed.save_checkpoint(self.dist, self.run_dir, self.step, models=self._models(),
-                                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                                               metrics=self.metrics.history, keep=self.cfg.keep_checkpoints)
-        return ckpt_io.save_checkpoint(self.run_dir, self.step, policy=self.policy, critic=self.critic,
-                                       optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                                       metrics=self.metrics.history, keep=self.cfg.keep_checkpoints)
+        return self.ctx.save_checkpoint(self.run_dir, self.step, models=self._models(), optimizer=self.optimizer,
+                                        scheduler=self.scheduler, state=state, metrics=self.metrics.history,
+                                        keep=self.cfg.keep_checkpoints)
 
     def train(self, *, on_step_end: Sequence[StepCallback] = ()) -> dict[str, Any]:
         """Run the remaining PPO steps, save, write the final model and summary. ``on_step_end``: callables
@@ -499,16 +475,11 @@ class PPOTrainer:
         cfg = self.cfg
         self.metrics.close()
         after = self.write_samples("after")
-        lm_to_save, v_head = self.policy.lm, self.policy.v_head
-        if self.dist is not None:
-            from fastppo.engine import distributed
-
-            full_sd = distributed.full_state_dict(self.policy)  # a collective: every rank takes part
-            if not self.is_main:
-                return {"steps": self.step, "run_dir": str(self.run_dir)}
-            full = ValueModel(build_causal_lm(cfg, self.tokenizer, cfg.model))
-            full.load_state_dict(full_sd)
-            lm_to_save, v_head = full.lm, full.v_head
+        # the policy's full weights (a collective in a multi-process run: every process takes part)
+        full = self.ctx.full_model(self.policy, lambda: ValueModel(build_causal_lm(cfg, self.tokenizer, cfg.model)))
+        if full is None:  # not the main process: it writes nothing
+            return {"steps": self.step, "run_dir": str(self.run_dir)}
+        lm_to_save, v_head = full.lm, full.v_head
         before_line = (self.run_dir / "samples_before.txt").read_text().splitlines()[0]
         before = float(before_line.rsplit(":", 1)[1])
         final = self.run_dir / "final"
