@@ -10,6 +10,8 @@ row's result does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton.language as tl
 from torch import Tensor
@@ -27,6 +29,9 @@ from fastppo._contract import (
 )
 
 from ._jit import late_jit, next_pow2, on_device
+
+if TYPE_CHECKING:
+    from fastppo.objective import PPOObjective
 
 __all__ = ["PPO_TERMS", "logprobs_backward", "logprobs_forward", "ppo_loss_forward", "row_config"]
 
@@ -310,13 +315,7 @@ def ppo_loss_forward(
     adv: Tensor,
     ref_logp: Tensor | None,
     mask: Tensor,
-    temperature: float,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float,
-    kl_kind: int,
-    kl_coef: float,
-    entropy_coef: float,
+    objective: PPOObjective,
 ) -> Tensor:
     """One pass over ``logits [B, T, V]`` -> ``terms`` float32 ``[len(PPO_TERMS), N]`` (rows in PPO_TERMS order).
 
@@ -328,19 +327,19 @@ def ppo_loss_forward(
         _check_f32(name, t, n, x.device)
     if ref_logp is not None:
         _check_f32("ref_logp", ref_logp, n, x.device)
-    if not 0 <= int(kl_kind) < len(KL_KINDS):
-        raise ValueError(f"kl_kind must index {KL_KINDS}, got {kl_kind}")
+    obj = objective
     terms = torch.empty((NUM_TERMS, n), dtype=torch.float32, device=x.device)
     if n == 0:
         return terms
     block, warps = row_config(v, x.dtype)
+    dual_clip = 0.0 if obj.dual_clip is None else float(obj.dual_clip)
     with on_device(x):
         _row_forward[(n,)](
-            x, x.stride(0), x.stride(1), n_t, lab, v, 1.0 / float(temperature),
+            x, x.stride(0), x.stride(1), n_t, lab, v, 1.0 / float(obj.temperature),
             terms, terms, terms,
             old_logp, adv, ref_logp if ref_logp is not None else old_logp, mask, terms, n,
-            float(clip_low), float(clip_high), float(dual_clip), float(kl_coef), float(entropy_coef),
-            BLOCK=block, WITH_ENTROPY=True, PPO=True, HAS_REF=ref_logp is not None, DUAL=float(dual_clip) > 0.0,
-            KL_KIND=int(kl_kind), num_warps=warps,
+            float(obj.clip_low), float(obj.clip_high), dual_clip, float(obj.kl_coef), float(obj.entropy_coef),
+            BLOCK=block, WITH_ENTROPY=True, PPO=True, HAS_REF=ref_logp is not None, DUAL=dual_clip > 0.0,
+            KL_KIND=KL_KINDS.index(obj.kl_kind), num_warps=warps,
         )
     return terms
