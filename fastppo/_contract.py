@@ -79,3 +79,14 @@ def check_gae_inputs(
     check_vector("mask", mask, shape, torch.bool, dev)
     if bootstrap is not None:
         check_vector("bootstrap", bootstrap, shape[:1], torch.float32, dev)
+
+
+def kernel_epilogue_supports(objective: object) -> bool:
+    """Whether the kernels' shared per-token PPO epilogue (``ppo_loss_forward``: csrc/common/ppo_epilogue.h, the
+    Triton row kernel) computes this ``PPOObjective``: the token-level clipped surrogate (clip-higher, dual clip) with
+    one of ``KL_KINDS`` and the entropy aggregated like the rest. Every other objective runs on the same row kernels
+    for log-probs and entropy with its per-token math in PyTorch (``fastppo.reference.objective``)."""
+    obj = objective
+    return (obj.policy_loss == "ppo" and obj.importance_sampling_level == "token" and obj.kl_kind in KL_KINDS
+            and not obj.kl_ratio_weighted and obj.entropy_agg is None and obj.off_policy_mask_threshold is None
+            and obj.top_entropy_quantile == 1.0)

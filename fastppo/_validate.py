@@ -188,21 +188,68 @@ def clips(clip_low: object, clip_high: object, dual_clip: object) -> tuple[float
     return low, high, dual
 
 
+def _positive(name: str, value: object, *, optional: bool = False) -> float | None:
+    x = number(name, value, optional=optional)
+    if x is not None and not x > 0.0:
+        raise ValueError(f"{name} must be > 0, got {x}")
+    return x
+
+
 def objective(obj: object) -> dict[str, object]:
     """Every field of a ``PPOObjective`` checked; returns the normalised values (floats; ``clip_high`` resolved)."""
     from fastppo.objective import CHOICES  # floor 0 both; imported here so this module needs no objective at import
 
-    low, high, dual = clips(obj.clip_low, obj.clip_high, obj.dual_clip)
-    out: dict[str, object] = {"clip_low": low, "clip_high": high, "dual_clip": dual,
-                              "kl_coef": number("kl_coef", obj.kl_coef),
-                              "entropy_coef": number("entropy_coef", obj.entropy_coef),
-                              "temperature": temperature(obj.temperature)}
+    out: dict[str, object] = {}
     for name, allowed in CHOICES.items():
         value = getattr(obj, name)
         if value not in allowed:
             what = "KL kind (kl_kind)" if name == "kl_kind" else name
-            raise ValueError(f"unknown {what} {value!r}; choose from {allowed}")
+            shown = tuple(a for a in allowed if a is not None)
+            raise ValueError(f"unknown {what} {value!r}; choose from {shown}" + (" or None" if None in allowed else ""))
         out[name] = value
+    if obj.policy_loss == "ppo":
+        low, high, dual = clips(obj.clip_low, obj.clip_high, obj.dual_clip)
+    else:  # CISPO's clip range bounds a weight (clip_low >= 1: no lower bound); no dual clip there
+        low = number("clip_low", obj.clip_low)
+        high = low if obj.clip_high is None else number("clip_high", obj.clip_high)
+        if low < 0.0 or high < 0.0:
+            raise ValueError(f"need clip_low >= 0 and clip_high >= 0, got {low}, {high}")
+        dual = number("dual_clip", obj.dual_clip, optional=True)
+        if dual is not None:
+            raise ValueError(f"dual_clip applies to policy_loss='ppo' only (got policy_loss={obj.policy_loss!r})")
+    out.update(clip_low=low, clip_high=high, dual_clip=dual,
+               sapo_tau_pos=_positive("sapo_tau_pos", obj.sapo_tau_pos),
+               sapo_tau_neg=_positive("sapo_tau_neg", obj.sapo_tau_neg),
+               kl_coef=number("kl_coef", obj.kl_coef), entropy_coef=number("entropy_coef", obj.entropy_coef),
+               temperature=temperature(obj.temperature),
+               loss_normalizer=_positive("loss_normalizer", obj.loss_normalizer, optional=True),
+               rollout_is_min=_positive("rollout_is_min", obj.rollout_is_min, optional=True),
+               rollout_is_max=_positive("rollout_is_max", obj.rollout_is_max, optional=True),
+               off_policy_mask_threshold=number("off_policy_mask_threshold", obj.off_policy_mask_threshold,
+                                                optional=True))
+    for name in ("kl_ratio_weighted",):
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            if value not in (0, 1, 0.0, 1.0):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+            value = bool(value)
+        out[name] = value
+    mcl = obj.max_completion_length
+    if mcl is not None:
+        if isinstance(mcl, bool) or not float(mcl).is_integer() or mcl < 1:
+            raise ValueError(f"max_completion_length must be a positive integer or None, got {mcl!r}")
+        mcl = int(mcl)
+    out["max_completion_length"] = mcl
+    q = number("top_entropy_quantile", obj.top_entropy_quantile)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q}")
+    out["top_entropy_quantile"] = q
+    lo, hi = out["rollout_is_min"], out["rollout_is_max"]
+    if obj.rollout_is_level is not None:
+        if lo is None and hi is None:
+            raise ValueError("rollout correction needs rollout_is_min and/or rollout_is_max (both None: no bound)")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"need rollout_is_min < rollout_is_max, got {lo} and {hi}")
     return out
 
 
@@ -233,22 +280,35 @@ def loss_inputs(names: tuple[str, ...], tensors: tuple[object, ...], mask: objec
 
 class PPOInputs:
     """The per-token inputs of a PPO loss, checked: ``old`` (None: on-policy), ``adv``, ``ref`` (None: no reference
-    policy), ``mask``, all of the entry point's token shape ``[...]`` (``[B, T]`` for the ``seq-*`` aggregations)."""
+    policy), ``rollout`` (None: no sampler log-probs), ``mask``, all of the entry point's token shape ``[...]``
+    (``[B, T]`` for the ``seq-*`` aggregations and sequence-level settings)."""
 
-    __slots__ = ("adv", "mask", "old", "ref")
+    __slots__ = ("adv", "mask", "old", "ref", "rollout")
 
-    def __init__(self, old: Tensor | None, adv: Tensor, ref: Tensor | None, mask: Tensor) -> None:
-        self.old, self.adv, self.ref, self.mask = old, adv, ref, mask
+    def __init__(self, old: Tensor | None, adv: Tensor, ref: Tensor | None, rollout: Tensor | None,
+                 mask: Tensor) -> None:
+        self.old, self.adv, self.ref, self.rollout, self.mask = old, adv, ref, rollout, mask
+
+
+def _optional_logprobs(name: str, t: object | None, lead: torch.Size, lead_name: str, like: Tensor) -> Tensor | None:
+    if t is None:
+        return None
+    t = half_to_float(float_tensor(name, t))
+    if t.shape != lead:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(lead)} ({lead_name})")
+    same_device(advantages=like, **{name: t})
+    return t
 
 
 def ppo_inputs(op: str, lead: torch.Size, lead_name: str, device: torch.device, old_logprobs: object | None,
                advantages: object, mask: object, ref_logprobs: object | None, obj: object, *,
-               on_policy_ok: bool) -> PPOInputs:
+               rollout_logprobs: object | None = None, on_policy_ok: bool) -> PPOInputs:
     """Every check of a PPO loss's per-token inputs, the same for every entry point: shapes equal to the token shape
     ``lead`` of the logits / hidden states (``lead_name`` says which), one device, non-empty, a valid token, reference
-    log-probs when ``kl_coef != 0``, the aggregation's shape, and finite values at valid tokens (``old_logprobs``,
-    ``advantages``, and ``ref_logprobs`` when ``kl_coef != 0``: a NaN there would be NaN on one backend and a
-    finite, wrong number on another). ``old_logprobs=None`` (on-policy) only where ``on_policy_ok``."""
+    log-probs when ``kl_coef != 0``, rollout log-probs when rollout correction is on, the shape the aggregation and
+    sequence-level settings need, and finite values at valid tokens (``old_logprobs``, ``advantages``, and the
+    reference / rollout log-probs where the loss uses them: a NaN there would be NaN on one backend and a finite,
+    wrong number on another). ``old_logprobs=None`` (on-policy) only where ``on_policy_ok``."""
     if old_logprobs is None and not on_policy_ok:
         raise TypeError(f"{op}: old_logprobs are required")
     names = ("advantages",) if old_logprobs is None else ("old_logprobs", "advantages")
@@ -261,20 +321,26 @@ def ppo_inputs(op: str, lead: torch.Size, lead_name: str, device: torch.device, 
         if t.device != device:
             raise ValueError(f"all tensors must be on one device; got {lead_name} on {device}, {name} on {t.device}")
     old, adv = (None, tensors[0]) if old_logprobs is None else tensors
-    ref = None
-    if ref_logprobs is None:
-        if obj.kl_coef != 0.0:
-            raise ValueError("kl_coef != 0 needs ref_logprobs")
-    else:
-        ref = half_to_float(float_tensor("ref_logprobs", ref_logprobs))
-        if ref.shape != lead:
-            raise ValueError(f"ref_logprobs has shape {tuple(ref.shape)}, expected {tuple(lead)} ({lead_name})")
-        same_device(advantages=adv, ref_logprobs=ref)
+    if ref_logprobs is None and obj.kl_coef != 0.0:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    ref = _optional_logprobs("ref_logprobs", ref_logprobs, lead, lead_name, adv)
+    if rollout_logprobs is None and obj.rollout_is_level is not None:
+        raise ValueError(f"rollout correction (rollout_is_level={obj.rollout_is_level!r}) needs rollout_logprobs")
+    rollout = _optional_logprobs("rollout_logprobs", rollout_logprobs, lead, lead_name, adv)
     aggregation(obj.agg, lead)
+    sequence_wise = [name for name, on in (("importance_sampling_level", obj.importance_sampling_level != "token"),
+                                           ("rollout_is_level", obj.rollout_is_level == "sequence"),
+                                           ("off_policy_mask_threshold", obj.off_policy_mask_threshold is not None))
+                     if on]
+    if sequence_wise and len(lead) < 2:
+        raise ValueError(f"{sequence_wise[0]} works per sequence and needs per-token tensors [B, T], got shape "
+                         f"{tuple(lead)}")
     for name, t in (("old_logprobs", old), ("advantages", adv)):
         if t is not None:
             finite_where_valid(name, t, mask)
     if ref is not None and obj.kl_coef != 0.0:
         # With kl_coef == 0 the reference log-probs only feed the KL statistic (an infinite KL is an honest one).
         finite_where_valid("ref_logprobs", ref, mask)
-    return PPOInputs(old, adv, ref, mask)
+    if rollout is not None and (obj.rollout_is_level is not None or obj.off_policy_mask_threshold is not None):
+        finite_where_valid("rollout_logprobs", rollout, mask)
+    return PPOInputs(old, adv, ref, rollout, mask)

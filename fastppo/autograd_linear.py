@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 from fastppo import _dispatch
-from fastppo._contract import PPO_TERMS
+from fastppo._contract import PPO_TERMS, kernel_epilogue_supports
 from fastppo._contract import TERM as _T
-from fastppo.autograd import per_token_grads
 from fastppo.objective import PPOObjective
 from fastppo.reference.losses import ppo_term_rows
 
@@ -103,8 +102,9 @@ def rows_backward_(x: Tensor, labels: Tensor, lse: Tensor, ent: Tensor | None, g
 @dataclass(frozen=True)
 class TokenRows:
     """The per-token inputs of the fused LM head's PPO loss, ``[N]`` each: labels (int64), old log-probs (None:
-    on-policy, each token's own), advantages, reference log-probs (None: none), mask, and the aggregation weights
-    (``loss = sum(weights * loss_tok)``)."""
+    on-policy, each token's own), advantages, reference log-probs (None: none), mask, the aggregation weights of the
+    policy and KL terms and of the entropy (``loss = sum(weights * (pg + kl_coef kl)) - entropy_coef *
+    sum(entropy_weights * H)``), and the rollout-correction weights (None: none)."""
 
     labels: Tensor
     old: Tensor | None
@@ -112,6 +112,8 @@ class TokenRows:
     ref: Tensor | None
     mask: Tensor
     weights: Tensor
+    entropy_weights: Tensor
+    is_weight: Tensor | None
 
     def take(self, index: Tensor | slice) -> TokenRows:
         """The rows at ``index`` (a slice: views; an index tensor: copies)."""
@@ -120,6 +122,34 @@ class TokenRows:
         else:
             pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
         return TokenRows(*(pick(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+
+def _rows_loss_and_grads(t: Tensor, rows: TokenRows, obj: PPOObjective) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(loss [], g_lp [C], g_h [C] | None)`` of a chunk's terms: the weighted sum of its policy, KL and entropy
+    terms and its derivatives w.r.t. each token's log-prob and entropy."""
+    w, w_h = rows.weights.to(t.dtype), rows.entropy_weights.to(t.dtype)
+    loss = (w * t[_T["pg"]]).sum()
+    d_lp = t[_T["dpg"]]
+    if obj.kl_coef != 0.0:  # kl_coef == 0: no 0 * inf = NaN from an infinite dkl (k2 at ref = -inf)
+        loss = loss + obj.kl_coef * (w * t[_T["kl"]]).sum()
+        d_lp = d_lp + obj.kl_coef * t[_T["dkl"]]
+    g_h = None
+    if obj.entropy_coef != 0.0:
+        loss = loss - obj.entropy_coef * (w_h * t[_T["entropy"]]).sum()
+        g_h = (w_h * -obj.entropy_coef).contiguous()
+    return loss, (w * d_lp).contiguous(), g_h
+
+
+def chunk_terms(x: Tensor, rows: TokenRows, obj: PPOObjective, backend: str) -> Tensor:
+    """The terms ``[len(PPO_TERMS), C]`` of one chunk's logits ``x [C, V]``: the backend's fused epilogue
+    (``ppo_loss_forward``) where it computes the objective, else the backend's row statistics and the reference's
+    per-token math (``ppo_term_rows``); ``rows.old`` None: the chunk's own log-probs."""
+    old = rows_forward(x, rows.labels, obj.temperature, False, backend)[0] if rows.old is None else rows.old
+    if kernel_epilogue_supports(obj) and rows.is_weight is None:
+        return _launchers(backend).ppo_loss_forward(x.unsqueeze(0), rows.labels, old, rows.adv, rows.ref, rows.mask,
+                                                    obj)
+    logp, ent, lse = rows_forward(x, rows.labels, obj.temperature, True, backend)
+    return ppo_term_rows(logp, ent, lse, old, rows.adv, rows.ref, rows.mask, obj, is_weight=rows.is_weight)
 
 
 @dataclass(frozen=True)
@@ -250,9 +280,10 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
 def linear_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: TokenRows, objective: PPOObjective,
                        chunk: int, backend: str, need: NeedGrads) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)``: ``loss = sum(rows.weights * terms['loss'])`` and its
-    gradients for a unit upstream gradient (empty where not needed). ``rows.old`` None: on-policy, each token's old
-    log-prob is its own log-prob (ratio 1), as TRL does when the update is exactly on-policy.
+    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` of a token-separable objective: the weighted sum of the
+    terms (``_rows_loss_and_grads``) and its gradients for a unit upstream gradient (empty where not needed).
+    ``rows.old`` None: on-policy, each token's old log-prob is its own log-prob (ratio 1), as TRL does when the
+    update is exactly on-policy.
 
     On CPU only the valid (mask != 0) tokens go through the LM head: a masked token's terms and gradient are 0
     whatever its logits, so padding costs no matmul (finding the valid rows is free on the host; on a GPU it would
@@ -279,12 +310,10 @@ def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: 
         mod = _launchers("triton")
         logp, ent, lse = mod.linear_forward(hidden, weight, bias, rows.labels, obj.temperature, True)
         terms = ppo_term_rows(logp, ent, lse, logp if rows.old is None else rows.old, rows.adv, rows.ref, rows.mask,
-                              obj)
-        weights = rows.weights.to(terms.dtype)
-        loss = (weights * terms[_T["loss"]]).sum()
+                              obj, is_weight=rows.is_weight)
+        loss, g_lp, g_h = _rows_loss_and_grads(terms, rows, obj)
         grads = (None, None, None)
         if need.any():
-            g_lp, g_h = per_token_grads(terms, weights, obj)
             grads = mod.linear_backward(hidden, weight, bias, rows.labels, lse, ent, g_lp, g_h, obj.temperature,
                                         need.hidden, need.weight, need.bias)
         return (loss, terms, *(_empty(hidden, hidden.dtype) if g is None else g for g in grads))
@@ -292,22 +321,20 @@ def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: 
     spans = _chunks(n, chunk)
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
     terms = hidden.new_empty((len(PPO_TERMS), n), dtype=out_dtype)
+    loss = hidden.new_zeros((), dtype=out_dtype)
     sink = _GradSink(hidden, weight, bias, len(spans), need) if need.any() else None
-    launchers = _launchers(backend)
     for s, e in spans:
         x = _chunk_logits(hidden[s:e], weight, bias)
         r = rows.take(slice(s, e))
-        # old None: on-policy, the old log-probs are this chunk's own (one extra pass over the buffer, no matmul)
-        old = rows_forward(x, r.labels, obj.temperature, False, backend)[0] if r.old is None else r.old
-        t = launchers.ppo_loss_forward(x.unsqueeze(0), r.labels, old, r.adv, r.ref, r.mask, obj)
+        t = chunk_terms(x, r, obj, backend)
         terms[:, s:e] = t
+        loss_c, g_lp, g_h = _rows_loss_and_grads(t, r, obj)
+        loss = loss + loss_c
         if sink is not None:
-            g_lp, g_h = per_token_grads(t, r.weights.to(t.dtype), obj)
             lse, ent = t[_T["lse"]].contiguous(), t[_T["entropy"]].contiguous()
             rows_backward_(x, r.labels, lse, ent, g_lp, g_h, obj.temperature, backend)
             sink.add(s, e, x, hidden[s:e])
         del x
-    loss = (rows.weights.to(out_dtype) * terms[_T["loss"]]).sum()
     if sink is None:
         return (loss, terms, *_empty_grads(hidden))
     return (loss, terms, *sink.result())
@@ -381,18 +408,20 @@ linear_logprobs_op.register_autograd(_lp_backward, setup_context=_lp_setup)
 @torch.library.custom_op("fastppo::linear_ppo_loss", mutates_args=())
 def linear_ppo_loss_op(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, old_logp: Tensor, adv: Tensor, ref_logp: Tensor,
-    mask: Tensor, weights: Tensor, objective: list[float], chunk: int, backend: str, need: list[bool],
+    mask: Tensor, weights: Tensor, entropy_weights: Tensor, is_weight: Tensor, objective: list[float], chunk: int,
+    backend: str, need: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` over ``hidden [N, H]``; ``weights [N]`` aggregate;
-    ``objective`` a packed ``PPOObjective``; ``old_logp`` empty: on-policy (the tokens' own log-probs); ``need``:
-    [hidden, weight, bias]."""
-    rows = TokenRows(labels, _opt(old_logp), adv, _opt(ref_logp), mask, weights)
+    """``(loss [], terms [len(PPO_TERMS), N], dh, dW, db)`` over ``hidden [N, H]`` for a token-separable objective
+    (a packed ``PPOObjective``); ``weights [N]`` / ``entropy_weights [N]`` aggregate; ``old_logp`` empty: on-policy
+    (the tokens' own log-probs); ``ref_logp`` / ``is_weight`` empty: none; ``need``: [hidden, weight, bias]."""
+    rows = TokenRows(labels, _opt(old_logp), adv, _opt(ref_logp), mask, weights, entropy_weights, _opt(is_weight))
     return linear_ppo_forward(hidden, weight, _b(bias), rows, PPOObjective.unpack(objective), chunk, backend,
                               NeedGrads(*need))
 
 
 @linear_ppo_loss_op.register_fake
-def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, objective, chunk, backend, need):
+def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, entropy_weights, is_weight, objective,
+      chunk, backend, need):
     dt = torch.promote_types(hidden.dtype, torch.float32)
     e = lambda: hidden.new_empty((0,))  # noqa: E731
     return (hidden.new_empty((), dtype=dt), hidden.new_empty((len(PPO_TERMS), hidden.shape[0]), dtype=dt),
@@ -400,7 +429,6 @@ def _(hidden, weight, bias, labels, old_logp, adv, ref_logp, mask, weights, obje
             torch.empty_like(bias) if need[2] and bias.numel() > 0 else e())
 
 
-_LINEAR_PPO_NON_TENSOR_ARGS = 4  # objective, chunk, backend, need
 
 
 def _ppo_setup(ctx, inputs, output):

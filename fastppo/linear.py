@@ -18,12 +18,12 @@ from torch import Tensor
 
 from fastppo import _validate as validate
 from fastppo._contract import TERM as _T
-from fastppo.autograd_linear import LinearPPOLoss, chunk_rows
+from fastppo.autograd_linear import LinearPPOLoss, chunk_rows, valid_rows_on_cpu
 from fastppo.objective import PPOObjective, objective_from
 from fastppo.ops import _backend_for
 from fastppo.reference import masked_mean
-from fastppo.reference.linear import agg_weights
-from fastppo.reference.losses import policy_stats
+from fastppo.reference.losses import agg_weights, entropy_agg, objective_agg, policy_stats, ppo_loss_from_logprobs
+from fastppo.reference.objective import rollout_weights
 
 __all__ = ["chunk_rows", "linear_logprobs", "linear_logprobs_and_entropy", "ppo_loss_from_hidden"]
 
@@ -132,6 +132,7 @@ def ppo_loss_from_hidden(
     *,
     bias: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
@@ -139,16 +140,21 @@ def ppo_loss_from_hidden(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without the logits: same objective settings
     (``objective`` and/or its fields as keywords), same ``(loss, stats)``. ``hidden [B, T, H]`` (any ``[..., H]`` for
-    token-mean), ``weight [V, H]``, per-token tensors ``[B, T]``. The gradient is computed during the forward (the
-    loss is linear in its per-token terms), so the backward only scales it: three matmuls in all.
+    token-level settings with token-mean), ``weight [V, H]``, per-token tensors ``[B, T]``.
+
+    A token-separable objective (``PPOObjective.token_separable``: token-level ratios, no mask built from the current
+    log-probs) has its gradient computed during the forward, chunk by chunk (the loss is linear in its per-token
+    terms), so the backward only scales it: three matmuls in all. Sequence-level ratios and the off-policy / entropy
+    masks need every token's log-prob first: the forward computes log-probs and entropies chunk by chunk, the loss
+    follows in PyTorch, and the backward recomputes each chunk (four matmuls).
 
     ``old_logprobs=None``: the update is exactly on-policy (one epoch, one minibatch, the policy that sampled), so
     each token's old log-prob is its own log-prob from this forward, detached (ratio 1; TRL's convention when it has
     no old log-probs). No separate forward over the LM head is needed for them.
     """
     return ppo_loss_and_terms_from_hidden(hidden, weight, labels, old_logprobs, advantages, mask, bias=bias,
-                                          ref_logprobs=ref_logprobs, objective=objective, backend=backend,
-                                          chunk_size=chunk_size, **settings)[:2]
+                                          ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                                          objective=objective, backend=backend, chunk_size=chunk_size, **settings)[:2]
 
 
 def ppo_loss_and_terms_from_hidden(
@@ -161,6 +167,7 @@ def ppo_loss_and_terms_from_hidden(
     *,
     bias: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
@@ -173,18 +180,27 @@ def ppo_loss_and_terms_from_hidden(
     lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
     ins = validate.ppo_inputs(op, lead, "hidden[..., 0]", h.device, old_logprobs, advantages, mask, ref_logprobs,
-                              obj, on_policy_ok=True)
+                              obj, rollout_logprobs=rollout_logprobs, on_policy_ok=True)
     mask = ins.mask
     name = _backend_for(backend, h, "ppo_loss")
     chunk = _chunk(chunk, w, h, name)
+    if not obj.token_separable:
+        return _two_pass(h, w, b, lab, lead, ins, obj, name, chunk, op)
     vec_dtype = torch.promote_types(h.dtype, torch.float32)
     flat = lambda t: t.reshape(-1).to(vec_dtype).contiguous()  # noqa: E731
-    wts = agg_weights(mask.to(vec_dtype), obj.agg)
+    m = mask.to(vec_dtype)
+    wts = agg_weights(m, **objective_agg(obj))
+    wts_h = wts if obj.entropy_agg is None else agg_weights(m, **entropy_agg(obj))
+    is_weight, is_stats = None, {}
+    if obj.rollout_is_level is not None:
+        old_for_is = ins.old if ins.old is not None else _own_logprobs(h, w, b, lab, lead, obj, name, chunk)
+        is_weight, is_stats = rollout_weights(old_for_is.to(vec_dtype), ins.rollout.to(vec_dtype), mask, obj)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (h, w, b)]
     empty = h.new_empty((0,), dtype=vec_dtype)
-    args = (h, w, _bias_arg(b, h), lab, empty if ins.old is None else flat(ins.old), flat(ins.adv),
-            empty if ins.ref is None else flat(ins.ref), flat(mask), flat(wts), obj.pack(), chunk, name, need)
+    opt = lambda t: empty if t is None else flat(t)  # noqa: E731
+    args = (h, w, _bias_arg(b, h), lab, opt(ins.old), flat(ins.adv), opt(ins.ref), flat(mask), flat(wts), flat(wts_h),
+            opt(is_weight), obj.pack(), chunk, name, need)
     if torch.compiler.is_compiling() or not any(need):
         loss, terms = torch.ops.fastppo.linear_ppo_loss(*args)[:2]
     else:  # eager with gradients: the Function that lets autograd adopt dW instead of copying it
@@ -199,5 +215,40 @@ def ppo_loss_and_terms_from_hidden(
         if ins.ref is not None:
             stats["kl"] = masked_mean(row("kl"), mask)
         stats["entropy"] = masked_mean(row("entropy"), mask)
+        stats.update(is_stats)
         stats["loss"] = loss.detach()
     return loss, stats, {"logprobs": logp, "entropy": row("entropy")}
+
+
+def _own_logprobs(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.Size, obj: PPOObjective,
+                  name: str, chunk: int) -> Tensor:
+    """The current log-probs, detached (the old ones of an on-policy update that also corrects for the sampler)."""
+    with torch.no_grad():
+        logp, _, _ = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, obj.temperature, False, chunk, name)
+    return logp.view(lead)
+
+
+def _two_pass(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.Size, ins: validate.PPOInputs,
+              obj: PPOObjective, name: str, chunk: int, op: str) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """A non-token-separable objective: log-probs and entropies chunk by chunk (``fastppo::linear_logprobs``, whose
+    backward recomputes each chunk), then the objective in PyTorch. On CPU only the valid tokens go through the LM
+    head (as in the one-pass op)."""
+    mask = ins.mask
+    keep = valid_rows_on_cpu(mask)
+    hs, labs = (h, lab) if keep is None else (h.index_select(0, keep), lab.index_select(0, keep))
+    logp_k, ent_k, lse_k = torch.ops.fastppo.linear_logprobs(hs, w, _bias_arg(b, h), labs, obj.temperature, True,
+                                                             chunk, name)
+    valid_rows = None if keep is None else torch.ones_like(keep, dtype=torch.bool)
+    validate.finite_rows(op, lse_k.detach(), valid=mask.reshape(-1) if keep is None else valid_rows,
+                         temperature=obj.temperature, source="hidden")
+    if keep is None:
+        logp, ent = logp_k.view(lead), ent_k.view(lead)
+    else:
+        logp = logp_k.new_zeros(lead.numel()).index_put((keep,), logp_k).view(lead)
+        ent = ent_k.new_zeros(lead.numel()).index_put((keep,), ent_k).view(lead)
+    loss, stats = ppo_loss_from_logprobs(logp, ent, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
+                                         rollout_logprobs=ins.rollout, objective=obj)
+    zero = torch.zeros_like(logp.detach())
+    valid = mask != 0
+    return loss, stats, {"logprobs": torch.where(valid, logp.detach(), zero),
+                         "entropy": torch.where(valid, ent.detach(), zero)}

@@ -19,11 +19,11 @@ from torch import Tensor
 from fastppo import _dispatch
 from fastppo import _validate as validate
 from fastppo import reference as ref
-from fastppo._contract import DTYPES, KL_KINDS, TERM
+from fastppo._contract import DTYPES, TERM, kernel_epilogue_supports
 from fastppo.autograd import direct_call_ok, gae_launch
-from fastppo.objective import AGG_MODES, PPOObjective, objective_from
+from fastppo.objective import AGG_MODES, KL_CHOICES, PPOObjective, objective_from
 from fastppo.reference import advantages as ref_adv
-from fastppo.reference.losses import policy_stats
+from fastppo.reference.losses import objective_agg, policy_stats
 
 __all__ = [
     "gae",
@@ -173,14 +173,15 @@ def kl_penalty(
     """Per-token KL estimate between policy and reference log-probs. ``[...], [...] -> [...]``.
 
     kinds: ``k1 = lp - ref``, ``k2 = 0.5*(lp - ref)^2``, ``k3 = exp(ref - lp) - (ref - lp) - 1``,
-    ``abs = |lp - ref|``; ``clamp`` clips the result to ``[-clamp, clamp]``.
+    ``abs = |lp - ref|``, ``low_var_kl`` (verl's k3: input clamped to +-20, value to +-10), and each with ``+`` (its
+    value, the gradient of k2); ``clamp`` clips the result to ``[-clamp, clamp]``.
     """
     validate.float_tensor("logprob", logprob)
     validate.float_tensor("ref_logprob", ref_logprob)
     validate.same_shape("logprob", logprob, ref_logprob=ref_logprob)
     validate.same_device(logprob=logprob, ref_logprob=ref_logprob)
-    if kind not in KL_KINDS:
-        raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_KINDS}")
+    if kind not in KL_CHOICES:
+        raise ValueError(f"unknown KL kind {kind!r}; choose from {KL_CHOICES}")
     if clamp is not None and not float(clamp) > 0.0:
         # clamp(-c, c) with c <= 0 would silently return a constant (or NaN): refuse it
         raise ValueError(f"clamp must be a positive number or None, got {clamp}")
@@ -357,22 +358,26 @@ def ppo_loss_from_logits(
     mask: Tensor,
     *,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
     **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The full PPO objective from logits, differentiable w.r.t. ``logits``.
+    """The PPO-family objective from logits, differentiable w.r.t. ``logits``.
 
-    ``logits [B, T, V]`` (any ``[..., V]`` for token-mean), ``labels/old_logprobs/advantages/mask [B, T]``,
-    ``ref_logprobs [B, T]`` (needed when ``kl_coef != 0``). The settings are ``objective`` (a ``PPOObjective``) and/or
-    its fields as keywords (``clip_low``, ``clip_high``, ``dual_clip``, ``kl_coef``, ``kl_kind``, ``entropy_coef``,
-    ``temperature``, ``agg``; keywords override the objective's fields). Per token:
-    ``pg + kl_coef * KL_kind(logp, ref) - entropy_coef * entropy``, aggregated with ``agg``.
+    ``logits [B, T, V]`` (any ``[..., V]`` for token-level settings with token-mean), ``labels/old_logprobs/
+    advantages/mask [B, T]``, ``ref_logprobs [B, T]`` (needed when ``kl_coef != 0``), ``rollout_logprobs [B, T]``
+    (the sampler's log-probs: rollout correction, and the off-policy mask's comparison). The settings are
+    ``objective`` (a ``PPOObjective``: clips, CISPO/SAPO, sequence-level ratios, KL, entropy, temperature,
+    aggregation and normaliser, rollout correction, masks) and/or its fields as keywords (keywords override).
     ``old_logprobs=None``: exactly on-policy, each token's own log-prob (detached) is its old one.
-    Kernel backends do it in one pass over the logits (forward) and one read + one write (backward);
-    masked tokens cost nothing. Stats (detached): pg_loss, kl, entropy, clipfrac, dual_clipfrac, approx_kl,
-    ratio_mean, ratio_max, loss.
+
+    Kernel backends read the logits once forward and once backward (read + write of dlogits); masked tokens cost
+    nothing. The clipped PPO surrogate with k1/k2/k3/abs KL runs in the kernels' fused epilogue; every other setting
+    takes the same kernels' log-probs and entropies and its per-token math in PyTorch (the reference). Stats
+    (detached): pg_loss, kl, entropy, clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max, loss, and the
+    ``rollout_*`` / ``policy_masked_fraction`` statistics of the settings that have them.
     """
     op = "ppo_loss_from_logits"
     obj = objective_from(objective, settings, op)
@@ -383,18 +388,20 @@ def ppo_loss_from_logits(
         validate.no_overlap("logits", logits)
     lead = logits.shape[:-1]
     ins = validate.ppo_inputs(op, lead, "logits[..., 0]", logits.device, old_logprobs, advantages, mask,
-                              ref_logprobs, obj, on_policy_ok=True)
+                              ref_logprobs, obj, rollout_logprobs=rollout_logprobs, on_policy_ok=True)
     mask = ins.mask
     name = _backend_for(backend, logits, "ppo_loss")
     if name == "torch":
         validate.finite_rows(op, _scaled_row_max(logits, obj.temperature), valid=mask, temperature=obj.temperature)
-        return ref.ppo_loss_from_logits(logits, labels, ins.old, ins.adv, mask, ref_logprobs=ins.ref, objective=obj)
-    if ins.old is None:
-        # On-policy: the old log-probs are this call's own, so the loss is a function of the log-probs and entropies
-        # alone: the logprobs kernels (one pass forward, one backward) and the objective's reference tail.
+        return ref.ppo_loss_from_logits(logits, labels, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
+                                        rollout_logprobs=ins.rollout, objective=obj)
+    if ins.old is None or ins.rollout is not None or not kernel_epilogue_supports(obj):
+        # The loss is a function of the log-probs and entropies: the logprobs kernels (one pass forward, one
+        # backward) and the objective's per-token math in PyTorch.
         logp, ent, lse = _kernel_logprobs(logits, labels, obj.temperature, True, name, inplace_backward)
         validate.finite_rows(op, lse.detach(), valid=mask, temperature=obj.temperature)
-        return ref.ppo_loss_from_logprobs(logp, ent, None, ins.adv, mask, ref_logprobs=ins.ref, objective=obj)
+        return ref.ppo_loss_from_logprobs(logp, ent, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
+                                          rollout_logprobs=ins.rollout, objective=obj)
 
     flat = lambda t: t.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
     x3 = _as_3d(logits)
@@ -405,9 +412,10 @@ def ppo_loss_from_logits(
     )
     row = lambda k: terms[TERM[k]].view(lead)  # noqa: E731
     validate.finite_rows(op, row("lse").detach(), valid=mask, temperature=obj.temperature)
-    loss = ref.agg_loss(row("loss"), mask, obj.agg)
+    agg = objective_agg(obj)
+    loss = ref.agg_loss(row("loss"), mask, **agg)
     with torch.no_grad():
-        stats = policy_stats(ref.agg_loss(row("pg"), mask, obj.agg), row("logp"), ins.old, row("ratio"),
+        stats = policy_stats(ref.agg_loss(row("pg"), mask, **agg), row("logp"), ins.old, row("ratio"),
                              row("clipped"), row("dual_clipped"), mask)
         if ins.ref is not None:
             stats["kl"] = ref.masked_mean(row("kl"), mask)

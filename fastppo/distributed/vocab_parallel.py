@@ -198,6 +198,7 @@ def vocab_parallel_ppo_loss(
     group: dist.ProcessGroup | None = None,
     *,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     vocab_start: int | None = None,
     **settings: Any,
@@ -211,6 +212,8 @@ def vocab_parallel_ppo_loss(
     require_process_group()
     local_logits, labels = _logits_and_labels(local_logits, labels)
     ins = validate.ppo_inputs(op, local_logits.shape[:-1], "local_logits[..., 0]", local_logits.device, old_logprobs,
-                              advantages, mask, ref_logprobs, obj, on_policy_ok=True)
+                              advantages, mask, ref_logprobs, obj, rollout_logprobs=rollout_logprobs,
+                              on_policy_ok=True)
     logp, entropy = _logprobs_entropy(local_logits, labels, group, obj.temperature, vocab_start, ins.mask, op)
-    return ppo_loss_from_logprobs(logp, entropy, ins.old, ins.adv, ins.mask, ref_logprobs=ins.ref, objective=obj)
+    return ppo_loss_from_logprobs(logp, entropy, ins.old, ins.adv, ins.mask, ref_logprobs=ins.ref,
+                                  rollout_logprobs=ins.rollout, objective=obj)

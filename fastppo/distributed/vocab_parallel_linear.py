@@ -158,6 +158,7 @@ def vocab_parallel_ppo_loss_from_hidden(
     *,
     local_bias: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     vocab_start: int | None = None,
     chunk_size: int | None = None,
@@ -171,7 +172,8 @@ def vocab_parallel_ppo_loss_from_hidden(
     require_process_group()
     hidden = validate.float_tensor("hidden", hidden)
     ins = validate.ppo_inputs(op, hidden.shape[:-1], "hidden[..., 0]", hidden.device, old_logprobs, advantages,
-                              mask, ref_logprobs, obj, on_policy_ok=True)
+                              mask, ref_logprobs, obj, rollout_logprobs=rollout_logprobs, on_policy_ok=True)
     logp, entropy = _linear_logprobs_entropy(hidden, local_weight, labels, group, local_bias, obj.temperature,
                                              vocab_start, chunk_size, ins.mask, op)
-    return ppo_loss_from_logprobs(logp, entropy, ins.old, ins.adv, ins.mask, ref_logprobs=ins.ref, objective=obj)
+    return ppo_loss_from_logprobs(logp, entropy, ins.old, ins.adv, ins.mask, ref_logprobs=ins.ref,
+                                  rollout_logprobs=ins.rollout, objective=obj)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastppo.reference.logprobs import logprobs_and_entropy, token_logprobs
-from fastppo.reference.losses import AGG_MODES, ppo_loss_from_logits
+from fastppo.reference.losses import agg_weights, ppo_loss_from_logits  # noqa: F401  (agg_weights: re-exported)
 
 
 def lm_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -46,27 +46,3 @@ def ppo_loss_from_hidden(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``ppo_loss_from_logits(hidden @ weight.T + bias, ...)`` with the same keywords and ``(loss, stats)``."""
     return ppo_loss_from_logits(lm_logits(hidden, weight, bias), labels, old_logprobs, advantages, mask, **kwargs)
-
-
-def agg_weights(mask: Tensor, agg: str = "token-mean") -> Tensor:
-    """Per-token weights ``w`` with ``agg_loss(l, mask, agg) == sum(w * l)`` for every ``l`` (agg_loss is linear).
-
-    ``mask [..., T]`` -> ``w`` of mask's shape, in float32 (float64 for a float64 mask); 0 on masked tokens.
-    """
-    dt = mask.dtype if mask.dtype in (torch.float32, torch.float64) else torch.float32
-    m = mask.to(dt)
-    if agg == "token-mean":
-        return m / m.sum()
-    if agg not in AGG_MODES:
-        raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
-    t = mask.shape[-1]
-    m2 = m.reshape(-1, t)
-    seq_len = m2.sum(-1, keepdim=True)
-    n_seq = (seq_len > 0).to(dt).sum()
-    if agg == "seq-mean-token-mean":
-        w = m2 / seq_len.clamp_min(1.0) / n_seq
-    else:
-        w = m2 / n_seq
-        if agg == "seq-mean-token-sum-norm":
-            w = w / t
-    return w.reshape(mask.shape)

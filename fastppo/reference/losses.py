@@ -14,11 +14,13 @@ from torch import Tensor
 
 from fastppo._contract import LOG_RATIO_CLAMP, PPO_TERMS
 from fastppo.objective import AGG_MODES, PPOObjective, objective_from
-from fastppo.reference.kl import kl_penalty, kl_penalty_grad
+from fastppo.reference.kl import kl_penalty
 from fastppo.reference.logprobs import logprobs_and_entropy
+from fastppo.reference.objective import objective_terms, rollout_weights, token_term_grads
 from fastppo.reference.stats import masked_mean
 
-__all__ = ["AGG_MODES", "agg_loss", "policy_stats", "ppo_loss_from_logits", "ppo_loss_from_logprobs",
+__all__ = ["AGG_MODES", "agg_loss", "agg_weights", "entropy_agg", "objective_agg", "policy_stats",
+           "ppo_loss_from_logits", "ppo_loss_from_logprobs",
            "ppo_policy_loss", "ppo_term_rows", "ppo_token_terms", "value_loss"]
 
 # Log-ratios are clamped to +-LOG_RATIO_CLAMP before exp so a wildly off-policy token cannot overflow to inf
@@ -33,20 +35,26 @@ def _valid_only(mask: Tensor, *tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else torch.where(valid, t, torch.zeros_like(t)) for t in tensors]
 
 
-def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
+def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean", *, normalizer: float | None = None,
+             max_completion_length: int | None = None) -> Tensor:
     """Aggregate per-token losses ``[..., T]`` into a scalar.
 
     token-mean               sum(l*m) / sum(m)                                  (global token mean)
     seq-mean-token-sum       mean over non-empty sequences of sum_t(l*m)
     seq-mean-token-mean      mean over non-empty sequences of sum_t(l*m)/sum_t(m)
     seq-mean-token-sum-norm  mean over non-empty sequences of sum_t(l*m), divided by T = last dim (Dr. GRPO: a
-                             constant divisor instead of the sequence length; verl's definition of this mode)
+                             constant divisor instead of the sequence length; verl's definition of this mode), or by
+                             ``max_completion_length`` when given (TRL's ``dr_grpo``)
+
+    ``normalizer`` replaces the denominator of this call's own tokens (token-mean) or non-empty sequences (seq-*
+    modes): the loss of a micro-batch is then its share of the loss of a larger batch with that many tokens or
+    sequences (e.g. TRL's ``dapo``: the tokens of the whole gradient-accumulation step, over every rank).
     """
     m = mask.to(loss_mat.dtype)
     # Masked positions are ignored whatever they hold (padding may carry -inf/NaN): where, not only multiply.
     weighted = torch.where(m != 0, loss_mat * m, torch.zeros_like(loss_mat))
     if agg == "token-mean":
-        return weighted.sum() / m.sum()
+        return weighted.sum() / (m.sum() if normalizer is None else normalizer)
     if agg not in AGG_MODES:
         raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
     lm = weighted.reshape(-1, loss_mat.shape[-1])
@@ -58,8 +66,47 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
         per_seq = seq_sum
     else:
         per_seq = seq_sum / seq_len.clamp_min(1.0)
-    loss = (per_seq * valid).sum() / valid.sum()
-    return loss / loss_mat.shape[-1] if agg == "seq-mean-token-sum-norm" else loss
+    loss = (per_seq * valid).sum() / (valid.sum() if normalizer is None else normalizer)
+    if agg == "seq-mean-token-sum-norm":
+        return loss / (loss_mat.shape[-1] if max_completion_length is None else max_completion_length)
+    return loss
+
+
+def agg_weights(mask: Tensor, agg: str = "token-mean", *, normalizer: float | None = None,
+                max_completion_length: int | None = None) -> Tensor:
+    """Per-token weights ``w`` with ``agg_loss(l, mask, agg, ...) == sum(w * l)`` for every ``l`` (agg_loss is
+    linear). ``mask [..., T]`` -> ``w`` of mask's shape, in float32 (float64 for a float64 mask); 0 on masked tokens.
+    """
+    dt = mask.dtype if mask.dtype in (torch.float32, torch.float64) else torch.float32
+    m = mask.to(dt)
+    if agg == "token-mean":
+        return m / (m.sum() if normalizer is None else normalizer)
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; choose from {AGG_MODES}")
+    t = mask.shape[-1]
+    m2 = m.reshape(-1, t)
+    seq_len = m2.sum(-1, keepdim=True)
+    n_seq = (seq_len > 0).to(dt).sum() if normalizer is None else normalizer
+    if agg == "seq-mean-token-mean":
+        w = m2 / seq_len.clamp_min(1.0) / n_seq
+    else:
+        w = m2 / n_seq
+        if agg == "seq-mean-token-sum-norm":
+            w = w / (t if max_completion_length is None else max_completion_length)
+    return w.reshape(mask.shape)
+
+
+def objective_agg(obj: PPOObjective) -> dict[str, Any]:
+    """The aggregation keywords of ``agg_loss`` / ``agg_weights`` for the objective's policy and KL terms."""
+    return {"agg": obj.agg, "normalizer": obj.loss_normalizer, "max_completion_length": obj.max_completion_length}
+
+
+def entropy_agg(obj: PPOObjective) -> dict[str, Any]:
+    """The aggregation keywords for the entropy bonus: the objective's own, or ``entropy_agg`` over this call's tokens
+    (no normaliser), as TRL's entropy bonus."""
+    if obj.entropy_agg is None:
+        return objective_agg(obj)
+    return {"agg": obj.entropy_agg, "normalizer": None, "max_completion_length": obj.max_completion_length}
 
 
 def ppo_token_terms(
@@ -175,14 +222,13 @@ def ppo_loss_from_logits(
     mask: Tensor,
     *,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Full PPO objective from logits ``[..., V]``: per token ``pg + kl_coef * KL(lp, ref) - entropy_coef * H``,
-    aggregated with ``agg`` (``objective``, or its fields as keywords: see ``fastppo.PPOObjective``).
-
-    Stats: pg_loss, kl, entropy (masked means), clipfrac, dual_clipfrac, approx_kl, ratio_mean, ratio_max, loss.
-    ``old_logprobs=None``: on-policy (each token's own log-prob, detached).
+    """The objective from logits ``[..., V]`` (``objective``, or its fields as keywords: see
+    ``fastppo.PPOObjective``): ``ppo_loss_from_logprobs`` of ``log_softmax(logits / temperature)`` at ``labels`` and
+    the entropy. ``old_logprobs=None``: on-policy (each token's own log-prob, detached).
     """
     obj = objective_from(objective, settings, "ppo_loss_from_logits")
     # Masked rows of the logits may hold anything too (NaN at a padding position): replaced by zeros, so the
@@ -190,7 +236,7 @@ def ppo_loss_from_logits(
     logits = torch.where((mask != 0).unsqueeze(-1), logits, torch.zeros_like(logits))
     logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=obj.temperature)
     return ppo_loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-                                  objective=obj)
+                                  rollout_logprobs=rollout_logprobs, objective=obj)
 
 
 def ppo_loss_from_logprobs(
@@ -201,63 +247,85 @@ def ppo_loss_from_logprobs(
     mask: Tensor,
     *,
     ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
     objective: PPOObjective | None = None,
     **settings: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO objective once the token log-probs and entropies ``[B, T]`` exist (``objective.temperature`` was
-    applied when they were computed): the tail of ``ppo_loss_from_logits``, and what every entry point computes when
-    its log-probs come from elsewhere (the vocabulary-parallel ops' collectives, the fused LM head's chunks).
-    ``old_logprobs=None``: on-policy, each token's old log-prob is its own, detached (ratio 1)."""
+    """The objective once the token log-probs and entropies ``[B, T]`` exist (``objective.temperature`` was applied
+    when they were computed): what every entry point computes, whether its log-probs come from the logits, the fused
+    LM head's chunks or the vocabulary-parallel collectives. ``old_logprobs=None``: on-policy, each token's old
+    log-prob is its own, detached (ratio 1). ``rollout_logprobs``: the sampler's, for rollout correction.
+
+    ``loss = agg(pg) + kl_coef * agg(kl) - entropy_coef * entropy_agg(H)`` with the per-token terms of
+    ``reference.objective.objective_terms``. Stats (detached): pg_loss, clipfrac, dual_clipfrac, approx_kl, ratio_mean,
+    ratio_max, kl (with reference log-probs), entropy, loss; with rollout correction the ``rollout_*`` statistics of
+    ``reference.objective.rollout_weights``; ``off_policy_masked_fraction`` / ``entropy_masked_fraction`` with those
+    masks on.
+    """
     obj = objective_from(objective, settings, "ppo_loss_from_logprobs")
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
-    logprobs, entropy, old_logprobs, advantages, ref_logprobs = _valid_only(
-        mask, logprobs, entropy, old_logprobs, advantages, ref_logprobs)
-    pg, ratio, clipped, dual = ppo_token_terms(logprobs, old_logprobs, advantages, clip_low=obj.clip_low,
-                                               clip_high=obj.clip_high, dual_clip=obj.dual_clip)
-    loss = agg_loss(pg, mask, obj.agg)
-    stats = policy_stats(loss, logprobs, old_logprobs, ratio, clipped, dual, mask)
-    if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ref_logprobs, obj.kl_kind)
-        if obj.kl_coef != 0.0:
-            loss = loss + obj.kl_coef * agg_loss(kl, mask, obj.agg)
-        stats["kl"] = masked_mean(kl.detach(), mask)
+    logprobs, entropy, old_logprobs, advantages, ref_logprobs, rollout_logprobs = _valid_only(
+        mask, logprobs, entropy, old_logprobs, advantages, ref_logprobs, rollout_logprobs)
+    is_weight, is_stats = None, {}
+    if obj.rollout_is_level is not None:
+        if rollout_logprobs is None:
+            raise ValueError("rollout correction (rollout_is_level) needs rollout_logprobs")
+        is_weight, is_stats = rollout_weights(old_logprobs, rollout_logprobs, mask, obj)
+    terms = objective_terms(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, obj, is_weight=is_weight,
+                            sampler_logp=rollout_logprobs)
+    agg = objective_agg(obj)
+    pg_loss = agg_loss(terms["pg"], mask, **agg)
+    loss = pg_loss
+    if ref_logprobs is not None and obj.kl_coef != 0.0:
+        loss = loss + obj.kl_coef * agg_loss(terms["kl"], mask, **agg)
+    keep_h = terms["entropy_mask"]
     if obj.entropy_coef != 0.0:
-        loss = loss - obj.entropy_coef * agg_loss(entropy, mask, obj.agg)
-    stats["entropy"] = masked_mean(entropy.detach(), mask)
-    stats["loss"] = loss.detach()
+        loss = loss - obj.entropy_coef * agg_loss(entropy, keep_h, **entropy_agg(obj))
+    stats = policy_stats(pg_loss, logprobs, old_logprobs, terms["ratio"], terms["clipped"], terms["dual_clipped"],
+                         mask)
+    with torch.no_grad():
+        if ref_logprobs is not None:
+            stats["kl"] = masked_mean(terms["kl"].detach(), mask)
+        stats["entropy"] = masked_mean(entropy.detach(), mask)
+        stats.update(is_stats)
+        valid = mask != 0
+        if obj.off_policy_mask_threshold is not None or obj.top_entropy_quantile < 1.0:
+            dropped = (terms["pg"].detach() == 0) & valid  # a masked policy term is exactly 0
+            stats["policy_masked_fraction"] = masked_mean(dropped.to(entropy.dtype), mask)
+        stats["loss"] = loss.detach()
     return loss, stats
 
 
 def ppo_term_rows(logp: Tensor, entropy: Tensor, lse: Tensor, old_logp: Tensor, adv: Tensor, ref_logp: Tensor | None,
-                  mask: Tensor, objective: PPOObjective) -> Tensor:
-    """The per-token terms ``[len(PPO_TERMS), N]`` of the objective, rows in ``PPO_TERMS`` order, from the row
-    statistics ``logp, entropy, lse [N]``: the spec of every backend's ``ppo_loss_forward`` launcher (the kernels'
-    shared epilogue) and the ``torch`` backend's rows in the fused LM head.
+                  mask: Tensor, objective: PPOObjective, *, is_weight: Tensor | None = None) -> Tensor:
+    """The per-token terms ``[len(PPO_TERMS), N]`` of a token-separable objective (``objective.token_separable``),
+    rows in ``PPO_TERMS`` order, from the row statistics ``logp, entropy, lse [N]``: the spec of every backend's
+    ``ppo_loss_forward`` launcher (the kernels' shared epilogue), and the per-chunk epilogue of the fused LM head for
+    the objectives the kernels' epilogue does not compute (``is_weight``: rollout-correction weights).
 
-    ``dpg`` / ``dkl`` are d(pg)/d(logp) and d(kl)/d(logp) (0 where clipped or the log-ratio clamp binds);
-    ``loss = pg + kl_coef * kl - entropy_coef * entropy`` (kl = 0 without ``ref_logp``; ``kl_coef == 0`` adds
-    nothing, not ``0 * inf``). Masked rows (``mask == 0``) are 0 in every term, whatever their inputs hold.
+    ``pg`` and ``kl`` are ``objective_terms``' (every weight applied); ``dpg`` / ``dkl`` their derivatives w.r.t.
+    ``logp`` (0 where a clip or the log-ratio clamp holds it); ``loss = pg + kl_coef * kl - entropy_coef * entropy``
+    (kl = 0 without ``ref_logp``; ``kl_coef == 0`` adds nothing, not ``0 * inf``). Masked rows (``mask == 0``) are 0 in
+    every term, whatever their inputs hold.
     """
     obj = objective
+    if not obj.token_separable:
+        raise ValueError("ppo_term_rows computes token-separable objectives only (token-level ratios, no masks built "
+                         "from the current log-probs)")
     dt = logp.dtype
     valid = mask != 0
     zero = torch.zeros_like(logp)
     logp, entropy, lse, old_logp, adv = (torch.where(valid, t.to(dt), zero)
                                          for t in (logp, entropy, lse, old_logp, adv))
-    pg, ratio, clipped, dual = ppo_token_terms(logp, old_logp, adv, clip_low=obj.clip_low, clip_high=obj.clip_high,
-                                               dual_clip=obj.dual_clip)
-    log_ratio = logp - old_logp
-    grad_ok = ~clipped & ~dual & (log_ratio.abs() <= LOG_RATIO_CLAMP)
-    dpg = torch.where(grad_ok, -adv * ratio, zero)
-    kl, dkl = zero, zero
-    if ref_logp is not None:
-        ref_logp = torch.where(valid, ref_logp.to(dt), zero)
-        kl = kl_penalty(logp, ref_logp, obj.kl_kind)
-        dkl = kl_penalty_grad(logp, ref_logp, obj.kl_kind)
+    ref_logp = None if ref_logp is None else torch.where(valid, ref_logp.to(dt), zero)
+    t = objective_terms(logp, entropy, old_logp, adv, mask, ref_logp, obj, is_weight=is_weight)
+    dpg, dkl = token_term_grads(logp, old_logp, adv, ref_logp, obj, is_weight=is_weight)
+    pg, kl = t["pg"], t["kl"]
     loss = pg - obj.entropy_coef * entropy
     if obj.kl_coef != 0.0:
         loss = loss + obj.kl_coef * kl
-    rows = {"logp": logp, "entropy": entropy, "lse": lse, "pg": pg, "ratio": ratio, "kl": kl, "dpg": dpg,
-            "dkl": dkl, "clipped": clipped.to(dt), "dual_clipped": dual.to(dt), "loss": loss}
+    rows = {"logp": logp, "entropy": entropy, "lse": lse, "pg": pg, "ratio": t["ratio"].detach(), "kl": kl,
+            "dpg": dpg, "dkl": dkl, "clipped": t["clipped"].to(dt), "dual_clipped": t["dual_clipped"].to(dt),
+            "loss": loss}
     return torch.stack([torch.where(valid, rows[k], zero) for k in PPO_TERMS])
