@@ -35,8 +35,30 @@ KL_COEF = 0.04
 ENTROPY_COEF = 0.01
 SEQ_LEN = 256  # tokens per sequence (Liger chunks one sequence at a time)
 LIGER_COMPILED = True  # Liger's default: its loss math under torch.compile
-# What each provider computes: the full objective, the objective without entropy (Liger), mean cross-entropy (CCE).
+# What each provider computes: the full objective, the objective without entropy (Liger), mean cross-entropy (CCE),
+# and each objective variant with and without entropy ("<variant>" / "<variant>-no-entropy").
 OBJECTIVES = ("ppo+entropy", "ppo", "ce")
+
+# The objective variants, each a row of fastppo's default backend for the device next to Liger's fused loss with the
+# same loss_type where Liger has one: name -> (PPOObjective settings on top of the base PPO loss, Liger's settings or
+# None, whether the variant is token-separable (one pass over the LM head) or needs a sequence statistic first).
+VARIANTS: dict[str, tuple[dict, dict | None, bool]] = {
+    "cispo": ({"policy_loss": "cispo", "clip_low": 1.0, "clip_high": 4.0},
+              {"loss_type": "cispo", "epsilon_high": 5.0}, True),
+    "sapo": ({"policy_loss": "sapo", "agg": "seq-mean-token-mean"}, {"loss_type": "sapo"}, True),
+    "k3+": ({"kl_kind": "k3+"}, None, True),
+    "tis": ({"rollout_is_level": "token", "rollout_is_max": 1.2}, {"loss_type": "bnpo"}, True),
+    "gspo": ({"importance_sampling_level": "sequence", "agg": "seq-mean-token-mean"},
+             {"loss_type": "grpo", "importance_sampling_level": "sequence"}, False),
+    "gspo-token": ({"importance_sampling_level": "sequence_token"}, None, False),
+    "off-policy-mask": ({"off_policy_mask_threshold": 0.01}, None, False),
+}
+
+
+def variant_objective(name: str, *, entropy: bool = True, normalizer: float | None = None) -> fastppo.PPOObjective:
+    """The PPOObjective of a variant row (``normalizer``: a sequence's share of the batch, for the reference)."""
+    base = {"clip_low": CLIP, "kl_coef": KL_COEF, "kl_kind": "k3", "entropy_coef": ENTROPY_COEF if entropy else 0.0}
+    return fastppo.PPOObjective(**{**base, **VARIANTS[name][0], "loss_normalizer": normalizer})
 
 
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
@@ -75,17 +97,29 @@ def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device
     del hd, wd
     old = lp + 0.15 * torch.randn(b, t, generator=g)
     ref_lp = lp + 0.15 * torch.randn(b, t, generator=g)
+    rollout = old + 0.15 * torch.randn(b, t, generator=g)  # the sampler's log-probs (rollout-correction variants)
     adv = torch.randn(b, generator=g)
     lengths = torch.randint(t // 2, t + 1, (b,), generator=g)
     mask = torch.arange(t)[None, :] < lengths[:, None]
     to = lambda x: x.to(device).contiguous()  # noqa: E731
     return {"hidden": to(hid.to(dtype)), "weight": to(w.to(dtype)), "labels": to(lab), "old": to(old),
-            "ref": to(ref_lp), "adv_seq": to(adv), "adv": to(adv[:, None].expand(b, t)), "mask": to(mask)}
+            "ref": to(ref_lp), "rollout": to(rollout), "adv_seq": to(adv), "adv": to(adv[:, None].expand(b, t)),
+            "mask": to(mask)}
 
 
 def _reference_piece(objective: str, h: Tensor, w: Tensor, lab: Tensor, old: Tensor, ref_lp: Tensor, adv: Tensor,
-                     m: Tensor, total: Tensor) -> Tensor:
-    """One sequence's share of the objective, in float64 (sums over sequences to the token-mean loss)."""
+                     m: Tensor, total: Tensor, rollout: Tensor, n_seq: int) -> Tensor:
+    """One sequence's share of the objective, in float64 (sums over sequences to the batch's loss)."""
+    variant = objective.removesuffix("-no-entropy")
+    if variant in VARIANTS:
+        from fastppo import reference as ref
+
+        seq_agg = variant_objective(variant).agg != "token-mean"
+        obj = variant_objective(variant, entropy=not objective.endswith("-no-entropy"),
+                                normalizer=float(n_seq) if seq_agg else float(total))
+        logits = torch.nn.functional.linear(h, w)[None]
+        return ref.ppo_loss_from_logits(logits, lab[None], old[None], adv[None], m[None], ref_logprobs=ref_lp[None],
+                                        rollout_logprobs=rollout[None], objective=obj)[0]
     if objective == "ce":
         return -(RL.linear_logprobs(h, w, lab) * m).sum() / total
     lp, ent = RL.linear_logprobs_and_entropy(h, w, lab)
@@ -102,6 +136,7 @@ def make_check(inputs: dict[str, Tensor]):
     """Error (``ErrorMeter``) of the loss and the hidden/weight gradients vs float64, per objective (cached)."""
     hid, w, lab, mask = inputs["hidden"], inputs["weight"], inputs["labels"], inputs["mask"]
     old, ref_lp, adv = inputs["old"].double(), inputs["ref"].double(), inputs["adv"].double()
+    rollout = inputs["rollout"].double()
     m = mask.double()
     total = m.sum()
     cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -114,7 +149,8 @@ def make_check(inputs: dict[str, Tensor]):
             dw = torch.zeros_like(w64)
             for i in range(hid.shape[0]):
                 h64 = hid[i].double().requires_grad_(True)
-                piece = _reference_piece(objective, h64, w64, lab[i], old[i], ref_lp[i], adv[i], m[i], total)
+                piece = _reference_piece(objective, h64, w64, lab[i], old[i], ref_lp[i], adv[i], m[i], total,
+                                         rollout[i], hid.shape[0])
                 gh, gw = torch.autograd.grad(piece, (h64, w64))
                 loss, dh[i] = loss + piece.detach(), gh
                 dw += gw
@@ -203,6 +239,51 @@ def _fastppo(backend: str, why: str | None) -> Provider:
     return Provider(fastppo_name(backend), "fastppo", setup, "ppo_loss_from_hidden (chunked, default chunk size)")
 
 
+def _default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "cpp"
+
+
+def _fastppo_variant(variant: str) -> Provider:
+    def setup(case: Case):
+        backend = _default_backend(case.device)
+        if not fastppo.backends()[backend].available:
+            raise Missing(f"backend {backend!r} unavailable: {fastppo.backends()[backend].reason}")
+        lab, old, ref_lp, adv, mask = _args(case)
+        obj = variant_objective(variant)
+        rollout = case.inputs["rollout"]
+
+        def fn(h: Tensor, w: Tensor) -> Tensor:
+            return fastppo.ppo_loss_from_hidden(h, w, lab, old, adv, mask, ref_logprobs=ref_lp,
+                                                rollout_logprobs=rollout, objective=obj, backend=backend)[0]
+        return _runner(case, fn, objective=variant)
+    one_pass = "one pass" if VARIANTS[variant][2] else "two passes (a sequence statistic first)"
+    return Provider(f"fastppo {variant}", "fastppo", setup, f"ppo_loss_from_hidden, {variant} ({one_pass})")
+
+
+def _liger_variant(variant: str) -> Provider:
+    def setup(case: Case):
+        loss_cls = peer_attr("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
+        i = case.inputs
+        liger = dict(VARIANTS[variant][1])
+        kw = {"epsilon_low": CLIP, "epsilon_high": CLIP, **liger}
+        mod = loss_cls(beta=KL_COEF, compiled=LIGER_COMPILED, use_ref_model=True, chunk_size=1, temperature=1.0, **kw)
+        mask = i["mask"].long()
+        extra = {}
+        obj = variant_objective(variant)
+        if obj.rollout_is_level is not None:  # Liger takes the correction's weights, fastppo the sampler's log-probs
+            from fastppo.reference.objective import rollout_weights
+
+            extra["vllm_is_ratio"] = rollout_weights(i["old"], i["rollout"], i["mask"], obj)[0]
+
+        def fn(h: Tensor, w: Tensor) -> Tensor:
+            loss, _ = mod(h, w, i["labels"], mask, i["adv_seq"], ref_per_token_logps=i["ref"],
+                          old_per_token_logps=i["old"], **extra)
+            return loss
+        return _runner(case, fn, objective=f"{variant}-no-entropy")
+    return Provider(f"liger-fused-linear {variant}", "peer", setup,
+                    f"LigerFusedLinearGRPOLoss loss_type={VARIANTS[variant][1]['loss_type']} (no entropy term)")
+
+
 def _fastppo_tiled(case: Case):
     """The tiled Triton kernel (``FASTPPO_LM_HEAD=tiled``): logits tiles never leave SRAM (GPU only)."""
     needs_cuda(case.device, "the tiled Triton LM-head kernel (timing the interpreter means nothing)")
@@ -279,6 +360,10 @@ def providers(device: torch.device) -> list[Provider]:
         Provider("cut-cross-entropy", "peer", _cce, "linear_cross_entropy (mean CE; torch_compile on CPU)"),
         Provider("verl-linear-ce", "peer", _verl, "verl linear_cross_entropy (logprobs + entropy)"),
     ]
+    for variant, (_, liger, _) in VARIANTS.items():
+        out.append(_fastppo_variant(variant))
+        if liger is not None:
+            out.append(_liger_variant(variant))
     return out
 
 

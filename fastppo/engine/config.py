@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from fastppo.objective import KL_CHOICES, PPOObjective
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run: unknown field, wrong type, impossible sizes, bad choice."""
@@ -103,6 +105,13 @@ class PPOConfig:
     warmup_steps: int = _f(0, "linear LR warmup, in optimizer steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping; <= 0 = off")
+    policy_loss: str = _f("ppo", "policy term: ppo (clipped surrogate), cispo (clipped detached IS weight x logp), "
+                          "sapo (soft sigmoid gate); see fastppo.PPOObjective", ("ppo", "cispo", "sapo"))
+    importance_sampling_level: str = _f("token", "importance ratio per token, per sequence (GSPO) or the sequence's "
+                                        "value with per-token gradients (GSPO-token)",
+                                        ("token", "sequence", "sequence_token"))
+    sapo_tau_pos: float = _f(1.0, "SAPO gate temperature for positive advantages")
+    sapo_tau_neg: float = _f(1.05, "SAPO gate temperature for negative advantages")
     clip_range: float = _f(0.2, "PPO ratio clip (low side, and high side unless clip_range_high is set)")
     clip_range_high: float | None = _f(None, "PPO ratio clip on the high side ('clip-higher'); none = clip_range")
     dual_clip: float | None = _f(None, "dual-clip constant c > 1 for negative advantages; none = off")
@@ -124,7 +133,19 @@ class PPOConfig:
     whiten_advantages: bool = _f(True, "normalise advantages over the batch's valid tokens")
     # --- KL -----------------------------------------------------------------------------------------------------
     kl_coef: float = _f(0.03, "initial KL coefficient (to the reference model)")
-    kl_kind: str = _f("k1", "KL estimator per token", ("k1", "k2", "k3", "abs"))
+    kl_kind: str = _f("k1", "KL estimator per token (a '+' suffix: that value with k2's gradient)", KL_CHOICES)
+    kl_ratio_weighted: bool = _f(False, "kl_in_loss: weight the KL by the importance ratio (TRL's bias-corrected KL)")
+    # --- rollout correction and masks ---------------------------------------------------------------------------
+    rollout_is_level: str | None = _f(None, "rollout correction: importance weights of the sampler's log-probs "
+                                      "(recorded during generation) per token or per sequence; none = off",
+                                      (None, "token", "sequence"))
+    rollout_is_mode: str = _f("truncate", "rollout correction: truncate the weights (TIS) or zero those outside the "
+                              "bounds (MIS / IcePop)", ("truncate", "mask"))
+    rollout_is_min: float | None = _f(None, "rollout correction: lower bound of the weights; none = no lower bound")
+    rollout_is_max: float | None = _f(2.0, "rollout correction: upper bound of the weights; none = no upper bound")
+    off_policy_mask_threshold: float | None = _f(None, "drop the policy term of negative-advantage sequences whose "
+                                                 "mean (sampler - current) log-prob exceeds this; none = off")
+    top_entropy_quantile: float = _f(1.0, "keep the policy term of the top fraction of tokens by entropy; 1 = all")
     kl_in_loss: bool = _f(False, "put the KL term in the loss (GRPO style) instead of the per-token reward")
     adaptive_kl: bool = _f(True, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = _f(3.0, "adaptive KL: target KL per sequence (sum over tokens of kl_kind)")
@@ -145,6 +166,20 @@ class PPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def objective(self, *, kl_coef: float) -> PPOObjective:
+        """The loss settings as the ``PPOObjective`` the fused ops take (``kl_coef``: the current coefficient when the
+        KL is in the loss, else 0; the reference log-probs then only feed the statistics)."""
+        return PPOObjective(
+            policy_loss=self.policy_loss, importance_sampling_level=self.importance_sampling_level,
+            clip_low=self.clip_range, clip_high=self.clip_range_high, dual_clip=self.dual_clip,
+            sapo_tau_pos=self.sapo_tau_pos, sapo_tau_neg=self.sapo_tau_neg,
+            kl_coef=kl_coef if self.kl_in_loss else 0.0, kl_kind=self.kl_kind,
+            kl_ratio_weighted=self.kl_ratio_weighted, entropy_coef=self.entropy_coef, temperature=self.temperature,
+            agg=self.loss_agg, rollout_is_level=self.rollout_is_level, rollout_is_mode=self.rollout_is_mode,
+            rollout_is_min=self.rollout_is_min, rollout_is_max=self.rollout_is_max,
+            off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
+        )
 
     # --------------------------------------------------------------------------------------------- validation
     def validate(self) -> PPOConfig:
@@ -193,12 +228,6 @@ class PPOConfig:
         for name in ("gamma", "lam", "demo_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.clip_range < 1.0:
-            raise ConfigError(f"clip_range must be in [0, 1), got {self.clip_range}")
-        if self.clip_range_high is not None and self.clip_range_high < 0:
-            raise ConfigError(f"clip_range_high must be >= 0, got {self.clip_range_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ConfigError(f"dual_clip must be > 1 (or none), got {self.dual_clip}")
         if self.value_clip is not None and self.value_clip <= 0:
             raise ConfigError(f"value_clip must be > 0 (or none), got {self.value_clip}")
         for name in ("lr", "kl_target", "dist_timeout"):
@@ -212,6 +241,11 @@ class PPOConfig:
             raise ConfigError(f"ptx_file {self.ptx_file!r} does not exist")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        try:  # the loss settings, checked by the objective they build (one validation for engine and ops)
+            self.objective(kl_coef=self.kl_coef)
+        except (TypeError, ValueError) as exc:  # the objective names its fields; say the config's names too
+            raise ConfigError(f"loss settings (clip_range -> clip_low, clip_range_high -> clip_high, loss_agg -> agg): "
+                              f"{exc}") from None
         if self.task_min_digits < 1 or self.task_max_digits < self.task_min_digits:
             raise ConfigError(
                 f"need 1 <= task_min_digits <= task_max_digits, got {self.task_min_digits}, {self.task_max_digits}"
@@ -361,7 +395,7 @@ def help_text() -> str:
         tp, optional = _split_optional(types_[f.name])
         tname = tp.__name__ + (" | none" if optional else "")
         choices = f.metadata.get("choices")
-        extra = f" {{{', '.join(choices)}}}" if choices else ""
+        extra = f" {{{', '.join('none' if c is None else c for c in choices)}}}" if choices else ""
         head = f"  --{f.name} {tname}{extra}  (default: {getattr(default, f.name)!r})"
         lines.append(f"{head}\n      {f.metadata['help']}")
     return "\n".join(lines)

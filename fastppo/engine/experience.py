@@ -38,6 +38,7 @@ class Experience:
     kl: Tensor  # [B, R] per-token KL estimate (kl_kind) of policy vs reference
     entropy: Tensor  # [B, R]
     prompt_width: int
+    rollout_logprobs: Tensor | None = None  # [B, R] the sampler's log-probs (recorded for rollout correction)
 
     def select(self, idx: Tensor) -> Experience:
         out = {}
@@ -185,12 +186,17 @@ def make_experience(
     ref_logprobs = torch.cat(ref_lp) * mask
     entropy = torch.cat(ent) * mask
     values_t = torch.cat(values).float() * mask
+    rollout_lp = None if rollout.logprobs is None else rollout.logprobs.float() * mask
     if gather is not None:
-        g = gather({"ids": ids, "attn": attn, "pos": pos, "labels": labels, "mask": mask, "old": old_logprobs,
-                    "ref": ref_logprobs, "entropy": entropy, "values": values_t, "scores": scores})
+        rows = {"ids": ids, "attn": attn, "pos": pos, "labels": labels, "mask": mask, "old": old_logprobs,
+                "ref": ref_logprobs, "entropy": entropy, "values": values_t, "scores": scores}
+        if rollout_lp is not None:
+            rows["rollout"] = rollout_lp
+        g = gather(rows)
         ids, attn, pos, labels, mask = g["ids"], g["attn"], g["pos"], g["labels"], g["mask"]
         old_logprobs, ref_logprobs, entropy, values_t, scores = g["old"], g["ref"], g["entropy"], g["values"], \
             g["scores"]
+        rollout_lp = g.get("rollout")
 
     kl = fastppo.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_kind) * mask
     rewards = torch.zeros_like(ref_logprobs)
@@ -206,7 +212,7 @@ def make_experience(
     else:
         adv, returns = critic_free_advantages(rewards, mask, cfg)
     return Experience(ids, attn, pos, labels, mask, old_logprobs, ref_logprobs, values_t, rewards, adv, returns,
-                      scores, kl, entropy, p)
+                      scores, kl, entropy, p, rollout_lp)
 
 
 def critic_free_advantages(rewards: Tensor, mask: Tensor, cfg: PPOConfig) -> tuple[Tensor, Tensor]:

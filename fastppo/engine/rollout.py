@@ -29,6 +29,7 @@ class Rollout:
     prompt_mask: Tensor  # [B, P] 1 = real prompt token
     response_ids: Tensor  # [B, R] pad after EOS
     response_mask: Tensor  # [B, R] 1 = generated token (EOS included)
+    logprobs: Tensor | None = None  # [B, R] float32: the sampler's log-prob of each token (when recorded)
 
     @property
     def input_ids(self) -> Tensor:
@@ -39,7 +40,8 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
     def select(self, idx: Tensor) -> Rollout:
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx])
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
+                       None if self.logprobs is None else self.logprobs[idx])
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
@@ -111,6 +113,7 @@ def generate(
     cache: str = "dynamic",
     generator: torch.Generator | None = None,
     seeds: Tensor | None = None,
+    record_logprobs: bool = False,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` per left-padded prompt ``[B, P]``; returns a ``Rollout``.
 
@@ -118,6 +121,8 @@ def generate(
     (fixed shapes, friendlier to torch.compile / CUDA graphs). ``use_cache=False`` recomputes the whole prefix
     each step (the slow path the cached loop must equal). ``seeds [B]`` (int64, see ``fastppo.engine.streams``):
     per-sample random streams, token ``t`` of row ``b`` drawn with ``token_seeds(seeds, t)[b]``.
+    ``record_logprobs``: keep the sampler's log-prob of each token (``log_softmax(logits / temperature)`` of the
+    decode step's logits: what rollout correction compares the trainer's log-probs with).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -138,6 +143,7 @@ def generate(
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
     tokens: list[Tensor] = []
     alive: list[Tensor] = []
+    sampled_lp: list[Tensor] = []
     step_ids, step_pos = prompt_ids, pos
     for t in range(max_new_tokens):
         logits = last_logits(kv, input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=use_cache)
@@ -145,6 +151,8 @@ def generate(
                           None if seeds is None else token_seeds(seeds, t))
         valid = ~finished
         nxt = torch.where(valid, nxt, torch.full_like(nxt, pad_token_id))
+        if record_logprobs:
+            sampled_lp.append(fastppo.token_logprobs(logits, nxt, temperature=temperature) * valid)
         tokens.append(nxt)
         alive.append(valid)
         finished = finished | (nxt == eos_token_id)
@@ -162,4 +170,5 @@ def generate(
     resp = torch.stack(tokens, dim=1)
     mask = torch.stack(alive, dim=1)
     width = int(mask.sum(1).max())  # one sync: trim columns no sequence uses
-    return Rollout(prompt_ids, prompt_mask.long(), resp[:, :width], mask[:, :width].long())
+    logprobs = torch.stack(sampled_lp, dim=1)[:, :width] if record_logprobs else None
+    return Rollout(prompt_ids, prompt_mask.long(), resp[:, :width], mask[:, :width].long(), logprobs)

@@ -228,7 +228,7 @@ class PPOTrainer:
             return generate(self.policy.lm, ids, mask, max_new_tokens=cfg.max_new_tokens,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
-                            cache=cfg.kv_cache, seeds=seeds)
+                            cache=cfg.kv_cache, seeds=seeds, record_logprobs=cfg.rollout_is_level is not None)
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str]) -> tuple[float, list[str], list[str], list[float]]:
@@ -288,10 +288,8 @@ class PPOTrainer:
             old, extra = lp * e.mask, {"old_logprobs": lp, "entropy": h}
         elif self.old_from_update:
             old = None  # the fused loss takes each token's own log-prob as its old one: no extra pass over the head
-        kw = dict(ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None,
-                  kl_coef=self.kl_ctl.value if cfg.kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
-                  entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
-                  dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.loss_agg, backend=cfg.backend)
+        kw = dict(ref_logprobs=e.ref_logprobs if cfg.kl_in_loss else None, rollout_logprobs=e.rollout_logprobs,
+                  objective=cfg.objective(kl_coef=self.kl_ctl.value), backend=cfg.backend)
         if head is not None:
             pg, st, tok = ppo_loss_and_terms_from_hidden(x, head.weight, e.labels, old, e.advantages, e.mask,
                                                          bias=head.bias, **kw)
@@ -367,7 +365,7 @@ class PPOTrainer:
             return ro
         pad = lambda t, v: torch.nn.functional.pad(t, (0, extra), value=v)  # noqa: E731
         return Rollout(ro.prompt_ids, ro.prompt_mask, pad(ro.response_ids, self.tokenizer.pad_token_id),
-                       pad(ro.response_mask, 0))
+                       pad(ro.response_mask, 0), None if ro.logprobs is None else pad(ro.logprobs, 0.0))
 
     # --------------------------------------------------------------------------------------------------- step
     def _sync(self) -> None:

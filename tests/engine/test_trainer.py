@@ -63,9 +63,17 @@ def test_a_few_ppo_steps_write_the_run_directory(tmp_path):
         dict(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True),
         dict(advantage_estimator="rloo", samples_per_prompt=2),
         dict(advantage_estimator="reinforce_pp"),
+        dict(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True, policy_loss="cispo", clip_range=1.0,
+             clip_range_high=4.0, kl_kind="low_var_kl+"),
+        dict(advantage_estimator="grpo", samples_per_prompt=4, policy_loss="sapo", importance_sampling_level="sequence",
+             loss_agg="seq-mean-token-mean", kl_in_loss=True, kl_kind="k3", kl_ratio_weighted=True),
+        dict(advantage_estimator="grpo", samples_per_prompt=2, importance_sampling_level="sequence_token",
+             rollout_is_level="sequence", rollout_is_mode="mask", rollout_is_min=0.5, rollout_is_max=2.0,
+             off_policy_mask_threshold=0.1, top_entropy_quantile=0.8),
+        dict(rollout_is_level="token", rollout_is_max=1.5, fused_lm_head=False),
     ],
     ids=["separate-critic", "kl-in-loss-k3", "adaptive-kl-cosine", "grad-ckpt-seq-agg", "sampling-knobs", "grpo",
-         "rloo", "reinforce-pp"],
+         "rloo", "reinforce-pp", "cispo-low-var-kl", "sapo-gspo-ratio-kl", "gspo-token-mis-masks", "tis-full-logits"],
 )
 def test_variants_train(tmp_path, overrides):
     cfg = tiny_config(total_steps=2, **overrides)
@@ -257,3 +265,21 @@ def test_hf_model_path_prompts_file_and_bf16(tmp_path):
     tr.train()
     assert all(math.isfinite(m["loss"]) for m in tr.metrics.history)
     assert (tmp_path / "run" / "samples_after.txt").read_text().count("->") == 2
+
+
+def test_recorded_sampler_logprobs_are_the_policys_and_reach_the_loss(tmp_path):
+    """With rollout correction on, generation records each token's log-prob from the decode step's logits; the same
+    weights recompute them (full forward, no KV cache) in the experience pass, so they agree to float32 rounding, and
+    the loss reports the correction's statistics."""
+    cfg = tiny_config(total_steps=1, rollout_is_level="token", rollout_is_max=2.0, sft_steps=0)
+    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    torch.manual_seed(0)
+    ro = tr._generate(tr.train_prompts[:8], greedy=False)
+    assert ro.logprobs is not None and ro.logprobs.shape == ro.response_ids.shape
+    e = make_experience(ro, torch.zeros(8), tr.policy, tr.ref_lm, tr.critic, cfg, 0.0)
+    m = e.mask
+    assert torch.all(e.rollout_logprobs[m == 0] == 0)
+    torch.testing.assert_close(e.rollout_logprobs * m, e.old_logprobs * m, atol=1e-4, rtol=1e-4)
+    _, stats = tr.micro_loss(e)
+    assert {"rollout_is_mean", "rollout_is_ess", "rollout_logp_diff_max"} <= set(stats)
+    assert float(stats["rollout_logp_diff_max"]) < 1e-4
