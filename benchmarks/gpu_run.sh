@@ -11,12 +11,14 @@
 #            `pip install --no-index --no-deps --no-build-isolation -e .`, building the CUDA extension with the
 #            machine's nvcc for $FASTPPO_CUDA_ARCHS (default 90: sm_90 only) -> install.log
 #   tests    python -m pytest -m gpu tests -> pytest-gpu.log
-#   bench    fastppo bench all --targets (the target cases only; FASTPPO_BENCH_ARGS replaces --targets) ->
-#            bench.log, bench-*.json, bench-*.csv, bench-*-targets.csv, plots.tar (the PNGs)
+#   bench    fastppo bench SUITE --targets for each of $FASTPPO_BENCH_SUITES (default: ops gae linear), each under
+#            $FASTPPO_BENCH_SUITE_TIMEOUT seconds (default 300; FASTPPO_BENCH_ARGS replaces --targets) -> bench.log,
+#            bench-results.tar (every suite's bench-*.json, -targets.csv, .csv and plots, in SUITE/ folders)
 # run.log gets the environment (nvidia-smi, versions, backends) and a timestamp per phase. Every phase writes its
-# files into OUT_DIR when it ends, so a run cut short still returns what it did; 8 files in all.
-# Budget: <= 8 minutes of wall time on one H100/H200 for `all` (install ~1-2 min of nvcc, GPU tests ~2 min, the
-# target cases ~3 min): an estimate until the first GPU run is timed.
+# files into OUT_DIR when it ends, so a run cut short still returns what it did; 5 files in all.
+# Measured on one H200 (2026-12-04, torch 2.11, Triton 3.6): install 23 s (the sm_90 CUDA extension included), the
+# environment 12 s, pytest -m gpu ~100 s (117 of 118 tests ran before a 100 s limit), the ops target cases 41 s, the
+# GAE case 42 s; the linear case outran 150 s then (its inputs were built on the CPU; now on the GPU): not yet timed.
 # Dry run without a GPU (CI does this, tests/benchmarks/test_gpu_kit.py): FASTPPO_BENCH_DEVICE=cpu
 # FASTPPO_BENCH_ARGS=--quick, with wheels fetched for the local Python (FASTPPO_GPU_PY).
 set -uo pipefail
@@ -84,18 +86,26 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
+    # One suite at a time, each under its own time limit, so a slow suite cannot take the others' results with it
+    # (the first H200 run lost every JSON when the linear case outran the command's limit).
     args=${FASTPPO_BENCH_ARGS:---targets}
-    log "bench: fastppo bench all --device $device $args -> bench.log"
+    suites=${FASTPPO_BENCH_SUITES:-ops gae linear}
+    limit=${FASTPPO_BENCH_SUITE_TIMEOUT:-300}
     tmp=$(mktemp -d)
-    # shellcheck disable=SC2086  # args is a list of options
-    "$PY" -m fastppo.cli bench all --device "$device" --out "$tmp" $args > "$out/bench.log" 2>&1
-    bench_rc=$?
-    cp "$tmp"/bench-*.json "$tmp"/bench-*.csv "$out/" 2>/dev/null
-    if compgen -G "$tmp/*.png" >/dev/null; then
-        tar -C "$tmp" -cf "$out/plots.tar" $(cd "$tmp" && ls ./*.png)
-    fi
+    : > "$out/bench.log"
+    bench_rc=0
+    for suite in $suites; do
+        log "bench: fastppo bench $suite --device $device $args (limit ${limit}s) -> bench.log"
+        # shellcheck disable=SC2086  # args is a list of options
+        timeout "$limit" "$PY" -m fastppo.cli bench "$suite" --device "$device" --out "$tmp/$suite" $args \
+            >> "$out/bench.log" 2>&1
+        suite_rc=$?
+        [ "$suite_rc" = 0 ] || { log "bench $suite FAILED (rc=$suite_rc)"; bench_rc=$suite_rc; }
+    done
+    # every suite's JSON, CSV, target checks and plots in one archive (the device tool returns at most 8 files)
+    (cd "$tmp" && tar -cf "$out/bench-results.tar" .)
     rm -rf "$tmp"
-    tail -n 25 "$out/bench.log"
+    grep -E "targets:|rows in" "$out/bench.log" | tail -n 12
     [ "$bench_rc" = 0 ] || phase_failed bench "$bench_rc"
 fi
 log "done ($what): rc=$rc; files in $out: $(cd "$out" && ls | tr '\n' ' ')"

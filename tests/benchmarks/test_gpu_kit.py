@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_offline_install_and_bench_phases_dry_run(wheels, tmp_path):
     out, site = tmp_path / "out", tmp_path / "site"
     env = {**os.environ, "FASTPPO_BENCH_DEVICE": "cpu", "FASTPPO_GPU_WHEELS": str(wheels),
            "FASTPPO_GPU_SITE": str(site), "PYTHON": sys.executable, "FASTPPO_SKIP_EXT": "1",
-           "FASTPPO_BENCH_ARGS": "--quick --only gae", "PIP_NO_INDEX": "1"}
+           "FASTPPO_BENCH_ARGS": "--quick", "FASTPPO_BENCH_SUITES": "gae", "PIP_NO_INDEX": "1"}
     for phase in ("install", "bench"):
         res = subprocess.run(["bash", str(KIT / "gpu_run.sh"), str(out), phase], capture_output=True, text=True,
                              env=env, timeout=900, cwd=tmp_path)
@@ -57,8 +58,11 @@ def test_offline_install_and_bench_phases_dry_run(wheels, tmp_path):
         assert res.returncode == 0 and res.stdout.startswith(str(site)), res.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files  # what the device tool brings back from $OUT
-    assert {"run.log", "install.log", "bench.log"} <= set(files)
-    assert any(f.endswith("-targets.csv") for f in files) and any(f.endswith(".json") for f in files)
+    assert {"run.log", "install.log", "bench.log", "bench-results.tar"} <= set(files)
+    with tarfile.open(out / "bench-results.tar") as tar:
+        members = tar.getnames()
+    assert any(f.startswith("./gae/") and f.endswith("-targets.csv") for f in members), members
+    assert any(f.startswith("./gae/") and f.endswith(".json") for f in members), members
     run_log = (out / "run.log").read_text()
     assert "install:" in run_log and "bench:" in run_log and "rc=0" in run_log
     assert "torch" in run_log and "cpp" in run_log  # versions and `fastppo backends`
