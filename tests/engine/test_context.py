@@ -44,8 +44,8 @@ def test_a_single_process_run_has_no_distributed_code_path(tmp_path):
     code = textwrap.dedent("""
         import sys, torch
         from fastppo.engine.trainer import PPOTrainer
-        from tests.engine.tiny import tiny_config
-        PPOTrainer(tiny_config(total_steps=2, save_every=1), sys.argv[1], echo=lambda *a: None).train()
+        from tests.engine.tiny import quiet, tiny_config
+        PPOTrainer(tiny_config(total_steps=2, save_every=1), sys.argv[1], echo=quiet).train()
         print("distributed module loaded:", "fastppo.engine.distributed" in sys.modules)
         print("process group:", torch.distributed.is_initialized())
     """)

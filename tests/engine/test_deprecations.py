@@ -17,7 +17,7 @@ import torch
 from fastppo.engine.models import build_causal_lm, build_tokenizer, cache_kwarg
 from fastppo.engine.rollout import generate
 from fastppo.engine.trainer import PPOTrainer
-from tests.engine.tiny import tiny_config
+from tests.engine.tiny import quiet, tiny_config
 
 
 class _Collect(logging.Handler):
@@ -75,5 +75,5 @@ def test_generation_uses_the_current_cache_keyword(notices):
 
 def test_a_training_run_triggers_no_deprecation(tmp_path, notices):
     cfg = tiny_config(total_steps=2, save_every=1, tensorboard=True, plot=True)
-    PPOTrainer(cfg, tmp_path, echo=lambda *a, **k: None).train()
+    PPOTrainer(cfg, tmp_path, echo=quiet).train()
     assert notices == []

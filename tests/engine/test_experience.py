@@ -10,21 +10,17 @@ import torch
 import fastppo
 from fastppo.engine.experience import make_experience, response_slice, score_rollout, update_is_on_policy
 from fastppo.engine.trainer import PPOTrainer
-from tests.engine.tiny import tiny_config
+from tests.engine.tiny import quiet, tiny_config
 
 ON_POLICY = dict(advantage_estimator="grpo", samples_per_prompt=4, batch_size=8, mini_batch_size=8,
                  micro_batch_size=8, forward_batch_size=8, ppo_epochs=1, kl_in_loss=True, kl_kind="k3",
                  kl_coef=0.04, adaptive_kl=False, sft_steps=0, total_steps=2)
 
 
-def _quiet(*_a, **_k):
-    pass
-
-
 def test_on_policy_old_logprobs_from_the_update_give_identical_results(tmp_path):
     runs = []
     for reuse in (True, False):
-        tr = PPOTrainer(tiny_config(**ON_POLICY), tmp_path / str(reuse), echo=_quiet)
+        tr = PPOTrainer(tiny_config(**ON_POLICY), tmp_path / str(reuse), echo=quiet)
         assert tr.old_from_update  # the configuration qualifies
         tr.old_from_update = reuse
         steps = [tr.train_step() for _ in range(2)]
@@ -37,7 +33,7 @@ def test_on_policy_old_logprobs_from_the_update_give_identical_results(tmp_path)
     assert a_steps[0]["clipfrac"] == 0.0 and a_steps[1]["kl"] != 0.0  # step 2: the policy has moved
     for k in a_params:
         assert torch.equal(a_params[k], b_params[k]), k
-    assert any(not torch.equal(v, PPOTrainer(tiny_config(**ON_POLICY), tmp_path / "fresh", echo=_quiet)
+    assert any(not torch.equal(v, PPOTrainer(tiny_config(**ON_POLICY), tmp_path / "fresh", echo=quiet)
                                .policy.state_dict()[k]) for k, v in a_params.items())
 
 
@@ -59,7 +55,7 @@ def _calls(module: torch.nn.Module) -> list[int]:
 def test_response_positions_only_and_no_value_head_without_a_critic(tmp_path):
     cfg = tiny_config(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True, sft_steps=0,
                       critic="separate")
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     assert tr.critic is None  # critic-free: no separate critic is built
     v_head = _calls(tr.policy.v_head)
     torch.manual_seed(0)

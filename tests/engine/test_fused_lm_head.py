@@ -8,12 +8,8 @@ import torch
 from fastppo.engine.experience import make_experience, score_rollout
 from fastppo.engine.lm_head import last_hidden, lm_head_of
 from fastppo.engine.trainer import PPOTrainer
-from tests.engine.tiny import tiny_config
+from tests.engine.tiny import quiet, tiny_config
 from tests.tolerances import assert_close
-
-
-def _quiet(*a, **k) -> None:
-    pass
 
 
 def _experience(tr: PPOTrainer):
@@ -24,7 +20,7 @@ def _experience(tr: PPOTrainer):
 
 
 def test_lm_head_is_the_linear_map_of_the_last_hidden_state(tmp_path):
-    tr = PPOTrainer(tiny_config(sft_steps=0), tmp_path, echo=_quiet)
+    tr = PPOTrainer(tiny_config(sft_steps=0), tmp_path, echo=quiet)
     lm = tr.policy.lm
     head = lm_head_of(lm)
     assert head is not None and head.weight is lm.get_output_embeddings().weight
@@ -42,7 +38,7 @@ def test_experience_and_update_match_with_the_flag_on_and_off(tmp_path):
     cfg = tiny_config(sft_steps=3, kl_in_loss=True, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
                       critic="separate")
     assert cfg.fused_lm_head  # on by default
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     with torch.no_grad():
         for p in tr.policy.lm.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -77,6 +73,6 @@ def test_experience_and_update_match_with_the_flag_on_and_off(tmp_path):
 
 
 def test_training_runs_with_the_fused_head(tmp_path):
-    tr = PPOTrainer(tiny_config(total_steps=1, sft_steps=0), tmp_path, echo=_quiet)
+    tr = PPOTrainer(tiny_config(total_steps=1, sft_steps=0), tmp_path, echo=quiet)
     tr.train()
     assert torch.isfinite(torch.tensor(tr.metrics.history[-1]["loss"]))

@@ -12,11 +12,7 @@ from fastppo.engine.config import ConfigError
 from fastppo.engine.experience import score_rollout
 from fastppo.engine.rollout import Rollout
 from fastppo.engine.trainer import PPOTrainer
-from tests.engine.tiny import tiny_config
-
-
-def _quiet(*_a, **_k):
-    pass
+from tests.engine.tiny import quiet, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +41,21 @@ def test_prompt_tokenizing_to_nothing(saved, tmp_path):
     pf = tmp_path / "p.jsonl"
     pf.write_text(json.dumps({"prompt": "1 2 ="}) + "\n" + json.dumps({"prompt": "   "}) + "\n")
     with pytest.raises(ConfigError, match=r"prompt 2 .* tokenizes to no token"):
-        PPOTrainer(_cfg(saved, pf), tmp_path / "run", echo=_quiet)
+        PPOTrainer(_cfg(saved, pf), tmp_path / "run", echo=quiet)
 
 
 def test_tokenizer_larger_than_the_embedding(saved, tmp_path):
     pf = tmp_path / "p.txt"
     pf.write_text("1 2 =\n")
     with pytest.raises(ConfigError, match=r"tokenizer has 40 tokens but the model's embedding has 30 rows"):
-        PPOTrainer(_cfg(saved, pf, model=str(saved / "small")), tmp_path / "run", echo=_quiet)
+        PPOTrainer(_cfg(saved, pf, model=str(saved / "small")), tmp_path / "run", echo=quiet)
 
 
 def test_chat_messages_without_a_chat_template(saved, tmp_path):
     pf = tmp_path / "chat.jsonl"
     pf.write_text(json.dumps({"messages": [{"role": "user", "content": "1 2 ="}]}) + "\n")
     with pytest.raises(ConfigError, match=r"row 1 holds chat 'messages' but the tokenizer .* has no chat template"):
-        PPOTrainer(_cfg(saved, pf), tmp_path / "run", echo=_quiet)
+        PPOTrainer(_cfg(saved, pf), tmp_path / "run", echo=quiet)
 
 
 @pytest.mark.parametrize("scores,match", [([1.0], r"returned \(1,\) scores for 2 responses"),

@@ -11,15 +11,11 @@ import torch
 from fastppo.engine.config import ConfigError
 from fastppo.engine.ptx import load_texts
 from fastppo.engine.trainer import PPOTrainer
-from tests.engine.tiny import tiny_config
-
-
-def _quiet(*_a, **_k):
-    pass
+from tests.engine.tiny import quiet, tiny_config
 
 
 def _run(tmp_path, name, **kw):
-    tr = PPOTrainer(tiny_config(total_steps=2, **kw), tmp_path / name, echo=_quiet)
+    tr = PPOTrainer(tiny_config(total_steps=2, **kw), tmp_path / name, echo=quiet)
     steps = [tr.train_step() for _ in range(2)]
     return steps, {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}
 

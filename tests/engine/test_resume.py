@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from fastppo.engine import checkpoint as ckpt_io
 from fastppo.engine import cli
-from tests.engine.tiny import tiny_config
+from tests.engine.tiny import quiet, tiny_config
 
 TIMING_KEYS = ("tokens_per_s", "time_generation", "time_experience", "time_update", "time_step")
 REPO = Path(__file__).resolve().parents[2]
@@ -187,7 +187,7 @@ def test_new_run_refuses_a_dir_with_checkpoints(killed_and_resumed, capsys):
 def test_failed_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     from fastppo.engine.trainer import PPOTrainer
 
-    tr = PPOTrainer(tiny_config(total_steps=1), tmp_path, echo=lambda *a: None)
+    tr = PPOTrainer(tiny_config(total_steps=1), tmp_path, echo=quiet)
     tr.train()  # saves step_000001
     before = (tmp_path / "checkpoints/step_000001/policy.safetensors").read_bytes()
     tr.step = 2

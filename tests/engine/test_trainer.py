@@ -13,20 +13,16 @@ from fastppo import _dispatch
 from fastppo import reference as ref
 from fastppo.engine.experience import make_experience, score_rollout
 from fastppo.engine.trainer import KLController, PPOTrainer
-from tests.engine.tiny import tiny_config
+from tests.engine.tiny import quiet, tiny_config
 from tests.tolerances import assert_close
 
 STEP_KEYS = ("reward_mean", "reward_std", "kl", "entropy", "clipfrac", "approx_kl", "value_loss",
              "explained_variance", "grad_norm", "tokens_per_s", "time_generation", "time_experience", "time_update")
 
 
-def _quiet(*_a, **_k):
-    pass
-
-
 def test_a_few_ppo_steps_write_the_run_directory(tmp_path):
     cfg = tiny_config(total_steps=3, save_every=2, tensorboard=True, plot=True, num_samples=3)
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
     seen = []  # on_step_end runs after each step, once that step's checkpoint (if due) is in place
     summary = tr.train(on_step_end=[lambda step: seen.append((step, (tmp_path / "checkpoints").is_dir()))])
@@ -77,7 +73,7 @@ def test_a_few_ppo_steps_write_the_run_directory(tmp_path):
 )
 def test_variants_train(tmp_path, overrides):
     cfg = tiny_config(total_steps=2, **overrides)
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     if cfg.critic == "separate":
         assert tr.critic is not None
         critic_before = {k: v.clone() for k, v in tr.critic.state_dict().items()}
@@ -92,7 +88,7 @@ def test_variants_train(tmp_path, overrides):
 
 def test_grpo_advantages_are_per_prompt_group(tmp_path):
     cfg = tiny_config(advantage_estimator="grpo", samples_per_prompt=4, kl_in_loss=True, sft_steps=0)
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     torch.manual_seed(0)
     prompts = [p for p in tr.train_prompts[:2] for _ in range(4)]
     ro = tr._generate(prompts, greedy=False)
@@ -126,7 +122,7 @@ def _experience(tr: PPOTrainer, kl_coef: float = 0.1):
 
 
 def test_experience_rewards_and_advantages(tmp_path):
-    tr = PPOTrainer(tiny_config(sft_steps=0, whiten_advantages=False, gamma=0.9, lam=0.8), tmp_path, echo=_quiet)
+    tr = PPOTrainer(tiny_config(sft_steps=0, whiten_advantages=False, gamma=0.9, lam=0.8), tmp_path, echo=quiet)
     with torch.no_grad():  # move the policy away from the reference so the KL term is not zero
         for p in tr.policy.lm.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -161,7 +157,7 @@ def test_reward_model_scorer(tmp_path):
     LlamaForSequenceClassification(conf).save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
     tr = PPOTrainer(tiny_config(total_steps=1, reward="model", reward_model=str(rm_dir)), tmp_path / "run",
-                    echo=_quiet)
+                    echo=quiet)
     scores = tr.reward_fn(["1 2 =", "3 ="], ["2 1", "3"])
     assert len(scores) == 2 and scores[0] != scores[1]
     tr.train()
@@ -183,7 +179,7 @@ def test_torch_and_fused_backend_agree_on_one_update(tmp_path, backend):
     # kl_in_loss + entropy bonus exercise every term of the fused loss; dual clip too
     cfg = tiny_config(sft_steps=3, kl_in_loss=True, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
                       backend="torch")
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     with torch.no_grad():
         for p in tr.policy.lm.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -224,7 +220,7 @@ def _has_peft() -> bool:
 @pytest.mark.skipif(not _has_peft(), reason="peft is not installed (LoRA support needs it)")
 def test_lora_policy_reference_is_the_base_and_resume_is_exact(tmp_path):
     cfg = tiny_config(total_steps=3, lora_r=4, lr=1e-2, save_every=1, keep_checkpoints=5)
-    tr = PPOTrainer(cfg, tmp_path / "a", echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path / "a", echo=quiet)
     assert type(tr.policy.lm).__name__.startswith("PeftModel")
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
     tr.train()
@@ -238,7 +234,7 @@ def test_lora_policy_reference_is_the_base_and_resume_is_exact(tmp_path):
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000003")
-    tb = PPOTrainer(cfg, tmp_path / "b", resume=True, echo=_quiet)
+    tb = PPOTrainer(cfg, tmp_path / "b", resume=True, echo=quiet)
     assert tb.step == 2
     tb.train()
     for k, v in tr.policy.state_dict().items():
@@ -260,7 +256,7 @@ def test_hf_model_path_prompts_file_and_bf16(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["1 2 =", "3 4 5 =", "6 =", "7 8 9 0 ="]))
     cfg = tiny_config(model=str(tmp_path / "model"), task="prompts_file", prompts_file=str(prompts), total_steps=2,
                       dtype="bfloat16")
-    tr = PPOTrainer(cfg, tmp_path / "run", echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path / "run", echo=quiet)
     assert next(tr.policy.lm.parameters()).dtype == torch.bfloat16
     tr.train()
     assert all(math.isfinite(m["loss"]) for m in tr.metrics.history)
@@ -272,7 +268,7 @@ def test_recorded_sampler_logprobs_are_the_policys_and_reach_the_loss(tmp_path):
     weights recompute them (full forward, no KV cache) in the experience pass, so they agree to float32 rounding, and
     the loss reports the correction's statistics."""
     cfg = tiny_config(total_steps=1, rollout_is_level="token", rollout_is_max=2.0, sft_steps=0)
-    tr = PPOTrainer(cfg, tmp_path, echo=_quiet)
+    tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     torch.manual_seed(0)
     ro = tr._generate(tr.train_prompts[:8], greedy=False)
     assert ro.logprobs is not None and ro.logprobs.shape == ro.response_ids.shape

@@ -1,4 +1,5 @@
-"""A tiny engine configuration for tests: a 1-layer 16-wide Llama, 8 rollouts per step, seconds per run."""
+"""What the engine tests share: a tiny configuration (a 1-layer 16-wide Llama, 8 rollouts per step, seconds per
+run) and a silent ``echo`` for the trainer."""
 
 from __future__ import annotations
 
@@ -14,3 +15,7 @@ TINY = dict(
 
 def tiny_config(**overrides) -> PPOConfig:
     return PPOConfig(**{**TINY, **overrides}).validate()
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """An ``echo`` for ``PPOTrainer`` that prints nothing: the tests read the run's files, not its console."""
