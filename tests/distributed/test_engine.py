@@ -24,10 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.engine.tiny import tiny_config
+from tests.engine.tiny import run_metrics, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING_KEYS = ("tokens_per_s", "time_generation", "time_experience", "time_update", "time_step")
 
 
 def _env() -> dict[str, str]:
@@ -65,11 +64,6 @@ def _worker_pid(launcher: int, rank: int) -> int | None:
         except (OSError, IndexError, ValueError):
             continue
     return None
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +106,7 @@ def runs(tmp_path_factory):
 
 def test_two_processes_match_one_process(runs):
     r, _, _ = runs
-    one, two = _metrics(r["single"]), _metrics(r["full"])
+    one, two = run_metrics(r["single"]), run_metrics(r["full"])
     assert len(one) == len(two) == 4
     for key in ("loss", "kl", "grad_norm", "pg_loss", "value_loss", "entropy", "reward_mean", "advantage_abs_mean"):
         assert abs(one[0][key] - two[0][key]) <= 1e-5 * max(1.0, abs(one[0][key])), (key, one[0][key], two[0][key])
@@ -135,7 +129,7 @@ def test_resume_after_sigkill_of_one_rank_is_bitwise(runs):
     va = load_file(str(r["full"] / "final/value_head.safetensors"))
     vb = load_file(str(r["killed"] / "final/value_head.safetensors"))
     assert all(torch.equal(va[k], vb[k]) for k in va)
-    assert _metrics(r["full"]) == _metrics(r["killed"])
+    assert run_metrics(r["full"]) == run_metrics(r["killed"])
     # sharded checkpoint layout, the completed-marker listing every rank's files
     man = json.loads((r["full"] / "checkpoints/step_000004/manifest.json").read_text())
     assert man["format"] == "dcp" and man["world_size"] == 2
@@ -149,7 +143,7 @@ def test_resume_after_sigkill_of_one_rank_is_bitwise(runs):
 def test_resume_with_another_world_size_reshards(runs):
     r, out, _ = runs
     assert "resharding it onto 1" in out["reshard"], out["reshard"]
-    full, resharded = _metrics(r["full"]), _metrics(r["reshard"])
+    full, resharded = run_metrics(r["full"]), run_metrics(r["reshard"])
     assert [m["step"] for m in resharded] == [1, 2, 3, 4]
     for a, b in zip(full, resharded, strict=True):
         for key in ("loss", "kl", "reward_mean", "grad_norm"):

@@ -19,9 +19,8 @@ from safetensors.torch import load_file
 
 from fastppo.engine import checkpoint as ckpt_io
 from fastppo.engine import cli
-from tests.engine.tiny import quiet, tiny_config
+from tests.engine.tiny import quiet, run_metrics, tiny_config
 
-TIMING_KEYS = ("tokens_per_s", "time_generation", "time_experience", "time_update", "time_step")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -32,11 +31,6 @@ def _train(args: list[str], step_delay: float | None = None) -> subprocess.Popen
                                                                str(step_delay)]
     return subprocess.Popen([sys.executable, "-m", *cmd, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(killed_and_resumed):
     for i, st in oa["state"].items():
         for k, v in st.items():
             assert torch.equal(v, ob["state"][i][k])
-    ma, mb = _metrics(full), _metrics(killed)
+    ma, mb = run_metrics(full), run_metrics(killed)
     assert [m["step"] for m in ma] == list(range(1, 9))
     assert ma == mb
     assert (killed / "samples_after.txt").read_text() == (full / "samples_after.txt").read_text()
@@ -113,7 +107,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_valid_one(killed_and
     # steps 7-8 were redone from step 6: the same bits as the uninterrupted run, and a valid step_000008 again
     a, b = load_file(str(full / "final/model.safetensors")), load_file(str(run / "final/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _metrics(run) == _metrics(full)
+    assert run_metrics(run) == run_metrics(full)
     ckpt_io.verify(run / "checkpoints/step_000008")
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000006", "step_000008"]
 
@@ -173,7 +167,7 @@ def test_resume_refuses_config_edits_except_the_allowed_ones(killed_and_resumed,
     assert cli.main(["--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert "config changes applied: total_steps 8 -> 9, save_every 2 -> 1" in out
-    assert [m["step"] for m in _metrics(run)] == list(range(1, 10))
+    assert [m["step"] for m in run_metrics(run)] == list(range(1, 10))
     state = json.loads((run / "checkpoints/step_000009/state.json").read_text())
     assert state["config"]["total_steps"] == 9 and state["config"]["save_every"] == 1
     assert json.loads((run / "summary.json").read_text())["steps"] == 9

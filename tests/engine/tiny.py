@@ -1,7 +1,10 @@
 """What the engine tests share: a tiny configuration (a 1-layer 16-wide Llama, 8 rollouts per step, seconds per
-run) and a silent ``echo`` for the trainer."""
+run), a silent ``echo`` for the trainer and a run's metrics without its wall-clock fields."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from fastppo.engine.config import PPOConfig
 
@@ -12,6 +15,9 @@ TINY = dict(
     save_every=0, progress=False, tensorboard=False, plot=False, torch_threads=1, device="cpu",
 )
 
+# what differs between two otherwise identical runs: the wall clock
+TIMING_KEYS = ("tokens_per_s", "time_generation", "time_experience", "time_update", "time_step")
+
 
 def tiny_config(**overrides) -> PPOConfig:
     return PPOConfig(**{**TINY, **overrides}).validate()
@@ -19,3 +25,9 @@ def tiny_config(**overrides) -> PPOConfig:
 
 def quiet(*_args, **_kwargs) -> None:
     """An ``echo`` for ``PPOTrainer`` that prints nothing: the tests read the run's files, not its console."""
+
+
+def run_metrics(run: Path) -> list[dict]:
+    """The rows of ``run/metrics.jsonl`` without their timing fields, to compare two runs step by step."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
