@@ -272,7 +272,6 @@ def test_e2e_realistic_case_runs_both_trainers_from_saved_paths():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_e2e_realistic_case_runs_on_the_gpu():
     """``fastppo bench e2e --device cuda`` reports the same case on the GPU, with its peak GPU memory."""
     s = {"V": 512, "prompts": 1, "samples": 2, "resp_len": 4, "warmup_steps": 1, "steps": 1, "device": "cuda"}

@@ -82,7 +82,6 @@ def test_outputs_have_trls_dtype(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_outputs_have_trls_dtype_on_cuda(dtype):
     # on CUDA, TRL >= 1.14 runs its Triton kernel for one label per row, which returns float32

@@ -16,7 +16,6 @@ import torch
 from fastppo import _dispatch, _native
 
 GPU = torch.cuda.is_available()
-_needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA device")]
 _cpu_only = pytest.mark.skipif(GPU, reason="the GPU run covers this backend on the device")
 
 BACKEND_PARAMS = [
@@ -26,8 +25,8 @@ BACKEND_PARAMS = [
     pytest.param("cpp-avx2", id="cpp-avx2"),
     pytest.param("cpp-scalar", id="cpp-scalar"),
     pytest.param("cuda-emulated", id="cuda-emulated"),
-    pytest.param("triton", id="triton-gpu", marks=_needs_gpu),
-    pytest.param("cuda", id="cuda-gpu", marks=_needs_gpu),
+    pytest.param("triton", id="triton-gpu", marks=pytest.mark.gpu),
+    pytest.param("cuda", id="cuda-gpu", marks=pytest.mark.gpu),
 ]
 
 

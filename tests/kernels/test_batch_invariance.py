@@ -105,11 +105,7 @@ def test_gae_rows_batch_invariant(device, small_chunk):
         assert torch.equal(pa, adv[a:b]) and torch.equal(pr, ret[a:b])
 
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("v", [32000, 151936])
 def test_gpu_real_vocab_batch_invariant(v):
     _check_invariance(n_target=8, v=v, n_other=2048, dtype=torch.bfloat16, device=torch.device("cuda"))

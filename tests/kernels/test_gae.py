@@ -132,11 +132,7 @@ def test_launcher_rejects_bad_inputs(device):
         gae_forward(r, v, m, boot[:1], 1.0, 0.95)
 
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("b,t", [(1, 16384), (4, 16384), (256, 1024), (64, 4096)])
 def test_gpu_real_size(b, t):
     r, v, m, boot = _inputs(b, t, seed=b + t, p_valid=0.9, device="cuda")

@@ -187,7 +187,6 @@ def test_out_of_range_label_gives_nan_not_a_read(device):
 # --------------------------------------------------------------------------------------------- public ops
 # ---------------------------------------------------------------------------------------------- PPO terms
 # ------------------------------------------------------------------------------------------- GPU, real size
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _ref_rows(x: torch.Tensor, lab: torch.Tensor, rows: torch.Tensor, temperature: float):
@@ -198,7 +197,6 @@ def _ref_rows(x: torch.Tensor, lab: torch.Tensor, rows: torch.Tensor, temperatur
 @pytest.mark.parametrize("v", [32000, 128256, 151936])
 @pytest.mark.parametrize("n", [1, 4097, 16384])
 @pytest.mark.gpu
-@needs_gpu
 def test_gpu_real_size_bf16(n, v):
     torch.manual_seed(n + v)
     x = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)
@@ -224,7 +222,6 @@ def test_gpu_real_size_bf16(n, v):
 
 @pytest.mark.parametrize("v", [32000, 151936])
 @pytest.mark.gpu
-@needs_gpu
 def test_gpu_real_size_fp32_and_ppo(v):
     n = 4096
     torch.manual_seed(v)
