@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastppo import PPOObjective
-from tests.csrc.checks import random_logits
+from tests.helpers import random_logits
 
 F32 = torch.float32
 

@@ -10,7 +10,7 @@ import torch
 import fastppo
 from fastppo import reference as ref
 from tests.contract.cases import CASE_IDS, CASES, F32, NEG_INF
-from tests.csrc.checks import random_logits, random_vector, ref_dlogits
+from tests.helpers import random_logits, random_vector, ref_dlogits
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 

@@ -10,7 +10,7 @@ import torch
 import fastppo
 from fastppo import _native
 from fastppo import reference as ref
-from tests.csrc.checks import random_logits, ref_dlogits
+from tests.helpers import random_logits, ref_dlogits
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 pytestmark = pytest.mark.gpu

@@ -17,7 +17,7 @@ import fastppo
 from fastppo import _dispatch, _native
 from fastppo import reference as ref
 from tests.csrc import cuda_emu
-from tests.csrc.checks import (
+from tests.helpers import (
     random_logits,
     random_vector,
     ref_dlogits,

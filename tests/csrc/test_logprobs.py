@@ -10,7 +10,7 @@ import torch
 
 import fastppo
 from fastppo import reference as ref
-from tests.csrc.checks import random_logits, random_vector, ref_dlogits
+from tests.helpers import random_logits, random_vector, ref_dlogits
 from tests.tolerances import assert_close
 
 NEG_INF = float("-inf")

@@ -10,6 +10,7 @@ import fastppo
 from fastppo import _dispatch
 from fastppo.kernels import linear as kl
 from fastppo.reference import linear as RL
+from tests.helpers import input_grads, leaves, linear_inputs
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -20,37 +21,18 @@ def tiled(monkeypatch):
     monkeypatch.setenv("FASTPPO_LM_HEAD", "tiled")
 
 
-def _make(n, h, v, dtype, device, seed=0, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    hid = torch.randn(n, h, generator=g).to(dtype).to(device)
-    w = (torch.randn(v, h, generator=g) * (2 / h**0.5)).to(dtype).to(device)
-    b = (torch.randn(v, generator=g) * 0.3).to(dtype).to(device) if bias else None
-    lab = torch.randint(0, v, (n,), generator=g).to(device)
-    return hid, w, b, lab
-
-
-def _leaves(*ts, dtype=None):
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
-
-
-def _grads(out, inputs):
-    ins = [t for t in inputs if t is not None]
-    gs = list(torch.autograd.grad(out, ins))
-    return [None if t is None else gs.pop(0) for t in inputs]
-
-
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n,h,v", [(37, 23, 101), (5, 40, 33), (1, 7, 1)])
 def test_logprobs_entropy_and_grads_fp32(tiled, device, n, h, v, bias):
-    hid, w, b, lab = _make(n, h, v, F32, device, seed=n, bias=bias)
+    hid, w, b, lab = linear_inputs(n, h, v, bias=bias, seed=n, device=device)
     g = torch.Generator().manual_seed(1)
     g_lp, g_h = torch.randn(n, generator=g).to(device), torch.randn(n, generator=g).to(device)
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     lp, ent = fastppo.linear_logprobs_and_entropy(x[0], x[1], lab, bias=x[2], temperature=0.8, backend="triton")
-    grads = _grads((lp * g_lp + ent * g_h).sum(), x)
-    r = _leaves(hid, w, b, dtype=F64)
+    grads = input_grads((lp * g_lp + ent * g_h).sum(), x)
+    r = leaves(hid, w, b, dtype=F64)
     e_lp, e_ent = RL.linear_logprobs_and_entropy(r[0], r[1], lab, bias=r[2], temperature=0.8)
-    e_grads = _grads((e_lp * g_lp.double() + e_ent * g_h.double()).sum(), r)
+    e_grads = input_grads((e_lp * g_lp.double() + e_ent * g_h.double()).sum(), r)
     assert_close(lp, e_lp, F32)
     assert_close(ent, e_ent, F32)
     for a, e in zip(grads, e_grads, strict=True):
@@ -59,16 +41,16 @@ def test_logprobs_entropy_and_grads_fp32(tiled, device, n, h, v, bias):
 
 
 def test_bf16_no_worse_than_pytorch(tiled, device):
-    hid, w, b, lab = _make(29, 24, 77, BF16, device, seed=3)
-    x = _leaves(hid, w, b)
+    hid, w, b, lab = linear_inputs(29, 24, 77, BF16, seed=3, device=device)
+    x = leaves(hid, w, b)
     lp = fastppo.linear_logprobs(x[0], x[1], lab, bias=x[2], backend="triton")
-    grads = _grads(lp.sum(), x)
-    r = _leaves(hid, w, b, dtype=F64)
+    grads = input_grads(lp.sum(), x)
+    r = leaves(hid, w, b, dtype=F64)
     e_lp = RL.linear_logprobs(r[0], r[1], lab, bias=r[2])
-    e_grads = _grads(e_lp.sum(), r)
-    y = _leaves(hid, w, b)
+    e_grads = input_grads(e_lp.sum(), r)
+    y = leaves(hid, w, b)
     t_lp = torch.log_softmax(torch.nn.functional.linear(y[0], y[1], y[2]), -1).gather(-1, lab[:, None]).squeeze(-1)
-    t_grads = _grads(t_lp.sum(), y)
+    t_grads = input_grads(t_lp.sum(), y)
     assert_no_worse_than_torch(lp, e_lp, t_lp)
     for a, e, t in zip(grads, e_grads, t_grads, strict=True):
         assert a.dtype == BF16
@@ -76,7 +58,7 @@ def test_bf16_no_worse_than_pytorch(tiled, device):
 
 
 def test_ppo_loss_from_hidden_tiled(tiled, device):
-    hid, w, b, lab = _make(24, 19, 65, F32, device, seed=5)
+    hid, w, b, lab = linear_inputs(24, 19, 65, seed=5, device=device)
     hid, lab = hid.view(3, 8, 19), lab.view(3, 8)
     with torch.no_grad():
         lp = RL.linear_logprobs(hid.double(), w.double(), lab, bias=b.double())
@@ -87,13 +69,13 @@ def test_ppo_loss_from_hidden_tiled(tiled, device):
     mask = (torch.rand(3, 8, generator=g) > 0.3).to(device)
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.02, dual_clip=3.0, temperature=0.9,
               agg="seq-mean-token-mean")
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     loss, stats = fastppo.ppo_loss_from_hidden(x[0], x[1], lab, old, adv, mask, bias=x[2], backend="triton", **kw)
-    grads = _grads(loss * 1.3, x)
-    r = _leaves(hid, w, b, dtype=F64)
+    grads = input_grads(loss * 1.3, x)
+    r = leaves(hid, w, b, dtype=F64)
     e_loss, e_stats = RL.ppo_loss_from_hidden(r[0], r[1], lab, old.double(), adv.double(), mask, bias=r[2],
                                               **{**kw, "ref_logprobs": ref_lp.double()})
-    e_grads = _grads(e_loss * 1.3, r)
+    e_grads = input_grads(e_loss * 1.3, r)
     assert_close(loss, e_loss, F32)
     for a, e in zip(grads, e_grads, strict=True):
         assert_close(a, e, F32, "grad")
@@ -102,7 +84,7 @@ def test_ppo_loss_from_hidden_tiled(tiled, device):
 
 
 def test_launchers_skip_unneeded_grads_and_empty_batch(device):
-    hid, w, b, lab = _make(6, 8, 20, F32, device)
+    hid, w, b, lab = linear_inputs(6, 8, 20, device=device)
     lp, ent, lse = kl.linear_forward(hid, w, b, lab, 1.0, False)
     assert ent is None
     dh, dw, db = kl.linear_backward(hid, w, b, lab, lse, None, torch.ones_like(lp), None, 1.0, True, False, False)
@@ -114,7 +96,7 @@ def test_launchers_skip_unneeded_grads_and_empty_batch(device):
 def test_mode_selection(monkeypatch):
     assert _dispatch.implements("triton", "linear_tiled")
     monkeypatch.setenv("FASTPPO_LM_HEAD", "tiled")
-    hid, w, _, lab = _make(4, 8, 20, F32, torch.device("cpu"))
+    hid, w, _, lab = linear_inputs(4, 8, 20)
     with pytest.raises(_dispatch.BackendUnavailableError, match="needs backend='triton'"):
         fastppo.linear_logprobs(hid, w, lab, backend="torch")
     monkeypatch.setenv("FASTPPO_LM_HEAD", "fastest")

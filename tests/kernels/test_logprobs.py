@@ -16,40 +16,13 @@ from fastppo import reference as ref
 from fastppo.kernels import gae as kernel_gae
 from fastppo.kernels import launchers as fk
 from fastppo.kernels import logprobs as kernel_logprobs
+from tests.helpers import NEG_INF, random_logits, ref_dlogits
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 K = kernel_logprobs
 logprobs_forward, logprobs_backward, ppo_loss_forward = fk.logprobs_forward, fk.logprobs_backward, fk.ppo_loss_forward
 
-NEG_INF = float("-inf")
 F32 = torch.float32
-
-
-def _logits(shape: tuple[int, ...], v: int, seed: int, scale: float = 2.0, dtype=F32, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, v, generator=g) * scale
-    labels = torch.randint(0, v, shape, generator=g)
-    return x.to(dtype).to(device), labels.to(device)
-
-
-def _finite64(x: torch.Tensor) -> torch.Tensor:
-    """fp64 copy with -inf replaced by -1e4: same forward values (exp underflows to exactly 0 in fp64) but finite
-    gradients, where the reference's autograd of p*log p at p = 0 would give 0 * -inf = NaN."""
-    x64 = x.detach().double()
-    return torch.where(x64 == NEG_INF, torch.full_like(x64, -1e4), x64)
-
-
-def _ref_grad(x: torch.Tensor, labels: torch.Tensor, temperature: float, g_lp, g_h) -> torch.Tensor:
-    """dlogits of sum(g_lp*logp + g_h*entropy) by fp64 autograd through the reference."""
-    x64 = _finite64(x).requires_grad_()
-    lp, h = ref.logprobs_and_entropy(x64, labels, temperature=temperature)
-    total = 0.0
-    if g_lp is not None:
-        total = total + (lp * g_lp.double().view_as(lp)).sum()
-    if g_h is not None:
-        total = total + (h * g_h.double().view_as(h)).sum()
-    total.backward()
-    return x64.grad
 
 
 def _flat3(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +45,7 @@ def test_block_config_depends_on_vocab_and_dtype_only():
 def test_forward_launcher_matches_fp64(n, v, temperature, blocks, request, device):
     if blocks:
         request.getfixturevalue("small_block")
-    x, lab = _logits((n,), v, seed=n + v, device=device)
+    x, lab = random_logits((n,), v, seed=n + v, device=device)
     logp, ent, lse = logprobs_forward(_flat3(x), lab, temperature, True)
     e_lp, e_h = ref.logprobs_and_entropy(x.double(), lab, temperature=temperature)
     assert logp.dtype == ent.dtype == lse.dtype == F32
@@ -86,7 +59,7 @@ def test_forward_launcher_matches_fp64(n, v, temperature, blocks, request, devic
 
 def test_peaked_flat_and_shifted_rows(small_block, device):
     v = 1271
-    x, lab = _logits((6,), v, seed=1)
+    x, lab = random_logits((6,), v, seed=1)
     x[0, 700] = 1e4  # peaked: entropy ~ 0, logp of the peak ~ 0
     lab[0] = 700
     x[1] = 3.0  # flat: entropy = log V
@@ -105,7 +78,7 @@ def test_peaked_flat_and_shifted_rows(small_block, device):
 
 def test_neg_inf_entries_values_and_grads(small_block, device):
     v, blk = 1271, small_block
-    x, lab = _logits((5,), v, seed=2)
+    x, lab = random_logits((5,), v, seed=2)
     x[0, :blk] = NEG_INF  # the first chunk entirely -inf: the running max starts at -inf
     x[1, blk:3 * blk] = NEG_INF  # two whole chunks in the middle
     x[2, 1:] = NEG_INF  # a single finite logit
@@ -123,7 +96,7 @@ def test_neg_inf_entries_values_and_grads(small_block, device):
         g_lp, g_h = torch.randn(5, generator=g).to(device), torch.randn(5, generator=g).to(device)
         out = torch.empty_like(x)
         logprobs_backward(_flat3(x), lab, lse, ent, g_lp, g_h, temperature, _flat3(out))
-        assert_close(out, _ref_grad(x, lab, temperature, g_lp, g_h), F32, "grad")
+        assert_close(out, ref_dlogits(x, lab, temperature, g_lp, g_h), F32, "grad")
         assert torch.all(out[x == NEG_INF] == 0)
 
 
@@ -135,7 +108,7 @@ def test_backward_launcher_matches_fp64(which, blocks, n, request, device):
     if blocks:
         request.getfixturevalue("small_block")
     v, temperature = 1271, 0.9
-    x, lab = _logits((n,), v, seed=5, device=device)
+    x, lab = random_logits((n,), v, seed=5, device=device)
     logp, ent, lse = logprobs_forward(_flat3(x), lab, temperature, True)
     g = torch.Generator().manual_seed(6)
     g_lp = torch.randn(n, generator=g).to(device) if which in ("both", "logp") else None
@@ -148,14 +121,14 @@ def test_backward_launcher_matches_fp64(which, blocks, n, request, device):
     if which == "none":
         assert torch.equal(out, torch.zeros_like(x))
         return
-    assert_close(out, _ref_grad(x, lab, temperature, g_lp, g_h), F32, "grad")
+    assert_close(out, ref_dlogits(x, lab, temperature, g_lp, g_h), F32, "grad")
     if which == "both":
         assert torch.equal(out[::4], torch.zeros_like(out[::4]))  # both grads zero on those rows
 
 
 def test_launcher_strided_rows(device):
     """3-D views with arbitrary B/T strides, as the contract allows; row r -> (r // T, r % T)."""
-    big, _ = _logits((4, 7), 300, seed=8, device=device)
+    big, _ = random_logits((4, 7), 300, seed=8, device=device)
     views = [big[:, :-1, :], big.transpose(0, 1)[1:, ::2], big[::2, 1::3]]
     for view in views:
         n = view.shape[0] * view.shape[1]
@@ -169,7 +142,7 @@ def test_launcher_strided_rows(device):
             else out[::2, 1::3]
         g = torch.randn(n, device=device)
         logprobs_backward(view, lab, lse, ent, g, None, 1.0, o_view)
-        assert_close(o_view.reshape(n, 300), _ref_grad(view.reshape(n, 300), lab, 1.0, g, None), F32, "grad")
+        assert_close(o_view.reshape(n, 300), ref_dlogits(view.reshape(n, 300), lab, 1.0, g, None), F32, "grad")
         untouched = torch.ones_like(out, dtype=torch.bool)
         untouched_view = untouched[:, :-1, :] if view is views[0] else untouched.transpose(0, 1)[1:, ::2] \
             if view is views[1] else untouched[::2, 1::3]
@@ -178,7 +151,7 @@ def test_launcher_strided_rows(device):
 
 
 def test_out_of_range_label_gives_nan_not_a_read(device):
-    x, _ = _logits((3,), 50, seed=9, device=device)
+    x, _ = random_logits((3,), 50, seed=9, device=device)
     lab = torch.tensor([1, 50, -1], device=device)
     logp, _, _ = logprobs_forward(_flat3(x), lab, 1.0, False)
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(logp[2])
@@ -216,7 +189,7 @@ def test_gpu_real_size_bf16(n, v):
     ((t_lp.float() * g_lp[rows]).sum() + (t_h.float() * g_h[rows]).sum()).backward()
     assert_no_worse_than_torch(lp[rows], e_lp, t_lp)
     assert_no_worse_than_torch(h[rows], e_h, t_h)
-    e_grad = _ref_grad(x[rows], lab[rows], temperature, g_lp[rows], g_h[rows])
+    e_grad = ref_dlogits(x[rows], lab[rows], temperature, g_lp[rows], g_h[rows])
     assert_no_worse_than_torch(xr.grad[rows], e_grad, xe.grad)
 
 

@@ -14,6 +14,7 @@ from fastppo.linear import ppo_loss_and_terms_from_hidden
 from fastppo.reference import agg_loss
 from fastppo.reference import linear as RL
 from fastppo.reference.losses import AGG_MODES
+from tests.helpers import input_grads, leaves, linear_inputs
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -31,37 +32,18 @@ def _backends() -> list[str]:
 BACKENDS = _backends()
 
 
-def _make(lead=(3, 5), h=13, v=257, dtype=F32, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hid = (torch.randn(*lead, h, generator=g)).to(dtype)
-    w = (torch.randn(v, h, generator=g) / h**0.5 * 2).to(dtype)
-    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
-    lab = torch.randint(0, v, lead, generator=g)
-    return hid, w, b, lab
-
-
-def _leaves(*ts, dtype=None):
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
-
-
-def _grads(out, inputs):
-    ins = [t for t in inputs if t is not None]
-    gs = list(torch.autograd.grad(out, ins))
-    return [None if t is None else gs.pop(0) for t in inputs]
-
-
 def _lp_case(backend, dtype, lead=(3, 5), h=13, v=257, bias=True, temperature=0.8, chunk=None, seed=0):
     """Run linear_logprobs_and_entropy with random upstream grads; return (ours, fp64 reference) values + grads."""
-    hid, w, b, lab = _make(lead, h, v, dtype, bias, seed)
+    hid, w, b, lab = linear_inputs(lead, h, v, dtype, bias=bias, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     g_lp, g_h = torch.randn(lead, generator=g), torch.randn(lead, generator=g)
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     lp, ent = fastppo.linear_logprobs_and_entropy(x[0], x[1], lab, bias=x[2], temperature=temperature,
                                                   backend=backend, chunk_size=chunk)
-    grads = _grads((lp * g_lp + ent * g_h).sum(), x)
-    r = _leaves(hid, w, b, dtype=F64)
+    grads = input_grads((lp * g_lp + ent * g_h).sum(), x)
+    r = leaves(hid, w, b, dtype=F64)
     e_lp, e_ent = RL.linear_logprobs_and_entropy(r[0], r[1], lab, bias=r[2], temperature=temperature)
-    e_grads = _grads((e_lp * g_lp.double() + e_ent * g_h.double()).sum(), r)
+    e_grads = input_grads((e_lp * g_lp.double() + e_ent * g_h.double()).sum(), r)
     return (lp, ent, *grads), (e_lp, e_ent, *e_grads), (hid, w, b, lab, g_lp, g_h)
 
 
@@ -87,12 +69,12 @@ def test_float64_reference_path():
 def test_low_precision_no_worse_than_pytorch(backend, dtype):
     ours, ref64, (hid, w, b, lab, g_lp, g_h) = _lp_case(backend, dtype, lead=(4, 6), h=24, v=301, chunk=5, seed=3)
     # Eager PyTorch in the same dtype: linear + log_softmax + gather + entropy, backward in that dtype.
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     logits = torch.nn.functional.linear(x[0], x[1], x[2]) / 0.8
     lsm = torch.log_softmax(logits, -1)
     lp = lsm.gather(-1, lab[..., None]).squeeze(-1)
     ent = -(lsm.exp() * lsm).sum(-1)
-    eager = [lp, ent, *_grads((lp * g_lp.to(dtype) + ent * g_h.to(dtype)).sum(), x)]
+    eager = [lp, ent, *input_grads((lp * g_lp.to(dtype) + ent * g_h.to(dtype)).sum(), x)]
     for a, e, t in zip(ours, ref64, eager, strict=True):
         assert a.dtype == (F32 if a.dim() == 2 and a.shape == (4, 6) else dtype)
         assert_no_worse_than_torch(a, e, t)
@@ -130,20 +112,20 @@ def test_default_chunk_is_independent_of_the_batch():
     assert chunk_rows(151936, 512, F32, torch.device("cpu"), backend="torch") == chunk_rows(
         151936, 512, F32, torch.device("cpu"), budget_bytes=48 * 2**20) == 80
     # a row's values do not depend on how many other rows there are (fixed chunk size)
-    hid, w, b, lab = _make((40,), 8, 211, F32, True, seed=9)
+    hid, w, b, lab = linear_inputs((40,), 8, 211, seed=9)
     full = fastppo.linear_logprobs(hid, w, lab, bias=b, chunk_size=8)
     part = fastppo.linear_logprobs(hid[:13], w, lab[:13], bias=b, chunk_size=8)
     assert_close(part, full[:13].double(), F32)
 
 
 def test_non_scalar_upstream_and_leading_shapes():
-    hid, w, b, lab = _make((2, 3, 4), 5, 33, F32, True, seed=2)
-    x = _leaves(hid, w, b)
+    hid, w, b, lab = linear_inputs((2, 3, 4), 5, 33, seed=2)
+    x = leaves(hid, w, b)
     lp = fastppo.linear_logprobs(x[0], x[1], lab, bias=x[2], chunk_size=5)
     assert lp.shape == (2, 3, 4)
     up = torch.randn(2, 3, 4)
     grads = torch.autograd.grad(lp, x, grad_outputs=up)
-    r = _leaves(hid, w, b, dtype=F64)
+    r = leaves(hid, w, b, dtype=F64)
     e = RL.linear_logprobs(r[0], r[1], lab, bias=r[2])
     e_grads = torch.autograd.grad(e, r, grad_outputs=up.double())
     assert_close(lp, e, F32)
@@ -173,7 +155,7 @@ def test_tied_weight_accumulates(backend):
 
 
 def test_frozen_weight_only_hidden_grad():
-    hid, w, _, lab = _make((7,), 6, 40, F32, False, seed=5)
+    hid, w, _, lab = linear_inputs((7,), 6, 40, bias=False, seed=5)
     x = hid.clone().requires_grad_()
     lp = fastppo.linear_logprobs(x, w, lab, chunk_size=3)
     lp.sum().backward()
@@ -184,19 +166,19 @@ def test_frozen_weight_only_hidden_grad():
 
 
 def test_empty_batch():
-    hid, w, b, lab = _make((0,), 6, 40, F32, True)
-    x = _leaves(hid, w, b)
+    hid, w, b, lab = linear_inputs((0,), 6, 40)
+    x = leaves(hid, w, b)
     lp, ent = fastppo.linear_logprobs_and_entropy(x[0], x[1], lab, bias=x[2])
     assert lp.shape == (0,) and ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert x[0].grad.shape == (0, 6) and torch.all(x[1].grad == 0) and torch.all(x[2].grad == 0)
-    hid, w, b, lab = _make((2, 0), 6, 40, F32, True)
+    hid, w, b, lab = linear_inputs((2, 0), 6, 40)
     with pytest.raises(ValueError, match="empty batch"):
         fastppo.ppo_loss_from_hidden(hid, w, lab, torch.zeros(2, 0), torch.zeros(2, 0), torch.ones(2, 0))
 
 
 def test_clear_errors():
-    hid, w, b, lab = _make((2, 4), 6, 40, F32, True)
+    hid, w, b, lab = linear_inputs((2, 4), 6, 40)
     with pytest.raises(ValueError, match="labels out of range"):
         fastppo.linear_logprobs(hid, w, lab + 40)
     with pytest.raises(ValueError, match="labels out of range"):
@@ -230,7 +212,7 @@ def test_clear_errors():
 
 # ------------------------------------------------------------------------------------------------ PPO loss
 def _ppo_inputs(lead, v, seed):
-    hid, w, b, lab = _make(lead, 11, v, F32, True, seed)
+    hid, w, b, lab = linear_inputs(lead, 11, v, seed=seed)
     with torch.no_grad():
         lp = RL.linear_logprobs(hid.double(), w.double(), lab, bias=b.double())
     g = torch.Generator().manual_seed(seed + 1)
@@ -250,14 +232,14 @@ def test_ppo_loss_from_hidden_matches_fp64(backend, agg, kl_kind, dual):
     hid, w, b, lab, old, ref_lp, adv, mask = _ppo_inputs((3, 7), 89, seed=21)
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, kl_kind=kl_kind, entropy_coef=0.02, clip_high=0.28,
               dual_clip=dual, temperature=0.9, agg=agg)
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     loss, stats = fastppo.ppo_loss_from_hidden(x[0], x[1], lab, old, adv, mask, bias=x[2], backend=backend,
                                                chunk_size=4, **kw)
-    grads = _grads(loss * 1.7, x)  # an upstream gradient other than 1
-    r = _leaves(hid, w, b, dtype=F64)
+    grads = input_grads(loss * 1.7, x)  # an upstream gradient other than 1
+    r = leaves(hid, w, b, dtype=F64)
     e_loss, e_stats = RL.ppo_loss_from_hidden(r[0], r[1], lab, old.double(), adv.double(), mask, bias=r[2],
                                               **{**kw, "ref_logprobs": ref_lp.double()})
-    e_grads = _grads(e_loss * 1.7, r)
+    e_grads = input_grads(e_loss * 1.7, r)
     assert loss.dtype == F32 and loss.shape == ()
     assert_close(loss, e_loss, F32)
     for a, e in zip(grads, e_grads, strict=True):
@@ -273,16 +255,16 @@ def test_ppo_loss_from_hidden_on_policy(backend):
     loss and gradients as passing the float64 log-probs of the same weights explicitly."""
     hid, w, b, lab, _, ref_lp, adv, mask = _ppo_inputs((3, 7), 89, seed=5)
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.02, temperature=0.9, agg="seq-mean-token-mean")
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     loss, stats, tok = ppo_loss_and_terms_from_hidden(x[0], x[1], lab, None, adv, mask, bias=x[2], backend=backend,
                                                       chunk_size=4, **kw)
-    grads = _grads(loss * 0.7, x)
-    r = _leaves(hid, w, b, dtype=F64)
+    grads = input_grads(loss * 0.7, x)
+    r = leaves(hid, w, b, dtype=F64)
     with torch.no_grad():
         e_lp, e_ent = RL.linear_logprobs_and_entropy(r[0], r[1], lab, bias=r[2], temperature=0.9)
     e_loss, e_stats = RL.ppo_loss_from_hidden(r[0], r[1], lab, e_lp, adv.double(), mask, bias=r[2],
                                               **{**kw, "ref_logprobs": ref_lp.double()})
-    e_grads = _grads(e_loss * 0.7, r)
+    e_grads = input_grads(e_loss * 0.7, r)
     assert_close(loss, e_loss, F32)
     for a, e in zip(grads, e_grads, strict=True):
         assert_close(a, e, F32, "grad")
@@ -309,7 +291,7 @@ def test_ppo_loss_matches_from_logits_op():
 
 def test_ppo_without_grad_and_without_ref():
     hid, w, b, lab, old, _, adv, mask = _ppo_inputs((4, 5), 64, seed=8)
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     with torch.no_grad():
         loss, stats = fastppo.ppo_loss_from_hidden(x[0], x[1], lab, old, adv, mask, bias=x[2])
     assert not loss.requires_grad and "kl" not in stats
@@ -342,12 +324,12 @@ def test_compile_fullgraph():
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     out, cf = compiled(*x)
-    grads = _grads(out, x)
-    y = _leaves(hid, w, b)
+    grads = input_grads(out, x)
+    y = leaves(hid, w, b)
     e_out, e_cf = step(*y)
-    e_grads = _grads(e_out, y)
+    e_grads = input_grads(e_out, y)
     assert_close(out, e_out.double(), F32)
     assert_close(cf, e_cf.double(), F32)
     for a, e in zip(grads, e_grads, strict=True):
@@ -366,9 +348,9 @@ def test_activation_checkpointing(reentrant):
         lp = fastppo.linear_logprobs(h, w_, lab, bias=b_, chunk_size=3)
         return loss + 0.01 * lp.sum()
 
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     checkpoint(block, *x, use_reentrant=reentrant).backward()  # reentrant checkpointing forbids autograd.grad
-    y = _leaves(hid, w, b)
+    y = leaves(hid, w, b)
     block(*y).backward()
     for a, e in zip(x, y, strict=True):
         assert_close(a.grad, e.grad.double(), F32, "grad")
@@ -407,13 +389,13 @@ def test_masked_tokens_skip_the_lm_head_on_cpu(monkeypatch):
     real = AL._chunk_logits
     monkeypatch.setattr(AL, "_chunk_logits", lambda h, *a: rows.append(h.shape[0]) or real(h, *a))
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.02, chunk_size=4)
-    x = _leaves(hid, w, b)
+    x = leaves(hid, w, b)
     loss, stats = fastppo.ppo_loss_from_hidden(x[0], x[1], lab, old, adv, mask, bias=x[2], **kw)
     loss.backward()
     n_valid = int(mask.sum())
     assert sum(rows) == n_valid < mask.numel()
     keep = mask.bool()
-    y = _leaves(hid[keep], w, b)
+    y = leaves(hid[keep], w, b)
     loss2, stats2 = fastppo.ppo_loss_from_hidden(
         y[0], y[1], lab[keep], old[keep], adv[keep], torch.ones(n_valid), bias=y[2],
         **{**kw, "ref_logprobs": ref_lp[keep]})
