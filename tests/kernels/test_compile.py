@@ -5,15 +5,10 @@ CPU-only CI that the kernels get through Triton's real compiler and ptxas, not o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
 import fastppo
+from tests.kernels.aot import assert_compiles_for_hopper_without_spills
 from tests.tolerances import assert_close
 
 F32 = torch.float32
@@ -86,7 +81,8 @@ _GAE = {
 }
 
 
-def _variants():
+def row_and_gae_variants() -> list[tuple]:
+    """Every (kernel, signature, constants, warps) the row and GAE launchers use."""
     from fastppo.kernels import gae
     from fastppo.kernels import logprobs as lp
     out = []
@@ -113,54 +109,5 @@ def _variants():
     return out
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers, stack and local (spill) bytes of a cubin, read with the cuobjdump Triton ships."""
-    import re
-    import tempfile
-
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out)}
-
-
-def aot_compile_all() -> list[str]:
-    """Compile every variant for sm_90; one line per variant: name, constants, warps and resource usage. Must run
-    in a process where Triton was imported without TRITON_INTERPRET (the interpreter replaces Triton's own library
-    functions at import)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    target = GPUTarget("cuda", 90, 32)
-    lines = []
-    for fn, sig, const, warps in _variants():
-        src = ASTSource(fn=JITFunction(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-        kernel = triton.compile(src, target=target, options={"num_warps": warps})
-        assert kernel.asm["cubin"], f"{fn.__name__} {const}: no cubin"
-        usage = _resource_usage(kernel.asm["cubin"])
-        lines.append(f"{fn.__name__} {const} warps={warps} " + " ".join(f"{k}={v}" for k, v in usage.items()))
-    return lines
-
-
 def test_triton_kernels_compile_for_hopper_without_spills():
-    """Every variant compiles for sm_90, and ptxas keeps it in registers: no stack frame and no local-memory
-    spills (a spill on the row kernels' hot loop would cost more bandwidth than the kernel saves)."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    code = "from tests.kernels.test_compile import aot_compile_all; print('\\n'.join(aot_compile_all()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if "warps=" in line]
-    assert len(lines) == len(_variants()), proc.stdout
-    for line in lines:
-        assert " STACK=0" in line and " LOCAL=0" in line, f"spills or stack use: {line}"
-        assert " REG=" in line, line
+    assert_compiles_for_hopper_without_spills("tests.kernels.test_compile:row_and_gae_variants")

@@ -11,6 +11,7 @@ from fastppo import _dispatch
 from fastppo.kernels import linear as kl
 from fastppo.reference import linear as RL
 from tests.helpers import input_grads, leaves, linear_inputs
+from tests.kernels.aot import assert_compiles_for_hopper_without_spills
 from tests.tolerances import assert_close, assert_no_worse_than_torch
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -105,7 +106,8 @@ def test_mode_selection(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- ahead-of-time (sm_90)
-def _linear_variants():
+def tiled_variants() -> list[tuple]:
+    """Every (kernel, signature, constants, warps) of the tiled LM head, forward and backward, bf16 and fp32."""
     common = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "lab_ptr": "*i64"}
     fwd = {**common, "logp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
            "stride_h": "i64", "stride_w": "i64", "inv_temp": "fp32"}
@@ -126,38 +128,5 @@ def _linear_variants():
     return out
 
 
-def aot_compile_linear() -> list[str]:
-    """Compile the tiled kernels for sm_90 (run without TRITON_INTERPRET, see test_compile.aot_compile_all)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from tests.kernels.test_compile import _resource_usage
-
-    lines = []
-    for fn, sig, const, warps in _linear_variants():
-        src = ASTSource(fn=JITFunction(fn), signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        usage = _resource_usage(kernel.asm["cubin"])
-        lines.append(f"{fn.__name__} {const} warps={warps} " + " ".join(f"{k}={v}" for k, v in usage.items()))
-    return lines
-
-
 def test_tiled_kernels_compile_for_hopper_without_spills():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    code = "from tests.kernels.test_linear import aot_compile_linear; print('\\n'.join(aot_compile_linear()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if "warps=" in line]
-    assert len(lines) == len(_linear_variants()), proc.stdout
-    for line in lines:
-        assert " STACK=0" in line and " LOCAL=0" in line, f"spills or stack use: {line}"
+    assert_compiles_for_hopper_without_spills("tests.kernels.test_linear:tiled_variants")
