@@ -62,7 +62,7 @@ def variant_objective(name: str, *, entropy: bool = True, normalizer: float | No
 
 
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
-    """``[(N, H, V)]``. CPU: issue #14's target shape N=1024, H=512, V=151936 (Qwen2) and smaller N for the
+    """``[(N, H, V)]``. CPU: the fused LM head's CPU target shape N=1024, H=512, V=151936 (Qwen2) and smaller N for the
     memory-vs-N plot; GPU: N up to 16384 at H=4096."""
     if device.type == "cuda":
         if quick:

@@ -43,9 +43,9 @@ SEQ_LEN = 1024  # tokens per sequence: N tokens are laid out as [N // T, T]
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
     """``[(N, V)]``: real vocabularies (Llama-2 32000, Qwen-2 151936) on GPU, small on CPU.
 
-    The full GPU run is one batch of N=16384 tokens (issue #3's shape at V=151936) at both vocabularies; more
-    shapes would not fit the one-command GPU run (``gpu_run.sh``) in 10 minutes, as every case costs its own
-    ``torch.compile`` and a float64 check of every provider.
+    The full GPU run is one batch of N=16384 tokens (the GPU logprobs targets' shape at V=151936) at both
+    vocabularies; more shapes would not fit the one-command GPU run (``gpu_run.sh``) in 10 minutes, as every case
+    costs its own ``torch.compile`` and a float64 check of every provider.
     """
     if device.type == "cuda":
         if quick:

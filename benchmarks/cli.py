@@ -1,6 +1,6 @@
 """``fastppo bench [ops|gae|linear|e2e|contended|all] [--quick] [--out DIR] [--only OP,...] [--device cpu|cuda]``.
 
-Runs the suites, prints a rich table and the issue targets (``targets.py``: pass / FAIL / not measured), writes
+Runs the suites, prints a rich table and the performance targets (``targets.py``: pass / FAIL / not measured), writes
 CSV + JSON + PNG plots into ``--out`` (default ``./fastppo-bench/<UTC timestamp>/`` in the working directory: the
 installed package is never written to; committed results are written with an explicit
 ``--out benchmarks/results``). ``--quick`` runs one small shape per op with short timing loops

@@ -1,6 +1,6 @@
 """A baseline GAE kernel: one program per sequence, walking T backwards serially with scalar loads.
 
-This is the "one-thread-per-row kernel" of issue #4, the usual first GPU port of the Python loop: parallel over
+This is the "one-thread-per-row kernel" of a GPU GAE target, the usual first GPU port of the Python loop: parallel over
 the batch only, so with few long sequences (4 x 16384) almost the whole GPU idles while each program does T
 dependent steps. fastppo's scan (``kernels/gae.py``) is parallel over time as well; this kernel is what it must
 beat. It lives with the benchmarks, not in ``kernels/``: nothing dispatches to it.

@@ -1,6 +1,6 @@
 """Turn result rows into files and a table: CSV, JSON (rows + machine/versions metadata), PNG plots, rich table.
 
-File names: ``<stem>.csv``, ``<stem>.json``, ``<stem>-targets.csv`` (the issue targets, ``targets.py``; also
+File names: ``<stem>.csv``, ``<stem>.json``, ``<stem>-targets.csv`` (the performance targets, ``targets.py``; also
 under ``"targets"`` in the JSON), ``<stem>-time_vs_V.png``, ``<stem>-speedup.png``, ``<stem>-peak_vs_N.png``
 (runs with the fused LM head) with ``stem = bench-<suites>-<device>-<UTC timestamp>``, so runs on different
 machines and days never collide.

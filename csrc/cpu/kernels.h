@@ -91,8 +91,8 @@ void sample_forward(const SampleArgs& a);
 // caller passes torch.get_num_threads()). Small problems run on the calling thread: an OpenMP region is only
 // as fast as its slowest thread, and on a loaded machine (another process busy on every core) a descheduled
 // worker holds the region and its closing barrier for a scheduler time slice, milliseconds, where a problem
-// below kParallelMinWork takes under ~2 ms on one thread (issue #12: GAE at 256x1024 went from 0.1-0.3 ms to
-// 16 ms). Above it the parallel gain is worth that risk.
+// below kParallelMinWork takes under ~2 ms on one thread (measured: GAE at 256x1024 went from 0.1-0.3 ms to
+// 16 ms with a busy process on every core). Above it the parallel gain is worth that risk.
 constexpr int64_t kParallelMinWork = int64_t(1) << 21;
 inline int team_size(int64_t work, int threads) { return work >= kParallelMinWork && threads > 1 ? threads : 1; }
 

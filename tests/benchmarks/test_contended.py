@@ -1,4 +1,4 @@
-"""The contended-CPU case of the bench (issue #12): the busy processes are bounded and cleaned up, and the
+"""The contended-CPU case of the bench: the busy processes are bounded and cleaned up, and the
 ``slowdown`` target compares the C++ op's slowdown with eager PyTorch's."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The logprobs suite's GPU grid holds issue #3's shape, and its in-place rows compute the right thing in place."""
+"""The logprobs suite's GPU grid holds the GPU logprobs targets' shape, and its in-place rows compute the right
+thing in place."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
 
 
-def test_gpu_grid_has_issue_3_shape_and_no_oversized_fp32():
+def test_gpu_grid_has_the_targets_shape_and_no_oversized_fp32():
     full = bench_logprobs.grid(CUDA, quick=False)
     assert (16384, 151936, torch.bfloat16) in full
     assert all(n * v <= bench_logprobs.GPU_FP32_MAX_LOGITS for n, v, dt in full if dt == torch.float32)

@@ -144,7 +144,8 @@ def test_eager_direct_call_matches_the_custom_op(bootstrap, whiten):
 
 def test_inputs_that_require_grad_take_the_custom_op():
     """Inputs that require grad go through the custom op, whose backward is the reference recursion's
-    vector-Jacobian product (issue #12: not an error inside torch); the values equal the eager shortcut's."""
+    vector-Jacobian product (differentiating GAE works, not an error inside torch); the values equal the eager
+    shortcut's."""
     r, v, mask, _ = _inputs(4, 30, seed=22)
     v.requires_grad_(True)
     assert not direct_call_ok(r, v, mask, None)

@@ -83,7 +83,7 @@ def test_chunk_boundaries_with_holes(small_chunk, device):
 
 
 def test_long_sequence(device):
-    """B = 1, T = 16384 (issue 4's long case, ~7 s under the interpreter): 64 default chunks of 256."""
+    """B = 1, T = 16384 (the longest GPU GAE case, ~7 s under the interpreter): 64 default chunks of 256."""
     r, v, m, boot = _inputs(1, 16384, seed=8, p_valid=0.9, device=device)
     adv, ret = gae_forward(r, v, m, boot, 1.0, 1.0)  # no decay: the longest sums, the hardest case for fp32
     e_adv, e_ret = _ref(r, v, m, boot, 1.0, 1.0)
