@@ -165,7 +165,7 @@ def targets_section(checks: list[dict]) -> list[str]:
     merged: dict[tuple, list[str]] = {}
     reasons: list[str] = []
     for d in checks:
-        c = Check(**d)
+        c = Check.from_dict(d)
         shown = fmt_measured(c) if c.status != "not measured" else "-"
         merged.setdefault((c.claim, c.case, shown, fmt_target(c), c.status), []).append(c.provider)
         if c.status == "not measured" and c.detail not in reasons:

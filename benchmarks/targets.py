@@ -1,10 +1,14 @@
-"""The performance targets of issues #3, #4, #5, #12, #14 and #16, checked against the rows of a benchmark run.
+"""fastppo's performance targets, checked against the rows of a benchmark run.
 
     python -m fastppo.benchmarks.targets RESULT.json [...]     # re-check a stored run
     python -m fastppo.benchmarks.targets --write RESULT.json   # ... and store the checks in its JSON / -targets.csv
 
 Each ``Target`` names a case (op, mode, dtype, shape), the fastppo providers it is about (``subjects``), a
-metric and a threshold. ``evaluate`` turns every (target, subject) into a ``Check`` whose status is
+metric and a threshold. Its ``key`` says what it measures (``<op>-<device>-vs-<baseline>``, ``...-copy-bandwidth``,
+``...-peak``, ``e2e-...``); runs stored before the keys took that form keep their old keys (and an ``issue`` field)
+in their stored checks, and re-checking a stored run evaluates its rows again, under the current keys.
+
+``evaluate`` turns every (target, subject) into a ``Check`` whose status is
 
   ``pass`` / ``FAIL``   measured in this run on a device the target is stated for;
   ``other device``      measured, but on a device other than the one the target names (value shown, no verdict);
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +52,7 @@ _GPUS = ("H100", "H200")
 @dataclass(frozen=True)
 class Target:
     key: str
-    issue: int
-    claim: str  # the issue's words, condensed
+    claim: str  # what the target promises, in words
     device: str  # "cuda" | "cpu": the device type the target is stated for
     op: str
     mode: str
@@ -65,7 +68,6 @@ class Target:
 @dataclass
 class Check:
     target: str
-    issue: int
     claim: str
     provider: str
     baseline: str
@@ -79,36 +81,42 @@ class Check:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Check:
+        """A stored check (a run's JSON ``"targets"``); fields that older runs stored and checks no longer have
+        (``issue``) are left out."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
-_LOGITS_3 = dict(op="logprobs", mode="fwd+bwd", dtype="bfloat16", shape={"N": 16384, "V": 151936})
+
+_GPU_LOGPROBS = dict(op="logprobs", mode="fwd+bwd", dtype="bfloat16", shape={"N": 16384, "V": 151936})
 _KERNELS = ("fastppo[triton]", "fastppo[cuda]")
 _GAE_GPU = dict(device="cuda", op="gae", mode="fwd", dtype="float32", shape={"B": 4, "T": 16384}, gpus=_GPUS)
 
 TARGETS: tuple[Target, ...] = (
-    Target("3-copy-bandwidth", 3, ">= 85% of the device's measured copy bandwidth", "cuda", **_LOGITS_3,
+    Target("logprobs-copy-bandwidth", ">= 85% of the device's measured copy bandwidth", "cuda", **_GPU_LOGPROBS,
            subjects=_KERNELS, metric="copy_fraction", threshold=0.85, baseline="copy", gpus=_GPUS),
-    *(Target(f"3-vs-{peer}", 3, f">= 10x faster than {what}", "cuda", **_LOGITS_3, subjects=_KERNELS,
+    *(Target(f"logprobs-gpu-vs-{peer}", f">= 10x faster than {what}", "cuda", **_GPU_LOGPROBS, subjects=_KERNELS,
              metric="speedup", threshold=10.0, baseline=peer, gpus=_GPUS)
       for peer, what in (("eager", "eager PyTorch"), ("trl", "TRL's functions"), ("verl", "verl's functions"))),
-    Target("3-vs-liger", 3, ">= 1.3x faster than Liger's GrpoLossFunction on the same loss", "cuda", op="ppo_loss",
-           mode="fwd+bwd", dtype="bfloat16", shape={"N": 16384, "V": 151936}, subjects=_KERNELS, metric="speedup",
-           threshold=1.3, baseline="liger", gpus=_GPUS),
-    Target("3-peak", 3, "peak extra memory <= one logits-sized buffer", "cuda", **_LOGITS_3, subjects=_KERNELS,
-           metric="peak", threshold=1, gpus=_GPUS),
-    Target("3-peak-inplace", 3, "zero extra logits-sized buffers with inplace_backward=True", "cuda", **_LOGITS_3,
-           subjects=tuple(f"{s}-inplace" for s in _KERNELS), metric="peak", threshold=0, gpus=_GPUS),
-    Target("4-copy", 4, "Triton GAE within 2x of a plain device copy (>= 0.5 of copy bandwidth)", **_GAE_GPU,
+    Target("ppo-loss-gpu-vs-liger", ">= 1.3x faster than Liger's GrpoLossFunction on the same loss", "cuda",
+           op="ppo_loss", mode="fwd+bwd", dtype="bfloat16", shape={"N": 16384, "V": 151936}, subjects=_KERNELS,
+           metric="speedup", threshold=1.3, baseline="liger", gpus=_GPUS),
+    Target("logprobs-gpu-peak", "peak extra memory <= one logits-sized buffer", "cuda", **_GPU_LOGPROBS,
+           subjects=_KERNELS, metric="peak", threshold=1, gpus=_GPUS),
+    Target("logprobs-gpu-peak-inplace", "zero extra logits-sized buffers with inplace_backward=True", "cuda",
+           **_GPU_LOGPROBS, subjects=tuple(f"{s}-inplace" for s in _KERNELS), metric="peak", threshold=0, gpus=_GPUS),
+    Target("gae-copy-bandwidth", "Triton GAE within 2x of a plain device copy (>= 0.5 of copy bandwidth)", **_GAE_GPU,
            subjects=("fastppo[triton]",), metric="copy_fraction", threshold=0.5, baseline="copy"),
-    Target("4-vs-row-serial", 4, "Triton GAE >= 5x a one-thread-per-row kernel", **_GAE_GPU,
+    Target("gae-gpu-vs-row-serial", "Triton GAE >= 5x a one-thread-per-row kernel", **_GAE_GPU,
            subjects=("fastppo[triton]",), metric="speedup", threshold=5.0, baseline="row-serial"),
-    *(Target(f"5-{op}-vs-{base}", 5, f"C++ CPU {what} >= {thr:g}x {who}", "cpu", op=op, mode="fwd+bwd",
+    *(Target(f"{op.replace('_', '-')}-cpu-vs-{base}", f"C++ CPU {what} >= {thr:g}x {who}", "cpu", op=op, mode="fwd+bwd",
              dtype="float32", shape={"N": 2048, "V": 32000}, subjects=("fastppo[cpp]",), metric="speedup",
              threshold=thr, baseline=base)
       for op, what in (("logprobs", "logprobs+entropy"), ("ppo_loss", "fused PPO loss"))
       for base, thr, who in (("trl", 10.0, "eager PyTorch as TRL computes it"),
                              ("torch.compile", 4.0, "torch.compile of the same"))),
-    # Issue #14, the fused LM head (op "linear": ppo_loss_from_hidden with entropy, fwd+bwd of hidden and weight).
-    *(Target(f"14-cpu-{key}", 14, claim, "cpu", op="linear", mode="fwd+bwd", dtype="float32",
+    # the fused LM head (op "linear": ppo_loss_from_hidden with entropy, fwd+bwd of hidden and weight).
+    *(Target(f"lm-head-cpu-{key}", claim, "cpu", op="linear", mode="fwd+bwd", dtype="float32",
              shape={"N": 1024, "V": 151936}, subjects=("fastppo[cpp]",), metric=metric, threshold=thr, baseline=base)
       for key, claim, metric, thr, base in (
           ("peak-vs-eager", "peak extra memory <= 1/4 of eager's", "peak_ratio", 0.25, "eager"),
@@ -117,7 +125,7 @@ TARGETS: tuple[Target, ...] = (
           ("time-vs-eager", "time <= 0.8x eager's (speed-up >= 1.25)", "speedup", 1.25, "eager"),
           ("time-vs-floor", "time <= 1.25x the three matmuls alone (speed-up vs floor >= 0.8)", "speedup", 0.8,
            "matmul-floor"))),
-    *(Target(f"14-gpu-{key}", 14, claim, "cuda", op="linear", mode="fwd+bwd", dtype="bfloat16",
+    *(Target(f"lm-head-gpu-{key}", claim, "cuda", op="linear", mode="fwd+bwd", dtype="bfloat16",
              shape={"N": 16384, "V": 151936}, subjects=("fastppo[triton]", "fastppo[triton-tiled]"), metric=metric,
              threshold=thr, baseline=base, gpus=_GPUS)
       for key, claim, metric, thr, base in (
@@ -125,20 +133,20 @@ TARGETS: tuple[Target, ...] = (
           ("time-vs-floor", "time <= 1.3x the matmuls alone (speed-up vs floor >= 1/1.3)", "speedup", 1 / 1.3,
            "matmul-floor"),
           ("peak-vs-liger", "peak extra memory <= Liger's", "peak_ratio", 1.0, "liger-fused-linear"))),
-    *(Target(f"12-contended-{op}", 12, "with a busy process on every core, the C++ op slows down no more than eager "
+    *(Target(f"contended-{op}", "with a busy process on every core, the C++ op slows down no more than eager "
              "PyTorch in the same conditions (x1.5 slack: both are ratios of medians on a loaded machine)", "cpu",
              op=op, mode="fwd contended", dtype="float32", shape=shape, subjects=("fastppo[cpp]",), metric="slowdown",
              threshold=1.5, baseline="eager")
       for op, shape in (("gae", {"B": 256, "T": 1024}), ("logprobs", {"N": 256, "V": 4096}))),
-    Target("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
+    Target("gae-cpu-vs-loop", "C++ CPU GAE >= 100x the Python loop", "cpu", op="gae", mode="fwd", dtype="float32",
            shape={"B": 256, "T": 1024}, subjects=("fastppo[cpp]",), metric="speedup", threshold=100.0,
            baseline="eager"),
     # end to end (bench_e2e's realistic GRPO case: 32 sequences of <= 64 tokens on a 4-layer Qwen2)
-    *(Target(f"16-e2e-V{v}-tokens", 16, f"engine >= {thr:g}x TRL GRPOTrainer's response tokens/s at V={v}", "cpu",
+    *(Target(f"e2e-V{v}-tokens", f"engine >= {thr:g}x TRL GRPOTrainer's response tokens/s at V={v}", "cpu",
              op="ppo_step", mode="grpo-step", dtype="float32", shape={"V": v, "B": 32, "T": 64},
              subjects=("fastppo-engine",), metric="throughput", threshold=thr, baseline="trl-GRPOTrainer")
       for v, thr in ((151936, 2.0), (32000, 1.5))),
-    Target("16-e2e-V151936-rss", 16, "engine peak RSS <= 0.6x TRL GRPOTrainer's at V=151936", "cpu",
+    Target("e2e-V151936-rss", "engine peak RSS <= 0.6x TRL GRPOTrainer's at V=151936", "cpu",
            op="ppo_step", mode="grpo-step", dtype="float32", shape={"V": 151936, "B": 32, "T": 64},
            subjects=("fastppo-engine",), metric="rss_ratio", threshold=0.6, baseline="trl-GRPOTrainer"),
 )
@@ -238,7 +246,7 @@ def evaluate(rows: list[dict], meta: dict, targets: tuple[Target, ...] = TARGETS
     for t in targets:
         case_rows = {r["provider"]: r for r in rows if _matches(r, t)}
         for subject in t.subjects:
-            c = Check(t.key, t.issue, t.claim, subject, t.baseline or "", t.metric, None, _threshold(t),
+            c = Check(t.key, t.claim, subject, t.baseline or "", t.metric, None, _threshold(t),
                       "not measured", "", _case_str(t))
             checks.append(c)
             if device != t.device:
@@ -332,8 +340,8 @@ def print_checks(checks: list[Check], console: Any = None) -> None:
     console.print("targets: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
 
 
-CSV_FIELDS = ["target", "issue", "claim", "case", "provider", "baseline", "metric", "measured", "threshold",
-              "status", "detail"]
+CSV_FIELDS = ["target", "claim", "case", "provider", "baseline", "metric", "measured", "threshold", "status",
+              "detail"]
 
 
 def write_csv(checks: list[Check], path: Path) -> None:

@@ -131,9 +131,9 @@ def test_cli_writes_well_formed_csv_json_plots(tiny, tmp_path, capsys):
 def test_readme_targets_section_lists_every_check():
     from fastppo.benchmarks import targets
 
-    checks = [targets.Check("4-cpu-vs-loop", 4, "C++ CPU GAE >= 100x the Python loop", "fastppo[cpp]", "eager",
+    checks = [targets.Check("gae-cpu-vs-loop", "C++ CPU GAE >= 100x the Python loop", "fastppo[cpp]", "eager",
                             "speedup", 168.0, 100.0, "pass", "", "gae fwd float32 B=256 T=1024"),
-              targets.Check("4-copy", 4, "Triton GAE within 2x of a copy", "fastppo[triton]", "copy",
+              targets.Check("gae-copy-bandwidth", "Triton GAE within 2x of a copy", "fastppo[triton]", "copy",
                             "copy_fraction", None, 0.5, "not measured", "no cuda rows in this run", "gae fwd")]
     md = "\n".join(readme_table.targets_section([c.as_dict() for c in checks]))
     assert "| C++ CPU GAE >= 100x the Python loop | gae fwd float32 B=256 T=1024 | fastppo[cpp] | 168.00x |" in md

@@ -1,4 +1,4 @@
-"""Issue targets (benchmarks/targets.py): pass, FAIL, other device and not-measured cases on synthetic rows, and
+"""Performance targets (benchmarks/targets.py): pass, FAIL, other device and not-measured cases on synthetic rows, and
 end to end on a real quick CPU run (rows -> checks -> printed, JSON, CSV)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from fastppo.benchmarks import bench_gae, bench_logprobs, cli, targets
 from fastppo.benchmarks.targets import TARGETS, evaluate
 
 H100 = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
-LOGITS_MIB = 16384 * 151936 * 2 / 2**20  # issue #3's bf16 logits
+LOGITS_MIB = 16384 * 151936 * 2 / 2**20  # the GPU logprobs targets' bf16 logits
 
 
 def _row(provider: str, op: str = "logprobs", mode: str = "fwd+bwd", dtype: str = "bfloat16", status: str = "ok",
@@ -50,7 +51,9 @@ def test_one_check_per_target_and_subject():
     checks = evaluate([], H100)
     assert len(checks) == sum(len(t.subjects) for t in TARGETS)
     assert len(set(_by(checks))) == len(checks)
-    assert {t.issue for t in TARGETS} == {3, 4, 5, 12, 14, 16}
+    keys = [t.key for t in TARGETS]
+    assert len(set(keys)) == len(keys)
+    assert not [k for k in keys if k[0].isdigit()], "a target's key says what it measures, not where it came from"
 
 
 def _e2e_row(provider: str, v: int, tok_s: float, rss_mib: float, status: str = "ok") -> dict:
@@ -63,65 +66,66 @@ def test_e2e_targets_read_tokens_per_s_and_peak_rss_ratios():
     rows = [_e2e_row("fastppo-engine", 151936, 210.0, 2900.0), _e2e_row("trl-GRPOTrainer", 151936, 100.0, 5000.0),
             _e2e_row("fastppo-engine", 32000, 600.0, 1500.0), _e2e_row("trl-GRPOTrainer", 32000, 420.0, 2000.0)]
     c = _by(evaluate(rows, {"device": "cpu", "device_name": "CPU: test"}))
-    tok, rss, tok32 = (c[k, "fastppo-engine"] for k in ("16-e2e-V151936-tokens", "16-e2e-V151936-rss",
-                                                          "16-e2e-V32000-tokens"))
+    tok, rss, tok32 = (c[k, "fastppo-engine"] for k in ("e2e-V151936-tokens", "e2e-V151936-rss",
+                                                          "e2e-V32000-tokens"))
     assert (tok.status, tok.measured) == ("pass", pytest.approx(2.1))
     assert (rss.status, rss.measured) == ("pass", pytest.approx(0.58))
     assert (tok32.status, tok32.measured) == ("FAIL", pytest.approx(600 / 420))
     rows[1] = _e2e_row("trl-GRPOTrainer", 151936, 100.0, 5000.0, status="error: x")
     assert _by(evaluate(rows, {"device": "cpu", "device_name": "CPU: test"}))[
-        "16-e2e-V151936-tokens", "fastppo-engine"].status == "not measured"
+        "e2e-V151936-tokens", "fastppo-engine"].status == "not measured"
 
 
 def test_gpu_targets_pass_and_fail_on_h100_rows():
     c = _by(evaluate(_gpu_rows(), H100))
-    bw_t, bw_c = c["3-copy-bandwidth", "fastppo[triton]"], c["3-copy-bandwidth", "fastppo[cuda]"]
+    bw_t, bw_c = c["logprobs-copy-bandwidth", "fastppo[triton]"], c["logprobs-copy-bandwidth", "fastppo[cuda]"]
     assert (bw_t.status, bw_c.status) == ("pass", "FAIL")
     assert bw_t.measured == pytest.approx(0.9) and bw_c.measured == pytest.approx(2 / 3)
-    assert c["3-vs-eager", "fastppo[triton]"].measured == pytest.approx(200 / 11)
-    assert c["3-vs-eager", "fastppo[triton]"].status == "pass"
-    assert c["3-vs-trl", "fastppo[triton]"].status == "pass"  # 120 / 11 = 10.9
-    assert c["3-vs-trl", "fastppo[cuda]"].status == "FAIL"  # 120 / 15 = 8
-    assert c["3-vs-verl", "fastppo[cuda]"].status == "pass"  # 160 / 15 = 10.7
-    assert c["3-peak", "fastppo[triton]"].status == "pass" and c["3-peak", "fastppo[cuda]"].status == "FAIL"
-    assert c["3-peak-inplace", "fastppo[triton]-inplace"].status == "pass"
-    assert c["4-copy", "fastppo[triton]"].status == "FAIL"  # 0.4 of copy: more than 2x slower
-    assert c["4-copy", "fastppo[triton]"].measured == pytest.approx(0.4)
-    assert c["4-vs-row-serial", "fastppo[triton]"].status == "pass"
-    assert c["4-vs-row-serial", "fastppo[triton]"].measured == pytest.approx(50.0)
+    assert c["logprobs-gpu-vs-eager", "fastppo[triton]"].measured == pytest.approx(200 / 11)
+    assert c["logprobs-gpu-vs-eager", "fastppo[triton]"].status == "pass"
+    assert c["logprobs-gpu-vs-trl", "fastppo[triton]"].status == "pass"  # 120 / 11 = 10.9
+    assert c["logprobs-gpu-vs-trl", "fastppo[cuda]"].status == "FAIL"  # 120 / 15 = 8
+    assert c["logprobs-gpu-vs-verl", "fastppo[cuda]"].status == "pass"  # 160 / 15 = 10.7
+    assert c["logprobs-gpu-peak", "fastppo[triton]"].status == "pass"
+    assert c["logprobs-gpu-peak", "fastppo[cuda]"].status == "FAIL"
+    assert c["logprobs-gpu-peak-inplace", "fastppo[triton]-inplace"].status == "pass"
+    assert c["gae-copy-bandwidth", "fastppo[triton]"].status == "FAIL"  # 0.4 of copy: more than 2x slower
+    assert c["gae-copy-bandwidth", "fastppo[triton]"].measured == pytest.approx(0.4)
+    assert c["gae-gpu-vs-row-serial", "fastppo[triton]"].status == "pass"
+    assert c["gae-gpu-vs-row-serial", "fastppo[triton]"].measured == pytest.approx(50.0)
 
 
 def test_missing_rows_are_not_measured_with_the_reason():
     c = _by(evaluate(_gpu_rows(), H100))
-    inpl = c["3-peak-inplace", "fastppo[cuda]-inplace"]
+    inpl = c["logprobs-gpu-peak-inplace", "fastppo[cuda]-inplace"]
     assert inpl.status == "not measured" and inpl.measured is None and "no _C_cuda" in inpl.detail
-    liger = c["3-vs-liger", "fastppo[triton]"]
+    liger = c["ppo-loss-gpu-vs-liger", "fastppo[triton]"]
     assert liger.status == "not measured" and liger.detail.startswith("baseline liger: missing: cannot import")
-    cpu_loop = c["4-cpu-vs-loop", "fastppo[cpp]"]  # a CPU target on a GPU run
+    cpu_loop = c["gae-cpu-vs-loop", "fastppo[cpp]"]  # a CPU target on a GPU run
     assert cpu_loop.status == "not measured" and "not measured on this device" in cpu_loop.detail
-    no_gae = _by(evaluate([r for r in _gpu_rows() if r["op"] != "gae"], H100))["4-copy", "fastppo[triton]"]
+    no_gae = _by(evaluate([r for r in _gpu_rows() if r["op"] != "gae"], H100))["gae-copy-bandwidth", "fastppo[triton]"]
     assert no_gae.status == "not measured" and no_gae.detail == "no gae fwd float32 B=4 T=16384 rows in this run"
     other_shape = [dict(r, N=8192) for r in _gpu_rows()]  # same op, another shape: not the target's case
-    assert _by(evaluate(other_shape, H100))["3-vs-eager", "fastppo[triton]"].status == "not measured"
+    assert _by(evaluate(other_shape, H100))["logprobs-gpu-vs-eager", "fastppo[triton]"].status == "not measured"
     no_peak = [dict(r, peak_extra_mib=None) for r in _gpu_rows()]
-    c2 = _by(evaluate(no_peak, H100))["3-peak", "fastppo[triton]"]
+    c2 = _by(evaluate(no_peak, H100))["logprobs-gpu-peak", "fastppo[triton]"]
     assert c2.status == "not measured" and "not measurable" in c2.detail
 
 
 def test_wrong_result_fails_however_fast():
     rows = [dict(r, err_flag="WRONG") if r["provider"] == "fastppo[triton]" and r["op"] == "logprobs" else r
             for r in _gpu_rows()]
-    c = _by(evaluate(rows, H100))["3-vs-eager", "fastppo[triton]"]
+    c = _by(evaluate(rows, H100))["logprobs-gpu-vs-eager", "fastppo[triton]"]
     assert c.status == "FAIL" and c.measured == pytest.approx(200 / 11) and "WRONG" in c.detail
 
 
 def test_other_gpu_reports_the_value_without_verdict():
     checks = evaluate(_gpu_rows(), {"device": "cuda", "device_name": "NVIDIA A100-SXM4-80GB"})
-    c = _by(checks)["3-copy-bandwidth", "fastppo[triton]"]
+    c = _by(checks)["logprobs-copy-bandwidth", "fastppo[triton]"]
     assert c.status == "other device" and c.measured == pytest.approx(0.9) and "A100" in c.detail
     assert {x.status for x in checks} <= {"other device", "not measured"}
     assert _by(evaluate(_gpu_rows(), {"device": "cuda", "device_name": "NVIDIA H200"}))[
-        "3-copy-bandwidth", "fastppo[triton]"].status == "pass"
+        "logprobs-copy-bandwidth", "fastppo[triton]"].status == "pass"
 
 
 @pytest.mark.parametrize(("cpp_ms", "status"), [(0.1, "pass"), (0.2, "FAIL")])
@@ -129,17 +133,17 @@ def test_cpu_gae_target(cpp_ms, status):
     rows = [_row("eager", op="gae", mode="fwd", dtype="float32", B=256, T=1024, ms=15.0),
             _row("fastppo[cpp]", op="gae", mode="fwd", dtype="float32", B=256, T=1024, ms=cpp_ms)]
     checks = evaluate(rows, {"device": "cpu", "device_name": "CPU: test"})
-    c = _by(checks)["4-cpu-vs-loop", "fastppo[cpp]"]
+    c = _by(checks)["gae-cpu-vs-loop", "fastppo[cpp]"]
     assert c.status == status and c.measured == pytest.approx(15.0 / cpp_ms)
     gpu = [x for x in checks if next(t for t in TARGETS if t.key == x.target).device == "cuda"]
     assert gpu and all(x.status == "not measured" and "not measured on this device" in x.detail for x in gpu)
 
 
 def test_peak_allowance_is_buffers_plus_per_token_slack():
-    t = next(t for t in TARGETS if t.key == "3-peak")
+    t = next(t for t in TARGETS if t.key == "logprobs-gpu-peak")
     n, v = 16384, 151936
     assert targets.peak_allowance_bytes(t) == n * v * 2 + targets.PER_TOKEN_SLACK * n + targets.ALLOCATOR_SLACK
-    t0 = next(t for t in TARGETS if t.key == "3-peak-inplace")
+    t0 = next(t for t in TARGETS if t.key == "logprobs-gpu-peak-inplace")
     assert targets.peak_allowance_bytes(t0) == targets.PER_TOKEN_SLACK * n + targets.ALLOCATOR_SLACK
 
 
@@ -162,12 +166,12 @@ def test_quick_cpu_run_checks_targets_end_to_end(monkeypatch, tmp_path, capsys):
         assert [r["target"] for r in csv.DictReader(f)] == [c["target"] for c in stored]
     by = {(c["target"], c["provider"]): c for c in stored}
     for c in stored:  # no GPU here: every GPU target says so, with no number
-        if c["target"] != "4-cpu-vs-loop":  # (the #5 CPU targets: no N=2048 V=32000 rows in this run)
+        if c["target"] != "gae-cpu-vs-loop":  # (the C++-vs-TRL/compile CPU targets: no N=2048 V=32000 rows here)
             assert c["status"] == "not measured" and c["measured"] is None, c
 
     # the CPU target at its real shape, from this run's rows
     gae = {r["provider"]: r for r in rows if r["op"] == "gae"}
-    loop = by["4-cpu-vs-loop", "fastppo[cpp]"]
+    loop = by["gae-cpu-vs-loop", "fastppo[cpp]"]
     if gae["fastppo[cpp]"]["status"] == "ok":
         assert loop["measured"] == pytest.approx(gae["eager"]["median_ms"] / gae["fastppo[cpp]"]["median_ms"])
         assert loop["status"] == ("pass" if loop["measured"] >= 100 else "FAIL")
@@ -210,19 +214,35 @@ def test_targets_cli_rechecks_a_stored_run(tmp_path, capsys):
     report.write_json(rows, {"device": "cpu", "device_name": "CPU: t", "date_utc": "2026-01-01"}, tmp_path / "r.json")
     assert targets.main([str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "4-cpu-vs-loop" in out and "150.00x" in out and "1 pass" in out
+    assert "gae-cpu-vs-loop" in out and "150.00x" in out and "1 pass" in out
 
 
 @pytest.mark.parametrize(("op", "cpp_ms", "status"), [("logprobs", 30.0, "pass"), ("ppo_loss", 120.0, "FAIL")])
 def test_cpu_csrc_targets_against_trl_and_compile(op, cpp_ms, status):
-    """Issue #5: C++ fwd+bwd at N=2048, V=32000 fp32 >= 10x TRL's eager functions and >= 4x torch.compile."""
+    """C++ fwd+bwd at N=2048, V=32000 fp32 >= 10x TRL's eager functions and >= 4x torch.compile."""
     shape = dict(op=op, mode="fwd+bwd", dtype="float32", N=2048, V=32000)
     rows = [_row("trl", **shape, ms=1000.0), _row("torch.compile", **shape, ms=300.0),
             _row("fastppo[cpp]", **shape, ms=cpp_ms)]
     c = _by(evaluate(rows, {"device": "cpu", "device_name": "CPU: test"}))
-    vs_trl, vs_compile = c[f"5-{op}-vs-trl", "fastppo[cpp]"], c[f"5-{op}-vs-torch.compile", "fastppo[cpp]"]
+    key = op.replace("_", "-")
+    vs_trl, vs_compile = c[f"{key}-cpu-vs-trl", "fastppo[cpp]"], c[f"{key}-cpu-vs-torch.compile", "fastppo[cpp]"]
     assert vs_trl.measured == pytest.approx(1000.0 / cpp_ms) and vs_compile.measured == pytest.approx(300.0 / cpp_ms)
     assert vs_trl.status == status and vs_compile.status == ("pass" if 300.0 / cpp_ms >= 4 else "FAIL")
+
+
+def test_committed_runs_render_and_recheck_under_the_current_keys():
+    """The runs under benchmarks/results keep the checks they were stored with (older keys, an ``issue`` field):
+    the README's targets table still renders them, and re-checking one evaluates its rows under the current keys."""
+    from fastppo.benchmarks import readme_table
+    from fastppo.benchmarks.result_files import load_json
+
+    runs = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "results").glob("bench-*.json"))
+    assert runs
+    for path in runs:
+        stored = json.loads(path.read_text()).get("targets", [])
+        assert readme_table.targets_section(stored) or not stored, path.name
+        meta, rows = load_json(path)
+        assert {c.target for c in evaluate(rows, meta)} == {t.key for t in TARGETS}, path.name
 
 
 def test_targets_cli_write_updates_the_stored_checks(tmp_path, capsys):
@@ -235,7 +255,7 @@ def test_targets_cli_write_updates_the_stored_checks(tmp_path, capsys):
     assert targets.main(["--write", str(path)]) == 0
     stored = {(c["target"], c["provider"]): c for c in json.loads(path.read_text())["targets"]}
     assert len(stored) == sum(len(t.subjects) for t in TARGETS)
-    assert stored["4-cpu-vs-loop", "fastppo[cpp]"]["status"] == "FAIL"  # 75x
+    assert stored["gae-cpu-vs-loop", "fastppo[cpp]"]["status"] == "FAIL"  # 75x
     with open(tmp_path / "bench-x-targets.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(stored)
 
@@ -243,7 +263,7 @@ def test_targets_cli_write_updates_the_stored_checks(tmp_path, capsys):
 def test_targets_option_runs_exactly_the_targeted_cases(monkeypatch):
     from fastppo.benchmarks import bench_gae, bench_logprobs, cli
 
-    # one targeted CPU shape (issue #4's GAE case) next to one that no target reads
+    # one targeted CPU shape (the CPU GAE target's case) next to one that no target reads
     monkeypatch.setattr(bench_gae, "shapes", lambda device, quick: [(3, 41), (256, 1024)])
     rows = cli.run_suites(["gae"], torch.device("cpu"), True, set(), log=lambda m: None, targets_only=True)
     assert rows and {(r.B, r.T) for r in rows} == {(256, 1024)}
@@ -260,13 +280,13 @@ def test_fused_lm_head_cpu_targets():
             _row("liger-fused-linear", ms=41000.0, peak=332.0, **lin),
             _row("fastppo[cpp]", ms=2400.0, peak=330.0, **lin)]
     c = _by(evaluate(rows, cpu))
-    assert c["14-cpu-peak-vs-eager", "fastppo[cpp]"].measured == pytest.approx(330 / 2400)
-    assert c["14-cpu-peak-vs-eager", "fastppo[cpp]"].status == "pass"
-    assert c["14-cpu-peak-vs-liger", "fastppo[cpp]"].status == "pass"
-    assert c["14-cpu-time-vs-eager", "fastppo[cpp]"].status == "pass"  # 3500 / 2400 = 1.46 >= 1.25
-    assert c["14-cpu-time-vs-floor", "fastppo[cpp]"].status == "pass"  # 2000 / 2400 = 0.83 >= 0.8
+    assert c["lm-head-cpu-peak-vs-eager", "fastppo[cpp]"].measured == pytest.approx(330 / 2400)
+    assert c["lm-head-cpu-peak-vs-eager", "fastppo[cpp]"].status == "pass"
+    assert c["lm-head-cpu-peak-vs-liger", "fastppo[cpp]"].status == "pass"
+    assert c["lm-head-cpu-time-vs-eager", "fastppo[cpp]"].status == "pass"  # 3500 / 2400 = 1.46 >= 1.25
+    assert c["lm-head-cpu-time-vs-floor", "fastppo[cpp]"].status == "pass"  # 2000 / 2400 = 0.83 >= 0.8
     rows[-1] = _row("fastppo[cpp]", ms=2600.0, peak=340.0, **lin)
     c = _by(evaluate(rows, cpu))
-    assert c["14-cpu-peak-vs-liger", "fastppo[cpp]"].status == "FAIL"
-    assert c["14-cpu-time-vs-floor", "fastppo[cpp]"].status == "FAIL"  # 2000 / 2600 = 0.77
-    assert c["14-gpu-peak-vs-liger", "fastppo[triton]"].status == "not measured"
+    assert c["lm-head-cpu-peak-vs-liger", "fastppo[cpp]"].status == "FAIL"
+    assert c["lm-head-cpu-time-vs-floor", "fastppo[cpp]"].status == "FAIL"  # 2000 / 2600 = 0.77
+    assert c["lm-head-gpu-peak-vs-liger", "fastppo[triton]"].status == "not measured"
