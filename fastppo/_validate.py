@@ -133,6 +133,18 @@ def temperature(t: float) -> float:
     return t
 
 
+def support(top_k: object, top_p: object) -> tuple[int, float]:
+    """``(top_k, top_p)`` of a truncated support: ``top_k`` an integer >= 0 (0: off), ``top_p`` in (0, 1] (1: off)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) and not (isinstance(top_k, float) and top_k.is_integer()):
+        raise TypeError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
+    p = number("top_p", top_p)
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {p}")
+    return int(top_k), p
+
+
 def number(name: str, value: object, *, optional: bool = False) -> float | None:
     """``float(value)``, refusing NaN and +-inf with a message that names the argument (``None`` passes when
     ``optional``). One check for every hyperparameter: a NaN coefficient or clip range would otherwise turn
@@ -244,6 +256,7 @@ def objective(obj: object) -> dict[str, object]:
     if not 0.0 < q <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q}")
     out["top_entropy_quantile"] = q
+    out["top_k"], out["top_p"] = support(obj.top_k, obj.top_p)
     lo, hi = out["rollout_is_min"], out["rollout_is_max"]
     if obj.rollout_is_level is not None:
         if lo is None and hi is None:

@@ -31,6 +31,7 @@ from fastppo._contract import PPO_TERMS, kernel_epilogue_supports
 from fastppo._contract import TERM as _T
 from fastppo.objective import PPOObjective
 from fastppo.reference.losses import ppo_term_rows
+from fastppo.reference.sampling import support_threshold
 
 # Memory for one chunk's logits (plus its fp32 hidden-sized rows) when the caller names no chunk size. CPU: every
 # chunk reads W twice and reads + writes the dW accumulator, so small chunks turn the three matmuls memory-bound
@@ -78,11 +79,21 @@ def _launchers(backend: str):
     return mod
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``[C, H] -> [C, V]`` logits of one chunk in the inputs' dtype (one BLAS call)."""
-    if bias is None:
-        return torch.mm(h, weight.t())
-    return torch.addmm(bias, h, weight.t())
+Support = tuple[int, float]  # (top_k, top_p): (0, 1.0) is the full vocabulary
+FULL: Support = (0, 1.0)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float = 1.0,
+                  support: Support = FULL) -> Tensor:
+    """``[C, H] -> [C, V]`` logits of one chunk in the inputs' dtype (one BLAS call); with a truncated ``support``
+    (top-k / top-p) the tokens outside it are set to ``-inf`` in place (the chunk's buffer is ours), so the row
+    kernels compute the renormalised log-probs and give those tokens zero gradient."""
+    x = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+    top_k, top_p = support
+    if top_k > 0 or top_p < 1.0:
+        z = x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
+        x.masked_fill_(z < support_threshold(z, top_k, top_p).unsqueeze(-1), float("-inf"))
+    return x
 
 
 # ------------------------------------------------------------------------------ row work on one chunk's buffer
@@ -165,7 +176,7 @@ class NeedGrads:
 
 
 # ------------------------------------------------------------------------------------- tiled Triton kernel
-def use_tiled(backend: str) -> bool:
+def use_tiled(backend: str, support: Support = FULL) -> bool:
     """Whether the tiled Triton kernel (``kernels/linear.py``: logits tiles never written to memory) replaces the
     chunked path. ``FASTPPO_LM_HEAD``: ``chunked`` / ``tiled`` / ``auto`` (default). ``auto`` keeps the chunked
     path: the tiled kernel is only chosen where a GPU benchmark has shown it faster, and none has yet."""
@@ -174,6 +185,9 @@ def use_tiled(backend: str) -> bool:
         raise ValueError(f"FASTPPO_LM_HEAD must be auto, chunked or tiled, got {mode!r}")
     if mode != "tiled":
         return False
+    if support != FULL:
+        raise NotImplementedError("FASTPPO_LM_HEAD=tiled computes the full-vocabulary softmax only; top_k/top_p need "
+                                  "the chunked path (FASTPPO_LM_HEAD=chunked or auto)")
     if backend != "triton" or not _dispatch.implements("triton", "linear_tiled"):
         raise _dispatch.BackendUnavailableError(
             f"FASTPPO_LM_HEAD=tiled needs backend='triton' with the tiled kernels (this call runs on {backend!r})")
@@ -239,9 +253,10 @@ def _empty_grads(hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
-                            with_entropy: bool, chunk: int, backend: str) -> tuple[Tensor, Tensor | None, Tensor]:
+                            with_entropy: bool, chunk: int, backend: str, support: Support = FULL
+                            ) -> tuple[Tensor, Tensor | None, Tensor]:
     """``hidden [N, H]`` -> ``(logp [N], entropy [N] | None, lse [N])`` float32 (float64 for float64 inputs)."""
-    if use_tiled(backend):
+    if use_tiled(backend, support):
         return _launchers("triton").linear_forward(hidden, weight, bias, labels, temperature, with_entropy)
     n = hidden.shape[0]
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -249,7 +264,7 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else None
     for s, e in _chunks(n, chunk):
-        x = _chunk_logits(hidden[s:e], weight, bias)
+        x = _chunk_logits(hidden[s:e], weight, bias, temperature, support)
         lp, h, ls = rows_forward(x, labels[s:e], temperature, with_entropy, backend)
         logp[s:e], lse[s:e] = lp, ls
         if ent is not None:
@@ -260,9 +275,10 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
                              ent: Tensor | None, g_lp: Tensor | None, g_h: Tensor | None, temperature: float,
-                             chunk: int, backend: str, need: NeedGrads) -> tuple[Tensor, Tensor, Tensor]:
+                             chunk: int, backend: str, need: NeedGrads, support: Support = FULL
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed)."""
-    if use_tiled(backend):
+    if use_tiled(backend, support):
         grads = _launchers("triton").linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature,
                                                      need.hidden, need.weight, need.bias)
         return tuple(_empty(hidden, hidden.dtype) if g is None else g for g in grads)
@@ -270,7 +286,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     spans = _chunks(n, chunk)
     sink = _GradSink(hidden, weight, bias, len(spans), need)
     for s, e in spans:
-        x = _chunk_logits(hidden[s:e], weight, bias)
+        x = _chunk_logits(hidden[s:e], weight, bias, temperature, support)
         rows_backward_(x, labels[s:e], lse[s:e], None if ent is None else ent[s:e],
                        None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], temperature, backend)
         sink.add(s, e, x, hidden[s:e])
@@ -306,7 +322,8 @@ def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: 
                      chunk: int, backend: str, need: NeedGrads) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``linear_ppo_forward`` over every row given."""
     obj = objective
-    if use_tiled(backend):
+    support = (obj.top_k, obj.top_p)
+    if use_tiled(backend, support):
         mod = _launchers("triton")
         logp, ent, lse = mod.linear_forward(hidden, weight, bias, rows.labels, obj.temperature, True)
         terms = ppo_term_rows(logp, ent, lse, logp if rows.old is None else rows.old, rows.adv, rows.ref, rows.mask,
@@ -324,7 +341,7 @@ def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: 
     loss = hidden.new_zeros((), dtype=out_dtype)
     sink = _GradSink(hidden, weight, bias, len(spans), need) if need.any() else None
     for s, e in spans:
-        x = _chunk_logits(hidden[s:e], weight, bias)
+        x = _chunk_logits(hidden[s:e], weight, bias, obj.temperature, support)
         r = rows.take(slice(s, e))
         t = chunk_terms(x, r, obj, backend)
         terms[:, s:e] = t
@@ -348,16 +365,17 @@ def _b(bias: Tensor) -> Tensor | None:
 @torch.library.custom_op("fastppo::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-    grad_entropy: Tensor, temperature: float, chunk: int, backend: str, need: list[bool],
+    grad_entropy: Tensor, temperature: float, chunk: int, backend: str, need: list[bool], top_k: int, top_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dhidden [N, H], dweight [V, H], dbias [V])`` (empty where not needed) from per-token grads ``[N]``;
     ``need``: [hidden, weight, bias]."""
     return linear_logprobs_backward(hidden, weight, _b(bias), labels, lse, _opt(entropy), _opt(grad_logp),
-                                    _opt(grad_entropy), temperature, chunk, backend, NeedGrads(*need))
+                                    _opt(grad_entropy), temperature, chunk, backend, NeedGrads(*need), (top_k, top_p))
 
 
 @linear_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, chunk, backend, need):
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, chunk, backend, need, top_k,
+      top_p):
     e = lambda: hidden.new_empty((0,))  # noqa: E731
     return (torch.empty_like(hidden) if need[0] else e(), torch.empty_like(weight) if need[1] else e(),
             torch.empty_like(bias) if need[2] and bias.numel() > 0 else e())
@@ -366,16 +384,17 @@ def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, tempe
 @torch.library.custom_op("fastppo::linear_logprobs", mutates_args=())
 def linear_logprobs_op(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, temperature: float, with_entropy: bool, chunk: int,
-    backend: str,
+    backend: str, top_k: int, top_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``hidden [N, H], weight [V, H], bias [V] or empty, labels [N] -> (logp [N], entropy [N] or empty, lse [N])``."""
+    """``hidden [N, H], weight [V, H], bias [V] or empty, labels [N] -> (logp [N], entropy [N] or empty, lse [N])``;
+    ``top_k`` / ``top_p``: over the sampler's truncated support ((0, 1.0): the whole vocabulary)."""
     logp, ent, lse = linear_logprobs_forward(hidden, weight, _b(bias), labels, temperature, with_entropy, chunk,
-                                             backend)
+                                             backend, (top_k, top_p))
     return logp, (ent if ent is not None else _empty(hidden, logp.dtype)), lse
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, with_entropy, chunk, backend):
+def _(hidden, weight, bias, labels, temperature, with_entropy, chunk, backend, top_k, top_p):
     n = hidden.shape[0]
     dt = torch.promote_types(hidden.dtype, torch.float32)
     vec = lambda: hidden.new_empty((n,), dtype=dt)  # noqa: E731
@@ -383,10 +402,10 @@ def _(hidden, weight, bias, labels, temperature, with_entropy, chunk, backend):
 
 
 def _lp_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, _with_entropy, chunk, backend = inputs
+    hidden, weight, bias, labels, temperature, _with_entropy, chunk, backend, top_k, top_p = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-    ctx.temperature, ctx.chunk, ctx.backend = temperature, chunk, backend
+    ctx.temperature, ctx.chunk, ctx.backend, ctx.support = temperature, chunk, backend, (top_k, top_p)
     ctx.mark_non_differentiable(lse)
 
 
@@ -398,8 +417,8 @@ def _lp_backward(ctx, g_logp, g_ent, _g_lse):
     g_h = vec(g_ent) if ent.numel() > 0 else _empty(lse, lse.dtype)
     dh, dw, db = torch.ops.fastppo.linear_logprobs_bwd(hidden, weight, bias, labels, lse, ent, vec(g_logp), g_h,
                                                        ctx.temperature, ctx.chunk, ctx.backend,
-                                                       [need_h, need_w, need_b])
-    return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None, None, None, None)
+                                                       [need_h, need_w, need_b], *ctx.support)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 7
 
 
 linear_logprobs_op.register_autograd(_lp_backward, setup_context=_lp_setup)

@@ -20,7 +20,7 @@ from fastppo import _validate as validate
 from fastppo._contract import TERM as _T
 from fastppo.autograd_linear import LinearPPOLoss, chunk_rows, valid_rows_on_cpu
 from fastppo.objective import PPOObjective, objective_from
-from fastppo.ops import _backend_for
+from fastppo.ops import _backend_for, _in_support, _masked
 from fastppo.reference import masked_mean
 from fastppo.reference.losses import agg_weights, entropy_agg, objective_agg, policy_stats, ppo_loss_from_logprobs
 from fastppo.reference.objective import rollout_weights
@@ -80,16 +80,24 @@ def _bias_arg(bias: Tensor | None, like: Tensor) -> Tensor:
     return bias if bias is not None else like.new_empty((0,))
 
 
-def _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, with_entropy, op):
+def _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, with_entropy, op, top_k, top_p,
+                mask=None):
     lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
     h, w, b, lab, chunk = _inputs(hidden, weight, labels, bias, chunk_size, op)
     temperature = validate.temperature(temperature)
+    top_k, top_p = validate.support(top_k, top_p)
+    if mask is not None:
+        mask = validate.mask_tensor("mask", mask, lead)
     name = _backend_for(backend, h, "logprobs")
     chunk = _chunk(chunk, w, h, name)
     logp, ent, lse = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, temperature, with_entropy, chunk,
-                                                       name)
+                                                       name, top_k, top_p)
     if lse.numel() > 0:
         validate.finite_rows(op, lse.detach(), temperature=temperature, source="hidden")
+        if top_k > 0 or top_p < 1.0:
+            _in_support(op, logp, None if mask is None else mask.reshape(-1))
+    if mask is not None:
+        return _masked(logp.view(lead), mask), _masked(ent.view(lead) if with_entropy else None, mask)
     return logp.view(lead), (ent.view(lead) if with_entropy else None)
 
 
@@ -100,11 +108,16 @@ def linear_logprobs(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask: Tensor | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """``token_logprobs(hidden @ weight.T + bias, labels)`` without the logits. ``[..., H], [V, H], [...] -> [...]``."""
-    return _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, False, "linear_logprobs")[0]
+    """``token_logprobs(hidden @ weight.T + bias, labels)`` without the logits (``top_k`` / ``top_p``: over the
+    sampler's truncated support, and ``mask``, as ``token_logprobs``). ``[..., H], [V, H], [...] -> [...]``."""
+    return _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, False, "linear_logprobs",
+                       top_k, top_p, mask)[0]
 
 
 def linear_logprobs_and_entropy(
@@ -114,12 +127,16 @@ def linear_logprobs_and_entropy(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask: Tensor | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(logprobs, entropy)`` of ``softmax((hidden @ weight.T + bias) / T)``. ``-> ([...], [...])``."""
+    """``(logprobs, entropy)`` of ``softmax((hidden @ weight.T + bias) / T)`` (``top_k`` / ``top_p``: of the
+    sampler's truncated distribution). ``-> ([...], [...])``."""
     return _lp_entropy(hidden, weight, labels, bias, temperature, backend, chunk_size, True,
-                       "linear_logprobs_and_entropy")
+                       "linear_logprobs_and_entropy", top_k, top_p, mask)
 
 
 def ppo_loss_from_hidden(
@@ -207,6 +224,8 @@ def ppo_loss_and_terms_from_hidden(
         loss, terms = LinearPPOLoss.apply(*args)
     row = lambda k: terms[_T[k]].view(lead)  # noqa: E731
     validate.finite_rows(op, row("lse").detach(), valid=mask, temperature=obj.temperature, source="hidden")
+    if obj.top_k > 0 or obj.top_p < 1.0:
+        _in_support(op, row("logp"), mask)
     with torch.no_grad():
         pg_loss = (wts * row("pg")).sum()
         logp = row("logp")
@@ -224,7 +243,8 @@ def _own_logprobs(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: tor
                   name: str, chunk: int) -> Tensor:
     """The current log-probs, detached (the old ones of an on-policy update that also corrects for the sampler)."""
     with torch.no_grad():
-        logp, _, _ = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, obj.temperature, False, chunk, name)
+        logp, _, _ = torch.ops.fastppo.linear_logprobs(h, w, _bias_arg(b, h), lab, obj.temperature, False, chunk, name,
+                                                       obj.top_k, obj.top_p)
     return logp.view(lead)
 
 
@@ -237,10 +257,12 @@ def _two_pass(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.S
     keep = valid_rows_on_cpu(mask)
     hs, labs = (h, lab) if keep is None else (h.index_select(0, keep), lab.index_select(0, keep))
     logp_k, ent_k, lse_k = torch.ops.fastppo.linear_logprobs(hs, w, _bias_arg(b, h), labs, obj.temperature, True,
-                                                             chunk, name)
+                                                             chunk, name, obj.top_k, obj.top_p)
     valid_rows = None if keep is None else torch.ones_like(keep, dtype=torch.bool)
     validate.finite_rows(op, lse_k.detach(), valid=mask.reshape(-1) if keep is None else valid_rows,
                          temperature=obj.temperature, source="hidden")
+    if obj.top_k > 0 or obj.top_p < 1.0:
+        _in_support(op, logp_k, mask.reshape(-1) if keep is None else None)  # keep: valid rows only
     if keep is None:
         logp, ent = logp_k.view(lead), ent_k.view(lead)
     else:

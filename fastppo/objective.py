@@ -85,6 +85,10 @@ class PPOObjective:
     ``top_entropy_quantile < 1``: only tokens whose entropy is in the top fraction of the batch keep their policy
     term (and count in the entropy bonus), as TRL.
 
+    ``top_k`` / ``top_p``: log-probs and entropies over the truncated support the sampler (``sample_tokens``) draws
+    from with these settings, renormalised (0 / 1.0: the whole vocabulary); old, reference and rollout log-probs are
+    expected on the same support.
+
     Every value is checked when the object is built; ``clip_high=None`` is stored as ``clip_low``.
     """
 
@@ -110,6 +114,8 @@ class PPOObjective:
     rollout_is_max: float | None = 2.0
     off_policy_mask_threshold: float | None = None
     top_entropy_quantile: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         from fastppo import _validate  # floor 0 both: _validate imports nothing of this module at import time

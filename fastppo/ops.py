@@ -92,6 +92,25 @@ def _kernel_logprobs(
     return logp.view(lead), (ent.view(lead) if with_entropy else ent), lse
 
 
+def _truncate(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """``logits`` with the tokens outside the sampler's top-k / top-p support set to ``-inf`` (a copy; the gradient
+    reaches the kept logits only). The support is decided on ``logits / temperature`` in the compute dtype, as the
+    reference and the sampler decide it."""
+    z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    keep = z >= ref.sampling.support_threshold(z, top_k, top_p).unsqueeze(-1)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _in_support(op: str, logp: Tensor, valid: Tensor | None = None) -> None:
+    """A label outside the truncated support has log-prob -inf: an error, never a silent -inf (a sampled token is
+    always inside; a label that is not has not been drawn with these top_k / top_p)."""
+    bad = torch.isneginf(logp.detach())
+    if valid is not None:
+        bad = bad & (valid != 0)
+    validate.check_value(~bad.any(), f"{op}: a label lies outside the top_k/top_p support (its log-prob is -inf); "
+                                     "the labels must have been sampled with the same temperature, top_k and top_p")
+
+
 def _logprobs_entropy(
     logits: object,
     labels: object | None,
@@ -100,10 +119,21 @@ def _logprobs_entropy(
     inplace_backward: bool,
     want_logp: bool,
     want_entropy: bool,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    op: str = "logprobs",
+    mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     logits, labels = validate.logits_and_labels(logits, labels)
+    if mask is not None:
+        mask = validate.mask_tensor("mask", mask, logits.shape[:-1])
     temperature = validate.temperature(temperature)
+    top_k, top_p = validate.support(top_k, top_p)
+    truncated = top_k > 0 or top_p < 1.0
     if inplace_backward:
+        if truncated:
+            raise ValueError("inplace_backward=True cannot be combined with top_k/top_p: the truncated logits are a "
+                             "copy, so writing dlogits into it saves nothing")
         validate.no_overlap("logits", logits)
     name = _backend_for(backend, logits, "logprobs")
     if logits.numel() == 0:
@@ -112,13 +142,28 @@ def _logprobs_entropy(
         if logits.numel() > 0:
             # One cheap reduction: NaN/+inf logits and all -inf rows make the row max non-finite (and so does
             # a max / temperature beyond float32, which the kernels meet as a non-finite lse).
-            validate.finite_rows("logprobs", _scaled_row_max(logits, temperature), temperature=temperature)
-        logp = ref.token_logprobs(logits, labels, temperature=temperature) if want_logp else None
-        ent = ref.token_entropy(logits, temperature=temperature) if want_entropy else None
-        return logp, ent
+            validate.finite_rows(op, _scaled_row_max(logits, temperature), temperature=temperature)
+        kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        logp = ref.token_logprobs(logits, labels, **kw) if want_logp else None
+        ent = ref.token_entropy(logits, **kw) if want_entropy else None
+        if truncated and logp is not None and logp.numel() > 0:
+            _in_support(op, logp, mask)
+        return _masked(logp, mask), _masked(ent, mask)
+    if truncated:
+        validate.finite_rows(op, _scaled_row_max(logits, temperature), temperature=temperature)
+        logits = _truncate(logits, temperature, top_k, top_p)
     logp, ent, lse = _kernel_logprobs(logits, labels, temperature, want_entropy, name, inplace_backward)
-    validate.finite_rows("logprobs", lse.detach(), temperature=temperature)
-    return (logp if want_logp else None), (ent if want_entropy else None)
+    validate.finite_rows(op, lse.detach(), temperature=temperature)
+    if truncated and want_logp:
+        _in_support(op, logp, mask)
+    return _masked(logp if want_logp else None, mask), _masked(ent if want_entropy else None, mask)
+
+
+def _masked(t: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    """``t`` with 0 where ``mask`` is 0 (a truncated-support log-prob there may be -inf)."""
+    if t is None or mask is None:
+        return t
+    return torch.where(mask != 0, t, torch.zeros_like(t))
 
 
 def token_logprobs(
@@ -126,27 +171,37 @@ def token_logprobs(
     labels: Tensor,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask: Tensor | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
 ) -> Tensor:
     """Log-probability of ``labels`` under ``softmax(logits / temperature)``.
 
     ``logits [..., V]`` (fp32/bf16/fp16, any strides), ``labels [...]`` integer in ``[0, V)`` -> ``[...]`` fp32.
-    ``inplace_backward=True`` (kernel backends) writes dlogits into ``logits``' buffer during backward:
-    do not read ``logits`` after calling backward.
+    ``top_k`` / ``top_p``: the log-prob under the truncated distribution ``sample_tokens`` draws from (renormalised
+    over the same support, same tie rule); a label outside it is an error, except where ``mask [...]`` is 0 (padding:
+    those positions give 0). ``inplace_backward=True`` (kernel backends) writes dlogits into ``logits``' buffer
+    during backward: do not read ``logits`` after calling backward.
     """
-    return _logprobs_entropy(logits, labels, temperature, backend, inplace_backward, True, False)[0]
+    return _logprobs_entropy(logits, labels, temperature, backend, inplace_backward, True, False, top_k, top_p,
+                             "token_logprobs", mask)[0]
 
 
 def token_entropy(
     logits: Tensor,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
 ) -> Tensor:
-    """Entropy of ``softmax(logits / temperature)`` per row. ``[..., V] -> [...]`` fp32."""
-    return _logprobs_entropy(logits, None, temperature, backend, inplace_backward, False, True)[1]
+    """Entropy of ``softmax(logits / temperature)`` per row (of the truncated distribution with ``top_k`` /
+    ``top_p``). ``[..., V] -> [...]`` fp32."""
+    return _logprobs_entropy(logits, None, temperature, backend, inplace_backward, False, True, top_k, top_p,
+                             "token_entropy")[1]
 
 
 def logprobs_and_entropy(
@@ -154,11 +209,16 @@ def logprobs_and_entropy(
     labels: Tensor,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    mask: Tensor | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``(token_logprobs, token_entropy)`` from one pass over the logits. ``[..., V], [...] -> ([...], [...])``."""
-    return _logprobs_entropy(logits, labels, temperature, backend, inplace_backward, True, True)
+    """``(token_logprobs, token_entropy)`` from one pass over the logits (``mask``: as ``token_logprobs``).
+    ``[..., V], [...] -> ([...], [...])``."""
+    return _logprobs_entropy(logits, labels, temperature, backend, inplace_backward, True, True, top_k, top_p,
+                             "logprobs_and_entropy", mask)
 
 
 # ------------------------------------------------------------------------------------------------ KL, stats
@@ -391,15 +451,29 @@ def ppo_loss_from_logits(
                               ref_logprobs, obj, rollout_logprobs=rollout_logprobs, on_policy_ok=True)
     mask = ins.mask
     name = _backend_for(backend, logits, "ppo_loss")
+    truncated = obj.top_k > 0 or obj.top_p < 1.0
+    if truncated and inplace_backward:
+        raise ValueError("inplace_backward=True cannot be combined with top_k/top_p: the truncated logits are a "
+                         "copy, so writing dlogits into it saves nothing")
     if name == "torch":
         validate.finite_rows(op, _scaled_row_max(logits, obj.temperature), valid=mask, temperature=obj.temperature)
-        return ref.ppo_loss_from_logits(logits, labels, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
-                                        rollout_logprobs=ins.rollout, objective=obj)
-    if ins.old is None or ins.rollout is not None or not kernel_epilogue_supports(obj):
+        loss, stats = ref.ppo_loss_from_logits(logits, labels, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
+                                               rollout_logprobs=ins.rollout, objective=obj)
+        if truncated:
+            _in_support(op, ref.token_logprobs(logits.detach(), labels, temperature=obj.temperature, top_k=obj.top_k,
+                                               top_p=obj.top_p), mask)
+        return loss, stats
+    if truncated:
+        validate.finite_rows(op, _scaled_row_max(logits, obj.temperature), valid=mask, temperature=obj.temperature)
+        logits = _truncate(torch.where((mask != 0).unsqueeze(-1), logits, torch.zeros_like(logits)), obj.temperature,
+                           obj.top_k, obj.top_p)
+    if ins.old is None or ins.rollout is not None or truncated or not kernel_epilogue_supports(obj):
         # The loss is a function of the log-probs and entropies: the logprobs kernels (one pass forward, one
         # backward) and the objective's per-token math in PyTorch.
         logp, ent, lse = _kernel_logprobs(logits, labels, obj.temperature, True, name, inplace_backward)
         validate.finite_rows(op, lse.detach(), valid=mask, temperature=obj.temperature)
+        if truncated:
+            _in_support(op, logp, mask)
         return ref.ppo_loss_from_logprobs(logp, ent, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
                                           rollout_logprobs=ins.rollout, objective=obj)
 

@@ -210,6 +210,9 @@ def vocab_parallel_ppo_loss(
     op = "vocab_parallel_ppo_loss"
     obj = objective_from(objective, settings, op)
     require_process_group()
+    if obj.top_k > 0 or obj.top_p < 1.0:
+        raise NotImplementedError(f"{op}: top_k/top_p over a vocabulary split across ranks is not implemented (the "
+                                  "support needs a cross-rank selection); use the single-device ops")
     local_logits, labels = _logits_and_labels(local_logits, labels)
     ins = validate.ppo_inputs(op, local_logits.shape[:-1], "local_logits[..., 0]", local_logits.device, old_logprobs,
                               advantages, mask, ref_logprobs, obj, rollout_logprobs=rollout_logprobs,

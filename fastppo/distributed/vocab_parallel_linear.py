@@ -170,6 +170,9 @@ def vocab_parallel_ppo_loss_from_hidden(
     op = "vocab_parallel_ppo_loss_from_hidden"
     obj = objective_from(objective, settings, op)
     require_process_group()
+    if obj.top_k > 0 or obj.top_p < 1.0:
+        raise NotImplementedError(f"{op}: top_k/top_p over a vocabulary split across ranks is not implemented (the "
+                                  "support needs a cross-rank selection); use the single-device ops")
     hidden = validate.float_tensor("hidden", hidden)
     ins = validate.ppo_inputs(op, hidden.shape[:-1], "hidden[..., 0]", hidden.device, old_logprobs, advantages,
                               mask, ref_logprobs, obj, rollout_logprobs=rollout_logprobs, on_policy_ok=True)

@@ -88,8 +88,8 @@ class PPOConfig:
     samples_per_prompt: int = _f(1, "responses sampled per prompt (group size for grpo/rloo)")
     max_new_tokens: int = _f(10, "generation length limit")
     temperature: float = _f(1.0, "sampling temperature (logprobs use the same temperature)")
-    top_k: int = _f(0, "top-k sampling; 0 = off")
-    top_p: float = _f(1.0, "nucleus sampling; 1.0 = off")
+    top_k: int = _f(0, "top-k sampling; 0 = off (log-probs are then over the same truncated support)")
+    top_p: float = _f(1.0, "nucleus sampling; 1.0 = off (log-probs are then over the same truncated support)")
     kv_cache: str = _f("dynamic", "generation KV cache: dynamic (grows) or static (preallocated, fixed shapes)",
                        ("dynamic", "static"))
     forward_batch_size: int = _f(64, "sequences per forward pass when computing experience")
@@ -179,6 +179,7 @@ class PPOConfig:
             agg=self.loss_agg, rollout_is_level=self.rollout_is_level, rollout_is_mode=self.rollout_is_mode,
             rollout_is_min=self.rollout_is_min, rollout_is_max=self.rollout_is_max,
             off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
+            top_k=self.top_k, top_p=self.top_p,
         )
 
     # --------------------------------------------------------------------------------------------- validation

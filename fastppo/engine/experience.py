@@ -55,15 +55,15 @@ def response_slice(t: Tensor, prompt_width: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- the experience pass's forwards
 def _on_valid_rows(fn, hid: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[Tensor, ...]:
-    """``fn(hidden [M, H], labels [M]) -> tuple of [M]`` over the valid (``mask``) response tokens only, scattered
-    back to ``[B, R]`` with zeros at the others: padding after EOS costs no LM-head matmul (where the fused LM head
-    skips it too: ``autograd_linear.valid_rows_on_cpu``); otherwise over every token."""
+    """``fn(hidden [M, H], labels [M], mask [M] | None) -> tuple of [M]`` over the valid (``mask``) response tokens
+    only, scattered back to ``[B, R]`` with zeros at the others: padding after EOS costs no LM-head matmul (where the
+    fused LM head skips it too: ``autograd_linear.valid_rows_on_cpu``); otherwise over every token, with the mask."""
     from fastppo.autograd_linear import valid_rows_on_cpu
 
     keep = None if mask is None else valid_rows_on_cpu(mask)
     if keep is None:
-        return fn(hid, labels)
-    outs = fn(hid.reshape(-1, hid.shape[-1]).index_select(0, keep), labels.reshape(-1).index_select(0, keep))
+        return fn(hid, labels, mask)
+    outs = fn(hid.reshape(-1, hid.shape[-1]).index_select(0, keep), labels.reshape(-1).index_select(0, keep), None)
     full = []
     for o in outs:
         t = o.new_zeros(labels.numel())
@@ -76,24 +76,28 @@ def policy_logprobs_entropy(policy: torch.nn.Module, ids: Tensor, attn: Tensor, 
                             cfg: PPOConfig, values: bool = True, mask: Tensor | None = None
                             ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One policy (``ValueModel``) forward: ``(logprobs [B, R], entropy [B, R], values [B, L] or None)``; with the
-    response ``mask [B, R]``, 0 at masked tokens."""
+    response ``mask [B, R]``, 0 at masked tokens. With ``top_k`` / ``top_p`` sampling, over the sampler's truncated
+    support (the distribution the tokens were drawn from)."""
     head = lm_head_of(policy.lm) if cfg.fused_lm_head else None
     if head is None:  # logits of the response positions only (the LM head skips the prompt)
         logits, vals = policy(ids, attn, pos, keep=labels.shape[1] + 1, values=values)
-        lp, ent = fastppo.logprobs_and_entropy(logits[:, :-1], labels, temperature=cfg.temperature,
-                                               backend=cfg.backend)
+        lp, ent = fastppo.logprobs_and_entropy(logits[:, :-1], labels, temperature=cfg.temperature, top_k=cfg.top_k,
+                                               top_p=cfg.top_p, mask=mask, backend=cfg.backend)
     else:
         hid, vals = policy(ids, attn, pos, hidden_only=True, values=values)
         lp, ent = _on_valid_rows(
-            lambda h, lab: fastppo.linear_logprobs_and_entropy(h, head.weight, lab, bias=head.bias,
-                                                               temperature=cfg.temperature, backend=cfg.backend),
+            lambda h, lab, m: fastppo.linear_logprobs_and_entropy(h, head.weight, lab, bias=head.bias,
+                                                                  temperature=cfg.temperature, top_k=cfg.top_k,
+                                                                  top_p=cfg.top_p, mask=m, backend=cfg.backend),
             response_slice(hid, p), labels, mask)
     return lp, ent, vals
 
 
 def reference_logprobs(ref_lm: torch.nn.Module, ids: Tensor, attn: Tensor, pos: Tensor, labels: Tensor, p: int,
                        cfg: PPOConfig, mask: Tensor | None = None) -> Tensor:
-    """The reference model's logprobs of the response ``[B, R]`` (one forward; with ``mask``, 0 at masked tokens)."""
+    """The reference model's logprobs of the response ``[B, R]`` (one forward; with ``mask``, 0 at masked tokens).
+    Over the whole vocabulary even with ``top_k`` / ``top_p`` sampling: a token drawn from the policy's truncated
+    support may lie outside the reference's own (as NeMo-RL, the KL uses the reference's full distribution)."""
     kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     head = lm_head_of(ref_lm) if cfg.fused_lm_head else None
     if head is None:
@@ -101,8 +105,8 @@ def reference_logprobs(ref_lm: torch.nn.Module, ids: Tensor, attn: Tensor, pos: 
         return fastppo.token_logprobs(logits[:, :-1], labels, temperature=cfg.temperature, backend=cfg.backend)
     hid = last_hidden(ref_lm, **kw)
     return _on_valid_rows(
-        lambda h, lab: (fastppo.linear_logprobs(h, head.weight, lab, bias=head.bias, temperature=cfg.temperature,
-                                                backend=cfg.backend),),
+        lambda h, lab, m: (fastppo.linear_logprobs(h, head.weight, lab, bias=head.bias, temperature=cfg.temperature,
+                                                   backend=cfg.backend),),
         response_slice(hid, p), labels, mask)[0]
 
 

@@ -152,7 +152,8 @@ def generate(
         valid = ~finished
         nxt = torch.where(valid, nxt, torch.full_like(nxt, pad_token_id))
         if record_logprobs:
-            sampled_lp.append(fastppo.token_logprobs(logits, nxt, temperature=temperature) * valid)
+            sampled_lp.append(fastppo.token_logprobs(logits, nxt, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                     mask=valid))  # a retired row's pad token: 0
         tokens.append(nxt)
         alive.append(valid)
         finished = finished | (nxt == eos_token_id)

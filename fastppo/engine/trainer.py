@@ -283,8 +283,8 @@ class PPOTrainer:
         extra: dict[str, Tensor] = {}
         if self.old_from_update and head is None:
             with torch.no_grad():
-                lp, h = fastppo.logprobs_and_entropy(x.detach(), e.labels, temperature=cfg.temperature,
-                                                     backend=cfg.backend)
+                lp, h = fastppo.logprobs_and_entropy(x.detach(), e.labels, temperature=cfg.temperature, top_k=cfg.top_k,
+                                                     top_p=cfg.top_p, mask=e.mask, backend=cfg.backend)
             old, extra = lp * e.mask, {"old_logprobs": lp, "entropy": h}
         elif self.old_from_update:
             old = None  # the fused loss takes each token's own log-prob as its old one: no extra pass over the head

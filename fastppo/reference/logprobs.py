@@ -14,16 +14,32 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """``log_softmax(logits / T)`` gathered at ``labels``. ``[..., V], [...] -> [...]``."""
+def truncated(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """``logits / T`` with the tokens outside the top-k / top-p support set to ``-inf`` (``reference.sampling``'s
+    filter, the distribution ``sample_tokens`` draws from), in the compute dtype; unchanged without a filter. The
+    gradient reaches the kept logits only (the support is piecewise constant)."""
     x = logits.to(_compute_dtype(logits)) / temperature
+    if top_k <= 0 and top_p >= 1.0:
+        return x
+    from fastppo.reference.sampling import support_threshold
+
+    keep = x >= support_threshold(x.detach(), top_k, top_p).unsqueeze(-1)
+    return torch.where(keep, x, torch.full_like(x, float("-inf")))
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> Tensor:
+    """``log_softmax(logits / T)`` gathered at ``labels``; with ``top_k`` / ``top_p`` over the truncated support (the
+    sampler's, renormalised; ``-inf`` for a label outside it). ``[..., V], [...] -> [...]``."""
+    x = truncated(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     lse = torch.logsumexp(x, dim=-1)
     return x.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
 
 
-def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """Entropy of ``softmax(logits / T)`` per row. ``[..., V] -> [...]``."""
-    x = logits.to(_compute_dtype(logits)) / temperature
+def token_entropy(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / T)`` per row (of the truncated distribution with ``top_k`` / ``top_p``).
+    ``[..., V] -> [...]``."""
+    x = truncated(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     logp = torch.log_softmax(x, dim=-1)
     p = logp.exp()
     # p log p -> 0 as p -> 0: entries with p == 0 (masked vocabulary, logp = -inf) contribute 0. The log is
@@ -33,11 +49,12 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     return -(p * safe_logp).sum(-1)
 
 
-def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0) -> tuple[Tensor, Tensor]:
     """``(token_logprobs, token_entropy)``. ``[..., V], [...] -> ([...], [...])``."""
     return (
-        token_logprobs(logits, labels, temperature=temperature),
-        token_entropy(logits, temperature=temperature),
+        token_logprobs(logits, labels, temperature=temperature, top_k=top_k, top_p=top_p),
+        token_entropy(logits, temperature=temperature, top_k=top_k, top_p=top_p),
     )
 
 

@@ -234,7 +234,8 @@ def ppo_loss_from_logits(
     # Masked rows of the logits may hold anything too (NaN at a padding position): replaced by zeros, so the
     # softmax backward of a masked row sees finite numbers next to its zero upstream gradient.
     logits = torch.where((mask != 0).unsqueeze(-1), logits, torch.zeros_like(logits))
-    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=obj.temperature)
+    logprobs, entropy = logprobs_and_entropy(logits, labels, temperature=obj.temperature, top_k=obj.top_k,
+                                             top_p=obj.top_p)
     return ppo_loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                                   rollout_logprobs=rollout_logprobs, objective=obj)
 

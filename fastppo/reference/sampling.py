@@ -67,6 +67,28 @@ def filter_logits(z: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return z
 
 
+def support_threshold(z: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """The smallest value of ``z [..., V]`` that ``filter_logits(z, top_k, top_p)`` keeps, per row ``[...]``: the kept
+    support is exactly ``z >= threshold`` (both filters keep an upper set of values, ties together). ``-inf`` when
+    nothing is filtered. The same arithmetic as ``filter_logits``, so both decide every boundary alike."""
+    v = z.shape[-1]
+    if 0 < top_k < v:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        if top_p >= 1.0:
+            return kth.squeeze(-1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p >= 1.0:
+        return torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device)
+    asc, _ = torch.sort(z, dim=-1)
+    e = torch.exp(asc - asc[..., -1:])
+    cum = torch.cumsum(e, dim=-1)
+    total = cum[..., -1:]
+    n_le = torch.searchsorted(asc, asc.contiguous(), right=True)
+    kept = (total - cum.gather(-1, n_le - 1)) < top_p * total  # a suffix of the ascending order
+    first = kept.to(torch.int8).argmax(-1, keepdim=True)
+    return asc.gather(-1, first).squeeze(-1)
+
+
 def sample_tokens(logits: Tensor, uniforms: Tensor, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> Tensor:
     """One token per row of ``logits [B, V]`` drawn with ``uniforms [B]`` in (0, 1). ``-> [B]`` int64."""

@@ -263,11 +263,13 @@ def test_hf_model_path_prompts_file_and_bf16(tmp_path):
     assert (tmp_path / "run" / "samples_after.txt").read_text().count("->") == 2
 
 
-def test_recorded_sampler_logprobs_are_the_policys_and_reach_the_loss(tmp_path):
+@pytest.mark.parametrize("support", [{}, {"top_k": 5, "top_p": 0.9}], ids=["full", "top-k-top-p"])
+def test_recorded_sampler_logprobs_are_the_policys_and_reach_the_loss(tmp_path, support):
     """With rollout correction on, generation records each token's log-prob from the decode step's logits; the same
     weights recompute them (full forward, no KV cache) in the experience pass, so they agree to float32 rounding, and
-    the loss reports the correction's statistics."""
-    cfg = tiny_config(total_steps=1, rollout_is_level="token", rollout_is_max=2.0, sft_steps=0)
+    the loss reports the correction's statistics. With top-k / top-p sampling both are over the truncated support the
+    tokens were drawn from (a full-softmax log-prob would differ by the log of the kept mass)."""
+    cfg = tiny_config(total_steps=1, rollout_is_level="token", rollout_is_max=2.0, sft_steps=0, **support)
     tr = PPOTrainer(cfg, tmp_path, echo=quiet)
     torch.manual_seed(0)
     ro = tr._generate(tr.train_prompts[:8], greedy=False)
@@ -279,3 +281,6 @@ def test_recorded_sampler_logprobs_are_the_policys_and_reach_the_loss(tmp_path):
     _, stats = tr.micro_loss(e)
     assert {"rollout_is_mean", "rollout_is_ess", "rollout_logp_diff_max"} <= set(stats)
     assert float(stats["rollout_logp_diff_max"]) < 1e-4
+    if support:  # the truncated log-probs are not the full-softmax ones
+        full = make_experience(ro, torch.zeros(8), tr.policy, tr.ref_lm, tr.critic, tiny_config(sft_steps=0), 0.0)
+        assert float(((full.old_logprobs - e.old_logprobs) * m).abs().max()) > 1e-3
