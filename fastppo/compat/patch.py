@@ -81,6 +81,10 @@ FRAMEWORKS: dict[str, _Framework] = {
                       "kl_penalty_forward agg_loss"),
             *_targets("verl.trainer.ppo.core_algos", "verl",
                       "compute_grpo_vectorized_outcome_advantage compute_rloo_vectorized_outcome_advantage", False),
+            # Registered policy losses (POLICY_LOSS_REGISTRY's entries are swapped with the functions): fastppo's
+            # objective for the modes it represents; verl versions before sapo / cispo skip them.
+            *_targets("verl.trainer.ppo.core_algos", "verl",
+                      "compute_policy_loss_gspo compute_policy_loss_sapo compute_policy_loss_cispo", False),
         ),
         consumers=("verl.workers.utils.losses", "verl.trainer.ppo.ray_trainer"),
     ),

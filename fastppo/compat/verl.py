@@ -14,10 +14,16 @@ verl conventions kept exactly:
   use the k2 straight-through gradient.
 - GRPO/RLOO group by verl's ``index`` array (uids of any type); a group of one gets mean 0 / std 1 (GRPO) or
   keeps its raw score (RLOO); the ``*_vectorized`` variants follow verl's vectorised versions.
+
+``objective_from_actor_config`` gives the ``fastppo.PPOObjective`` of an ``ActorConfig`` (policy loss mode, clip,
+KL loss, entropy, aggregation with ``global_batch_info``) and of the algorithm's decoupled rollout correction;
+``compute_policy_loss_gspo`` / ``_sapo`` / ``_cispo`` are registry-compatible policy losses computed by fastppo's
+reference objective (``patch("verl")`` puts them into ``POLICY_LOSS_REGISTRY``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,8 +31,11 @@ import torch
 from torch import Tensor
 
 import fastppo
+from fastppo.objective import AGG_MODES, PPOObjective
 from fastppo.reference.advantages import dense_group_ids, group_stats
-from fastppo.reference.losses import ppo_token_terms
+from fastppo.reference.losses import agg_loss as reference_agg_loss
+from fastppo.reference.losses import objective_agg, ppo_token_terms
+from fastppo.reference.objective import objective_terms
 
 __all__ = [
     "agg_loss",
@@ -35,6 +44,9 @@ __all__ = [
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
     "compute_policy_loss",
+    "compute_policy_loss_cispo",
+    "compute_policy_loss_gspo",
+    "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_outcome_advantage",
     "compute_rloo_outcome_advantage",
@@ -49,6 +61,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "objective_from_actor_config",
 ]
 
 
@@ -416,3 +429,257 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
         return forward
     backward = fastppo.kl_penalty(logprob, ref_logprob, "k2")
     return backward - backward.detach() + forward.detach()
+
+
+# ------------------------------------------------------------------------------------------------ objective
+_OBJECTIVE_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo")
+_OTHER_LOSS_MODES = {
+    "dppo_tv": "DPPO's divergence trust region (a validity mask built from the current probabilities) is not one of "
+               "fastppo's policy terms",
+    "dppo_kl": "DPPO's binary-KL trust region is not one of fastppo's policy terms",
+    "gpg": "GPG's plain -A * logp has no importance ratio; fastppo's policy terms are PPO clip, CISPO and SAPO",
+    "clip_cov": "Clip-Cov drops randomly chosen high-covariance tokens (a batch statistic and an RNG draw)",
+    "kl_cov": "KL-Cov penalises the top-k covariance tokens of the batch",
+    "geo_mean": "GMPO clips the log-ratio per token before a geometric mean and averages rows without aggregation",
+    "dro": "DRO's quadratic log-ratio penalty is not one of fastppo's policy terms",
+    "bypass_mode": "bypass mode computes rollout weights from the current policy inside the loss",
+}
+# verl's kl_loss_type names -> fastppo kl_kind. verl's "k3" is its clamped low_var_kl, not the plain k3.
+_VERL_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl",
+            "k3": "low_var_kl"}
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """A field of an ActorConfig, a DictConfig or a plain mapping."""
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def _kl_kind(kind: str) -> str:
+    base, plus = (kind[:-1], "+") if kind.endswith("+") else (kind, "")
+    if base not in _VERL_KL:
+        raise NotImplementedError(f"verl kl_loss_type {kind!r} has no fastppo estimator (verl raises for it too)")
+    mapped = _VERL_KL[base]
+    return mapped if mapped == "k2" else mapped + plus  # "k2+" is k2 in verl
+
+
+def _aggregation(mode: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """fastppo's ``agg`` / ``loss_normalizer`` / ``max_completion_length`` for verl's ``agg_loss(mode, **info)``:
+    verl divides by the global token count (token-mean) or sequence count (seq-*) and multiplies by ``dp_size``
+    (DDP averages the ranks' gradients), i.e. fastppo's normaliser is the count divided by ``dp_size``."""
+    dp = int(info.get("dp_size") or 1)
+    tokens, seqs, scale = info.get("batch_num_tokens"), info.get("global_batch_size"), info.get("loss_scale_factor")
+    if mode == "token-sum":  # masked sum * dp_size: a token mean over 1 / dp_size "tokens"
+        return {"agg": "token-mean", "loss_normalizer": 1.0 / dp}
+    if mode not in AGG_MODES:
+        raise ValueError(f"Invalid loss_agg_mode: {mode}")
+    count = tokens if mode == "token-mean" else seqs
+    if count is None and dp > 1:
+        what = "batch_num_tokens" if mode == "token-mean" else "global_batch_size"
+        raise ValueError(f"verl needs global_batch_info[{what!r}] when dp_size > 1")
+    out: dict[str, Any] = {"agg": mode, "loss_normalizer": None if count is None else float(count) / dp}
+    if mode == "seq-mean-token-sum-norm" and scale is not None:
+        if float(scale).is_integer():
+            out["max_completion_length"] = int(scale)
+        elif count is not None:  # a fractional divisor folds into the normaliser (fastppo's divisor is an integer)
+            out.update(loss_normalizer=out["loss_normalizer"] * float(scale), max_completion_length=1)
+        else:
+            raise NotImplementedError(f"loss_scale_factor={scale} is not an integer; fastppo can fold it only into an "
+                                      "explicit global_batch_size")
+    return out
+
+
+def _policy_fields(config: Any, loss_mode: str, loss_agg_mode: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    if loss_mode in _OTHER_LOSS_MODES:
+        raise NotImplementedError(f"verl loss_mode={loss_mode!r} is not representable: {_OTHER_LOSS_MODES[loss_mode]}")
+    if loss_mode not in _OBJECTIVE_LOSS_MODES:
+        raise ValueError(f"Unsupported loss mode: {loss_mode}")
+    clip = _get(config, "clip_ratio", 0.2)
+    low = _get(config, "clip_ratio_low")
+    high = _get(config, "clip_ratio_high")
+    low, high = float(clip if low is None else low), float(clip if high is None else high)
+    if loss_mode == "vanilla":  # verl's vanilla always applies the dual clip
+        out = {"policy_loss": "ppo", "clip_low": low, "clip_high": high,
+               "dual_clip": float(_get(config, "clip_ratio_c", 3.0))}
+    elif loss_mode == "gspo":  # GSPO-token: the sequence ratio's value, each token's own gradient
+        out = {"policy_loss": "ppo", "importance_sampling_level": "sequence_token", "clip_low": low, "clip_high": high}
+    elif loss_mode == "cispo":  # verl clamps to [1 - low, 1 + high]; low >= 1 leaves no lower bound, as in fastppo
+        out = {"policy_loss": "cispo", "clip_low": low, "clip_high": high}
+    else:  # sapo ignores loss_agg_mode: always seq-mean-token-mean
+        out = {"policy_loss": "sapo", "sapo_tau_pos": float(_get(config, "tau_pos", 1.0)),
+               "sapo_tau_neg": float(_get(config, "tau_neg", 1.05))}
+        loss_agg_mode = "seq-mean-token-mean"
+    out.update(_aggregation(loss_agg_mode, info))
+    return out
+
+
+def _rollout_fields(rc: Any) -> dict[str, Any]:
+    """The decoupled rollout correction of verl's ``algorithm.rollout_correction`` (``RolloutCorrectionConfig``):
+    ``rollout_is`` token/sequence with a threshold ``U`` (TIS: truncate at ``U``) or ``"L_U"`` (IcePop: weights
+    outside ``[L, U]`` are 0)."""
+    if _get(rc, "bypass_mode", False):
+        raise NotImplementedError(_OTHER_LOSS_MODES["bypass_mode"])
+    if _get(rc, "rollout_rs") is not None:
+        raise NotImplementedError("rollout rejection sampling (rollout_rs) rewrites the response mask before the loss: "
+                                  "pass verl's modified mask as fastppo's mask; it is no objective setting")
+    level = _get(rc, "rollout_is")
+    if level is None:
+        return {}
+    if level not in ("token", "sequence"):
+        raise ValueError(f"Invalid rollout_is: {level}")
+    if _get(rc, "rollout_is_batch_normalize", False):
+        raise NotImplementedError("rollout_is_batch_normalize divides the weights by their batch mean: a batch "
+                                  "statistic fastppo's rollout correction does not take")
+    spec = _get(rc, "rollout_is_threshold", 2.0)
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        raise TypeError(f"rollout_is_threshold must be a number or a 'U' / 'L_U' string, got {spec!r}")
+    lower_s, sep, upper_s = str(spec).strip().rpartition("_")
+    upper = float(upper_s)
+    if sep:  # IcePop: a band; a weight outside it is 0
+        return {"rollout_is_level": level, "rollout_is_mode": "mask", "rollout_is_min": float(lower_s),
+                "rollout_is_max": upper}
+    return {"rollout_is_level": level, "rollout_is_mode": "truncate", "rollout_is_min": None, "rollout_is_max": upper}
+
+
+def objective_from_actor_config(
+    config: Any,
+    loss_mode: str | None = None,
+    *,
+    loss_agg_mode: str | None = None,
+    global_batch_info: Mapping[str, Any] | None = None,
+    rollout_correction: Any = None,
+) -> PPOObjective:
+    """The ``fastppo.PPOObjective`` of verl's actor loss (``verl.workers.utils.losses.ppo_loss``: the registered
+    policy loss, minus ``entropy_coeff`` times the aggregated entropy, plus ``kl_loss_coef`` times the aggregated
+    ``kl_penalty`` when ``use_kl_loss``), from an ``ActorConfig`` (or a DictConfig / mapping with its fields).
+
+    - ``loss_mode`` (default ``config.policy_loss.loss_mode``): ``vanilla`` -> PPO clip with ``dual_clip =
+      clip_ratio_c`` (verl's vanilla always dual-clips); ``gspo`` -> ``importance_sampling_level="sequence_token"``
+      (GSPO-token); ``sapo`` -> SAPO with ``tau_pos``/``tau_neg`` and ``agg="seq-mean-token-mean"`` whatever
+      ``loss_agg_mode`` says (as verl); ``cispo`` -> CISPO with ``[1 - clip_ratio_low, 1 + clip_ratio_high]``. Other
+      registered modes raise ``NotImplementedError`` saying why.
+    - ``loss_agg_mode`` (default ``config.loss_agg_mode``) with ``global_batch_info`` (default
+      ``config.global_batch_info``: ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``
+      as ``ppo_loss`` fills it per micro-batch): ``loss_normalizer`` = ``batch_num_tokens / dp_size`` (token-mean) or
+      ``global_batch_size / dp_size`` (seq-*), ``token-sum`` = a token mean with normaliser ``1 / dp_size``,
+      ``loss_scale_factor`` -> ``max_completion_length`` of ``seq-mean-token-sum-norm``.
+    - ``use_kl_loss`` / ``kl_loss_coef`` / ``kl_loss_type`` -> ``kl_coef`` / ``kl_kind`` (``low_var_kl`` and verl's
+      ``k3`` are fastppo's ``low_var_kl``; ``kl``/``k1``, ``mse``/``k2``, ``abs``; each with ``+``);
+      ``entropy_coeff`` -> ``entropy_coef``; both aggregated like the policy term (as verl).
+    - ``rollout_correction``: the algorithm's ``RolloutCorrectionConfig`` (decoupled mode: weights from the old vs the
+      rollout log-probs, passed to fastppo as ``rollout_logprobs``). ``rollout_is`` token/sequence; threshold ``U``
+      -> truncate at ``U`` (TIS), ``"L_U"`` -> mask outside ``[L, U]`` (IcePop). Rejection sampling, batch
+      normalisation and bypass mode raise ``NotImplementedError``.
+
+    Documented differences: verl's ``seq-mean-token-mean`` divides each sequence by ``|y| + 1e-8`` (fastppo by
+    ``|y|``: ~1e-8 relative); verl's GSPO clamps the combined log-ratio at ``max=10`` where fastppo clamps every
+    log-ratio to +-20 (the same below a sequence ratio of e^10); verl's agg_loss is NaN on an all-masked
+    micro-batch, fastppo rejects one. SAPO with a KL or entropy term and ``loss_agg_mode`` other than
+    ``seq-mean-token-mean`` aggregates those terms differently from the policy term in verl: the KL case raises
+    ``NotImplementedError``, the entropy case maps to ``entropy_agg`` when the aggregation is local.
+    """
+    mode = loss_mode if loss_mode is not None else _get(_get(config, "policy_loss", {}), "loss_mode", "vanilla")
+    agg_mode = loss_agg_mode if loss_agg_mode is not None else _get(config, "loss_agg_mode", "token-mean")
+    info = dict(_get(config, "global_batch_info", None) or {}) if global_batch_info is None else dict(global_batch_info)
+    if _get(config, "loss_scale_factor") is not None and info.get("loss_scale_factor") is None:
+        info["loss_scale_factor"] = _get(config, "loss_scale_factor")  # ppo_loss copies it into global_batch_info
+    out = _policy_fields(config, mode, agg_mode, info)
+    side = _aggregation(agg_mode, info)  # verl aggregates the entropy and the KL with loss_agg_mode
+    same_agg = all(out.get(k) == v for k, v in side.items()) and out.get("max_completion_length") == side.get(
+        "max_completion_length")
+    kl_coef = float(_get(config, "kl_loss_coef", 0.001)) if _get(config, "use_kl_loss", False) else 0.0
+    if kl_coef != 0.0:
+        if not same_agg:
+            raise NotImplementedError(f"verl aggregates SAPO's policy term with seq-mean-token-mean and its KL loss "
+                                      f"with loss_agg_mode={agg_mode!r}; fastppo aggregates both alike")
+        out.update(kl_coef=kl_coef, kl_kind=_kl_kind(str(_get(config, "kl_loss_type", "low_var_kl"))))
+    entropy_coef = float(_get(config, "entropy_coeff", 0.0) or 0.0)
+    if entropy_coef != 0.0:
+        out["entropy_coef"] = entropy_coef
+        if not same_agg:
+            if side.get("loss_normalizer") is not None or side["agg"] != agg_mode:
+                raise NotImplementedError(f"verl aggregates SAPO's entropy with loss_agg_mode={agg_mode!r} and "
+                                          "global_batch_info; fastppo's entropy_agg takes a local aggregation only")
+            out["entropy_agg"] = agg_mode
+            if "max_completion_length" in side:  # the entropy's seq-mean-token-sum-norm divisor (unused by SAPO's)
+                out["max_completion_length"] = side["max_completion_length"]
+    if rollout_correction is not None:
+        out.update(_rollout_fields(rollout_correction))
+    return PPOObjective(**out)
+
+
+def _objective_policy_loss(loss_mode: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                           response_mask: Tensor, loss_agg_mode: str, config: Any,
+                           rollout_is_weights: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+    """A registered verl policy loss computed by fastppo's reference objective: the objective of ``config`` for
+    ``loss_mode`` (policy term only: verl's ppo_loss adds the entropy and KL itself), times verl's precomputed
+    rollout weights, aggregated with ``config.global_batch_info``; verl's metrics."""
+    if config is None:
+        raise ValueError(f"verl's {loss_mode} policy loss needs the actor config")
+    info = dict(_get(config, "global_batch_info", None) or {})
+    obj = PPOObjective(**_policy_fields(config, loss_mode, loss_agg_mode, info))
+    valid = response_mask.bool()
+    zero = torch.zeros_like(log_prob)
+    # Padding may hold anything (verl's no_padding_2_padding leaves zeros, other callers NaN): zeroed first, so
+    # neither the value nor the gradient of a valid token sees it.
+    lp = torch.where(valid, log_prob, zero)
+    old = torch.where(valid, old_log_prob.to(lp.dtype), zero)
+    adv = torch.where(valid, advantages.to(lp.dtype), zero)
+    weight = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights.to(lp.dtype), zero)
+    terms = objective_terms(lp, zero, old, adv, valid, None, obj, is_weight=weight)
+    pg_loss = reference_agg_loss(terms["pg"], valid, **objective_agg(obj))
+    with torch.no_grad():
+        log_ratio = (lp - old).detach()
+        if loss_mode != "gspo":  # verl clamps the token log-ratio before its ppo_kl metric (gspo does not)
+            log_ratio = log_ratio.clamp(-20.0, 20.0)
+        clipfrac = 0.0 if loss_mode == "sapo" else masked_mean(terms["clipped"].float(), valid).item()
+        metrics = {
+            "actor/pg_clipfrac": clipfrac,
+            "actor/ppo_kl": masked_mean(-log_ratio, valid).item(),
+            "actor/pg_clipfrac_lower": 0.0,
+        }
+    return pg_loss, metrics
+
+
+def compute_policy_loss_gspo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """verl's registered ``"gspo"`` policy loss (GSPO-token) on fastppo's objective: ``(pg_loss, metrics)``."""
+    return _objective_policy_loss("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                                  rollout_is_weights)
+
+
+def compute_policy_loss_sapo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """verl's registered ``"sapo"`` policy loss on fastppo's objective (``loss_agg_mode`` is ignored: always
+    seq-mean-token-mean, as verl): ``(pg_loss, metrics)``."""
+    return _objective_policy_loss("sapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                                  rollout_is_weights)
+
+
+def compute_policy_loss_cispo(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """verl's registered ``"cispo"`` policy loss on fastppo's objective: ``(pg_loss, metrics)``."""
+    return _objective_policy_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                                  rollout_is_weights)
