@@ -83,7 +83,8 @@ def _grad(fn, *xs):
     out = fn(*xs)
     loss = out[0] if isinstance(out, tuple) else out
     if loss.dim():
-        loss = (loss * torch.randn(loss.shape, generator=torch.Generator().manual_seed(99), dtype=loss.dtype)).sum()
+        up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+        loss = (loss * up.to(loss.dtype)).sum()  # the same upstream for a float32 peer and the float64 reference
     grads = torch.autograd.grad(loss, xs, allow_unused=True)
     return out, grads
 
