@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .bench_linear import VARIANTS as LM_HEAD_VARIANTS
 from .result_files import clean_dicts, load_json, write_dicts_csv
 
 PER_TOKEN_SLACK = 64  # bytes per token: up to sixteen fp32 [N] vectors
@@ -133,6 +134,20 @@ TARGETS: tuple[Target, ...] = (
           ("time-vs-floor", "time <= 1.3x the matmuls alone (speed-up vs floor >= 1/1.3)", "speedup", 1 / 1.3,
            "matmul-floor"),
           ("peak-vs-liger", "peak extra memory <= Liger's", "peak_ratio", 1.0, "liger-fused-linear"))),
+    # the objective variants of the fused LM head: each no slower than today's PPO loss (1.1x token-separable, 1.3x
+    # with a sequence statistic first), the same memory (1.1x), and faster than Liger's fused loss of that loss_type
+    *(Target(f"lm-head-{dev_key}-{name}-{key}", claim, dev, op="linear", mode="fwd+bwd", dtype=dtype, shape=shape,
+             subjects=(f"fastppo {name}",), metric=metric, threshold=thr, baseline=base, gpus=gpus)
+      for dev, dev_key, dtype, shape, ppo, gpus in (
+          ("cpu", "cpu", "float32", {"N": 1024, "V": 151936}, "fastppo[cpp]", ()),
+          ("cuda", "gpu", "bfloat16", {"N": 16384, "V": 151936}, "fastppo[triton]", _GPUS))
+      for name, (_, liger, one_pass) in LM_HEAD_VARIANTS.items()
+      for key, claim, metric, thr, base in (
+          ("time-vs-ppo", f"time <= {1.1 if one_pass else 1.3}x today's PPO loss ({ppo})", "speedup",
+           1 / (1.1 if one_pass else 1.3), ppo),
+          ("peak-vs-ppo", f"peak extra memory <= 1.1x today's PPO loss ({ppo})", "peak_ratio", 1.1, ppo),
+          *((("time-vs-liger", "time <= Liger's fused loss with the same loss_type", "speedup", 1.0,
+              f"liger-fused-linear {name}"),) if liger is not None else ()))),
     *(Target(f"contended-{op}", "with a busy process on every core, the C++ op slows down no more than eager "
              "PyTorch in the same conditions (x1.5 slack: both are ratios of medians on a loaded machine)", "cpu",
              op=op, mode="fwd contended", dtype="float32", shape=shape, subjects=("fastppo[cpp]",), metric="slowdown",
