@@ -42,6 +42,15 @@ EOF
   rm -rf "$TMP"
 fi
 
+# TRL 1.12.0 and 1.13.0 (pure Python, no dependencies installed) in their own trees: their GRPO builds the
+# [B, L, V] logits, so fastppo.compat.patch("trl") replaces another hook there; tests/compat/test_trl_lm_head.py
+# runs its GRPOTrainer tests again with each first on PYTHONPATH.
+for TRL_OLD in 1.12.0 1.13.0; do
+  if [ ! -f "$PEERS_DIR/trl-$TRL_OLD/trl/__init__.py" ]; then
+    "$PY" -m pip install -q --no-deps --target "$PEERS_DIR/trl-$TRL_OLD" "trl==$TRL_OLD"
+  fi
+done
+
 # --- verl (its imported modules need omegaconf, codetiming, ray core, tensordict, PIL) ----------------------
 pip_install --no-deps "verl==0.9.1" "tensordict==0.15.3" "pyvers==0.2.3" "cloudpickle==3.1.2" "orjson==3.13.0" \
   "codetiming==1.4.0"

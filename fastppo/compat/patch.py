@@ -31,6 +31,9 @@ class _Target:
     attr: str  # "name" or "Class.name"
     replacement: str  # "fastppo.compat.<adapter>:<name>"
     required: bool = True  # a missing optional module or attribute is skipped (older/newer peer versions)
+    # "module:function" returning whether this installed version needs the swap (None: always); e.g. TRL's
+    # logits-building log-prob method is replaced only on versions that have no fused LM head of their own
+    when: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,14 @@ FRAMEWORKS: dict[str, _Framework] = {
             # TRL v0.x helpers, and their later home in the experimental PPO trainer.
             *_targets("trl.core", "trl", "logprobs_from_logits masked_mean masked_var masked_whiten", False),
             *_targets("trl.experimental.ppo.ppo_trainer", "trl", "masked_mean masked_var masked_whiten", False),
+            # GRPO's log-probs and entropies on fastppo's fused LM head: TRL's chunked head (GRPO's from 1.14; in
+            # trl.trainer.utils, an alias of trl.kernels' class from 1.15), and on TRL 1.12 / 1.13 the GRPO method
+            # that builds the [B, L, V] logits
+            _Target("trl.trainer.utils", "_ChunkedLogProbFunction",
+                    "fastppo.compat.trl_lm_head:ChunkedLogProbFunction", False),
+            _Target("trl.trainer.grpo_trainer", "GRPOTrainer._get_per_token_logps_and_entropies",
+                    "fastppo.compat.trl_lm_head:get_per_token_logps_and_entropies", False,
+                    when="fastppo.compat.trl_lm_head:trl_builds_logits"),
         ),
         consumers=("trl.experimental.sdpo.loss_utils",),
     ),
@@ -224,12 +235,16 @@ def patch(name: str) -> list[str]:
         try:
             module = _import(fw, t.module)
             original = _lookup(module, t.attr)
+            if original is None:  # a name a version defines as None when an optional import failed
+                raise AttributeError(f"{t.module}.{t.attr} is None")
         except (ImportError, AttributeError, KeyError) as e:
             if t.required:
                 raise ImportError(
                     f"fastppo.compat.patch({name!r}): cannot import {t.module}.{t.attr} ({e}); the installed "
                     f"{fw.package} is not a supported version or misses a dependency (pip install {fw.pip})"
                 ) from e
+            continue
+        if t.when is not None and not _resolve(t.when)():
             continue
         pairs.append((original, _resolve(t.replacement)))
         names.append(f"{t.module}.{t.attr}")
@@ -272,3 +287,13 @@ def unpatch(name: str) -> int:
 
 def is_patched(name: str) -> bool:
     return name in _PATCHED
+
+
+def original_of(replacement: Any) -> Any | None:
+    """The peer's object that a patched framework holds ``replacement`` in place of (None when none does): an
+    adapter that hands a call it cannot compute back to the peer's own code finds it here."""
+    for state in _PATCHED.values():
+        for orig, repl in state.pairs:
+            if repl is replacement:
+                return orig
+    return None
