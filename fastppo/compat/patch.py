@@ -82,6 +82,11 @@ FRAMEWORKS: dict[str, _Framework] = {
         package="verl",
         pip="verl==0.9.1 (see .ci/install-peers.sh for the few modules its imported code needs)",
         targets=(
+            # use_fused_kernels: the fused LM heads that verl's model forwards import at call time
+            *_targets("verl.utils.kernel.linear_cross_entropy", "verl_lm_head",
+                      "linear_cross_entropy LinearCrossEntropy", False),
+            *_targets("verl.utils.experimental.torch_functional", "verl_lm_head",
+                      "FusedLinearForPPO FusedLinearForPPOFunction", False),
             *_targets("verl.utils.torch_functional", "verl",
                       "logprobs_from_logits entropy_from_logits entropy_from_logits_with_chunking "
                       "masked_mean masked_var masked_whiten"),

@@ -8,7 +8,9 @@ slice's row statistics (``vocab_parallel.local_partials``), then the same two co
 all ``N`` rows at once (max, then one packed sum). The backward recomputes each chunk's logits, forms dlogits
 locally and accumulates ``dW_r = dz^T h`` and ``db_r``; ``dh = dz @ W_r`` is this slice's share of the hidden
 state's gradient, so it is summed over the group (one all-reduce of ``[N, H]``, the all-reduce that the copy
-into a tensor-parallel region performs in Megatron-style models).
+into a tensor-parallel region performs in Megatron-style models). ``hidden_grad="local"`` returns the share
+unsummed, for a caller whose next op backward sums it (verl's Megatron path gathers a sequence-parallel hidden
+state, whose backward is a reduce-scatter).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, va
 
 class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
     """``(hidden [N, H], local_weight [V_r, H], local_bias [V_r] | None, labels [N], ...) -> (logp [N], H [N])``.
-    ``valid`` (``[N]`` or None): rows to compute; the others' logits are zeroed and not checked."""
+    ``valid`` (``[N]`` or None): rows to compute; the others' logits are zeroed and not checked. ``sum_dh``: the
+    hidden state's gradient summed over the group (else this slice's share)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, vocab_start: int, temperature: float,
-                chunk: int, group: dist.ProcessGroup | None, valid: Tensor | None, op: str) -> tuple[Tensor, Tensor]:
+                chunk: int, group: dist.ProcessGroup | None, valid: Tensor | None, op: str,
+                sum_dh: bool = True) -> tuple[Tensor, Tensor]:
         idx, owned = local_label_index(labels, vocab_start, w.shape[0])
         vc = lambda s: None if valid is None else valid[s: s + chunk]  # noqa: E731
         parts = [local_partials(_chunk_logits(h[s: s + chunk], w, b, temperature, vc(s)), idx[s: s + chunk],
@@ -56,7 +60,7 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         m, log_s, expect, y = combine_partials(m_l, s_l, u_l, y, owned, group, op=op, temperature=temperature,
                                                source="hidden", valid=valid)
         ctx.save_for_backward(h, w, b, idx, owned, m, log_s, expect, valid)
-        ctx.temperature, ctx.chunk, ctx.group = temperature, chunk, group
+        ctx.temperature, ctx.chunk, ctx.group, ctx.sum_dh = temperature, chunk, group, sum_dh
         return y - m - log_s, m + log_s - expect
 
     @staticmethod
@@ -78,9 +82,10 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
             dw += dz.T @ hc.to(acc)
             if db is not None:
                 db += dz.sum(0)
-        dh = all_reduce_copy(dh, dist.ReduceOp.SUM, ctx.group)  # every slice of the vocabulary contributes to dh
+        if ctx.sum_dh:
+            dh = all_reduce_copy(dh, dist.ReduceOp.SUM, ctx.group)  # every slice of the vocabulary contributes to dh
         return (dh.to(h.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
@@ -114,7 +119,8 @@ def _inputs(hidden: object, weight: object, labels: object, bias: object | None,
 
 def _linear_logprobs_entropy(hidden: Tensor, local_weight: Tensor, labels: Tensor, group: dist.ProcessGroup | None,
                              local_bias: Tensor | None, temperature: float, vocab_start: int | None,
-                             chunk_size: int | None, valid: Tensor | None, op: str) -> tuple[Tensor, Tensor]:
+                             chunk_size: int | None, valid: Tensor | None, op: str,
+                             sum_dh: bool = True) -> tuple[Tensor, Tensor]:
     lead = hidden.shape[:-1] if isinstance(hidden, Tensor) else None
     h, w, b, lab, chunk = _inputs(hidden, local_weight, labels, local_bias, chunk_size)
     if h.shape[0] == 0:  # no rows: nothing to reduce (every rank sees the same empty batch)
@@ -123,7 +129,7 @@ def _linear_logprobs_entropy(hidden: Tensor, local_weight: Tensor, labels: Tenso
     if vocab_start is None:
         vocab_start = vocab_start_of(w.shape[0], group)
     logp, ent = VocabParallelLinearLogprobsEntropy.apply(h, w, b, lab, int(vocab_start), temperature, chunk, group,
-                                                         None if valid is None else valid.reshape(-1), op)
+                                                         None if valid is None else valid.reshape(-1), op, sum_dh)
     return logp.view(lead), ent.view(lead)
 
 
@@ -137,14 +143,20 @@ def vocab_parallel_linear_logprobs_and_entropy(
     temperature: float = 1.0,
     vocab_start: int | None = None,
     chunk_size: int | None = None,
+    hidden_grad: str = "sum",
 ) -> tuple[Tensor, Tensor]:
     """``vocab_parallel_logprobs_and_entropy(hidden @ local_weight.T + local_bias, labels, group)`` without the
     logits. ``[..., H], [V_r, H], [...] -> ([...], [...])`` float32 (float64 for float64 inputs), equal on every
-    rank. Gradients reach ``hidden`` (summed over the group), ``local_weight`` and ``local_bias``."""
+    rank. Gradients reach ``hidden`` (``hidden_grad="sum"``: summed over the group; ``"local"``: this rank's
+    vocabulary slice's share, for a caller whose next op's backward sums it), ``local_weight`` and
+    ``local_bias``."""
     require_process_group()
     temperature = validate.temperature(temperature)
+    if hidden_grad not in ("sum", "local"):
+        raise ValueError(f"hidden_grad must be 'sum' or 'local', got {hidden_grad!r}")
     return _linear_logprobs_entropy(hidden, local_weight, labels, group, local_bias, temperature, vocab_start,
-                                    chunk_size, None, "vocab_parallel_linear_logprobs_and_entropy")
+                                    chunk_size, None, "vocab_parallel_linear_logprobs_and_entropy",
+                                    hidden_grad == "sum")
 
 
 def vocab_parallel_ppo_loss_from_hidden(

@@ -1,6 +1,7 @@
 """Vocabulary-parallel log-probs / entropy / PPO loss in 2 and 3 real gloo processes against the single-process
 float64 reference on the concatenated logits: values and gradients (random upstream gradient), uneven vocabulary
-splits, temperature, masked (-inf) vocabulary entries, a rank whose whole slice is -inf, and bad labels."""
+splits, temperature, masked (-inf) vocabulary entries, a rank whose whole slice is -inf, bad labels, and the fused
+LM head's hidden-state gradient summed over the group or left as each rank's share."""
 
 from __future__ import annotations
 
@@ -119,6 +120,17 @@ def _check_linear(rank: int, group, sizes: list[int], dtype: torch.dtype, bias: 
     if dtype == torch.float64:
         assert_close(hl.grad, hr.grad, dtype, "grad")  # summed over the vocabulary slices of every rank
         assert_close(wl.grad, wr.grad[rows], dtype, "grad")
+        # hidden_grad="local": this slice's share only, which the caller's own reduction sums
+        hs = h.clone().requires_grad_(True)
+        lp_s, ent_s = vocab_parallel_linear_logprobs_and_entropy(hs, wl.detach(), labels, group,
+                                                                 local_bias=None if bl is None else bl.detach(),
+                                                                 temperature=0.8, chunk_size=7, hidden_grad="local")
+        (lp_s * up_lp + ent_s * up_h).sum().backward()
+        shares = hs.grad.clone()
+        dist.all_reduce(shares, group=group)
+        assert_close(shares, hr.grad, dtype, "grad")
+        with pytest.raises(ValueError, match="hidden_grad"):
+            vocab_parallel_linear_logprobs_and_entropy(hs, wl, labels, group, hidden_grad="mean")
     else:
         # dh = sum_j dz_j w_j cancels heavily (the label's row against the softmax mean): held to eager PyTorch's
         # own float32 error on the whole weight, with slack 2 for the reduction split across ranks
