@@ -20,6 +20,16 @@ and after the peak RSS was read.
 Rows ``engine_memory``: the engine's peak extra memory for the experience phase and one update micro-batch on a
 one-layer Llama with Qwen2's vocabulary (V=151936), config ``fused_lm_head`` on and off (in this process).
 
+Rows ``trl-patched`` (``--only trl-patched``): the same GRPO case (the first realistic one) with TRL's GRPOTrainer
+three ways, each in its own process: plain, with ``use_liger_kernel=True`` (Liger's layer kernels, which TRL >= 1.15
+applies; Triton, so "missing" on CPU), and with ``fastppo.compat.patch("trl")`` applied before the trainer is built
+(its log-probs and entropies on fastppo's fused LM head). Each row reports what the ``ppo_step`` rows do, plus step
+1's loss and gradient norm (TRL logs the first step) and, after the timed steps, TRL's loss and gradient norm on the
+last generated batch with seeded non-zero advantages (the case's own advantages are zero: its length reward is the
+same for every 64-token response); the patched row's ``max_err`` is their largest difference from the plain row's
+(absolute below 1, relative above), flagged WRONG beyond the suite's float32 error floor. The installed
+TRL is used: a TRL 1.12 / 1.13 tree first on ``PYTHONPATH`` runs the same case on their logits-building GRPO.
+
 ``--quick`` runs a small variant (V=32000, 8 sequences, 16 tokens) and the toy case: the engine's tiny Llama on the
 digit-reversal task, a smoke row only.
 """
@@ -45,7 +55,10 @@ from .runner import Row
 from .timing import _sync
 
 OP = "ppo_step"
+PATCHED_OP = "trl-patched"
+OPS = (OP, PATCHED_OP)
 ENGINE, TRL = "fastppo-engine", "trl-GRPOTrainer"
+TRL_LIGER, TRL_PATCHED = "trl-GRPOTrainer+liger", "trl-GRPOTrainer+fastppo.patch"
 _CHILD_TIMEOUT_S = 3600
 
 
@@ -203,11 +216,21 @@ def _gpu_peak() -> dict[str, float]:
 
 
 def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dict[str, Any]:
+    """TRL's GRPOTrainer on the case; ``s["trl_mode"]``: ``plain`` (default), ``liger`` (``use_liger_kernel``) or
+    ``patched`` (``fastppo.compat.patch("trl")`` first); ``s["log_first_step"]``: also return step 1's logged loss
+    and gradient norm."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    mode = s.get("trl_mode", "plain")
+    replaced: list[str] = []
+    if mode == "patched":
+        import fastppo.compat
+
+        replaced = fastppo.compat.patch("trl")
 
     batch = s["prompts"] * s["samples"]
     total = s["warmup_steps"] + s["steps"]
@@ -228,7 +251,7 @@ def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dic
         output_dir=work, per_device_train_batch_size=batch, num_generations=s["samples"], gradient_accumulation_steps=1,
         max_completion_length=s["resp_len"], beta=0.04, num_iterations=1, learning_rate=1e-6, temperature=1.0,
         top_p=1.0, top_k=0, gradient_checkpointing=False, use_cpu=s.get("device", "cpu") == "cpu", bf16=False,
-        report_to=[],
+        report_to=[], use_liger_kernel=mode == "liger", logging_first_step=bool(s.get("log_first_step")),
         save_strategy="no", logging_steps=10**6, max_steps=total, seed=0, disable_tqdm=True, log_completions=False,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=ds, processing_class=tok,
@@ -243,11 +266,14 @@ def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dic
         gen_t.append(time.perf_counter() - t0)
         return out
 
+    last_batch: list[dict] = []
+
     def timed_score(*a, **k):
         t0 = time.perf_counter()
         out = inner_score(*a, **k)
         score_t.append(time.perf_counter() - t0)
         n_tok.append(float(out["completion_mask"].sum()))
+        last_batch[:] = [out]
         return out
 
     trainer._generate, trainer._generate_and_score_completions = timed_gen, timed_score
@@ -262,7 +288,27 @@ def child_trl(model_dir: str, tok_dir: str, s: dict[str, Any], work: str) -> dic
     out = _summary(steps[w:], n_tok[w:], split)
     out["peak_rss_mib"] = _rss_mib()
     out.update(_gpu_peak())
+    out["trl_version"] = version_of("trl")
+    if replaced:
+        out["patched"] = replaced
+    if s.get("log_first_step"):
+        first = next(h for h in trainer.state.log_history if "loss" in h)
+        out["step1"] = {k: float(first[k]) for k in ("loss", "grad_norm")}
+        out["loss_check"] = _loss_check(trainer, last_batch[0])
     return out
+
+
+def _loss_check(trainer, batch: dict[str, Any]) -> dict[str, float]:
+    """TRL's own loss and its gradient norm on the last generated batch with seeded non-zero advantages, after the
+    timed steps: the case's rewards are (almost always) all equal, so its own advantages are zero, and with the
+    reference equal to the policy, step 1's loss and gradient are zero whatever computes the log-probs."""
+    adv = batch["advantages"]
+    batch = {**batch, "advantages": torch.randn(adv.shape, generator=torch.Generator().manual_seed(0)).to(adv)}
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = [p.grad.double().pow(2).sum() for p in trainer.model.parameters() if p.grad is not None]
+    return {"loss": float(loss), "grad_norm": float(torch.stack(grads).sum().sqrt())}
 
 
 def _summary(step_s: list[float], tokens: list[float], split: dict[str, list[float]]) -> dict[str, Any]:
@@ -300,6 +346,20 @@ def _run_child(which: str, model_dir: Path, tok_dir: Path, s: dict[str, Any]) ->
     raise RuntimeError(f"exit {proc.returncode}: {tail[0]}"[:300])
 
 
+def _fill(row: Row, res: dict[str, Any]) -> None:
+    """A child's result into its row: time, tokens/s, split, peak RSS (and GPU memory), the floor if any."""
+    row.median_ms = res["step_s"] * 1e3
+    row.repeats = res["steps"]
+    row.extra = {k: v for k, v in res.items() if k not in ("step_s", "steps")}
+    split = res["time_split_s"]
+    row.notes = (f"{res['tokens_per_s']:.0f} tok/s; split " + " / ".join(f"{v:.2f}" for v in split.values()) +
+                 f" s; peak RSS {res['peak_rss_mib'] / 1024:.2f} GiB")
+    if "peak_gpu_mib" in res:
+        row.notes += f"; peak GPU memory {res['peak_gpu_mib'] / 1024:.2f} GiB"
+    if "floor_s" in res:
+        row.notes += "; forward floor gen/exp " + " / ".join(f"{v:.2f}" for v in res["floor_s"].values()) + " s"
+
+
 def run_realistic(s: dict[str, Any], log: Callable[[str], None]) -> list[Row]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -311,19 +371,7 @@ def run_realistic(s: dict[str, Any], log: Callable[[str], None]) -> list[Row]:
                 row.status = "missing: trl is not installed"
             else:
                 try:
-                    res = _run_child(which, model_dir, tok_dir, s)
-                    row.median_ms = res["step_s"] * 1e3
-                    row.repeats = res["steps"]
-                    row.extra = {k: v for k, v in res.items() if k not in ("step_s", "steps")}
-                    split = res["time_split_s"]
-                    row.notes = (f"{res['tokens_per_s']:.0f} tok/s; split " +
-                                 " / ".join(f"{v:.2f}" for v in split.values()) + " s; "
-                                 f"peak RSS {res['peak_rss_mib'] / 1024:.2f} GiB")
-                    if "peak_gpu_mib" in res:
-                        row.notes += f"; peak GPU memory {res['peak_gpu_mib'] / 1024:.2f} GiB"
-                    if "floor_s" in res:
-                        row.notes += "; forward floor gen/exp " + " / ".join(
-                            f"{v:.2f}" for v in res["floor_s"].values()) + " s"
+                    _fill(row, _run_child(which, model_dir, tok_dir, s))
                 except Exception as exc:  # a broken provider is a row, not the end of the suite
                     row.status = f"error: {type(exc).__name__}: {exc}"[:300]
             rows.append(row)
@@ -334,6 +382,63 @@ def run_realistic(s: dict[str, Any], log: Callable[[str], None]) -> list[Row]:
         eng.extra["peak_rss_vs_trl"] = eng.extra["peak_rss_mib"] / trl.extra["peak_rss_mib"]
         eng.notes += (f"; {eng.extra['tokens_per_s_vs_trl']:.2f}x TRL's tokens/s at "
                       f"{eng.extra['peak_rss_vs_trl']:.2f}x its peak RSS")
+    return rows
+
+
+# --------------------------------------------------------------- TRL's trainer plain, with Liger, patched by fastppo
+def _liger_missing(device: str) -> str | None:
+    if device != "cuda":
+        return ("missing: TRL's use_liger_kernel applies Liger's layer kernels (RMSNorm, SwiGLU, RoPE), which are "
+                "Triton kernels for CUDA; TRL >= 1.15 no longer routes GRPO's loss to Liger's fused linear loss")
+    if version_of("liger-kernel") is None:
+        return "missing: liger-kernel is not installed"
+    return None
+
+
+def _check_err(patched: dict[str, Any], plain: dict[str, Any]) -> float:
+    """The largest difference of step 1's loss and gradient norm and of the loss check's (absolute below 1,
+    relative above)."""
+    return max(abs(patched[part][k] - plain[part][k]) / max(abs(plain[part][k]), 1.0)
+               for part in ("step1", "loss_check") for k in ("loss", "grad_norm"))
+
+
+def run_trl_patched(s: dict[str, Any], log: Callable[[str], None]) -> list[Row]:
+    """TRL's GRPOTrainer on the realistic case plain, with Liger and with ``fastppo.compat.patch("trl")``."""
+    from .runner import ERR_FLOOR
+
+    rows = []
+    device = s.get("device", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, tok_dir = save_case(Path(tmp), s["V"])
+        for mode, provider, group in (("plain", TRL, "peer"), ("liger", TRL_LIGER, "peer"),
+                                      ("patched", TRL_PATCHED, "fastppo")):
+            row = _real_row(provider, group, s)
+            row.op = PATCHED_OP
+            t0 = time.perf_counter()
+            why = "missing: trl is not installed" if version_of("trl") is None else None
+            why = why or (_liger_missing(device) if mode == "liger" else None)
+            if why is not None:
+                row.status = why
+            else:
+                try:
+                    _fill(row, _run_child("trl", model_dir, tok_dir, {**s, "trl_mode": mode, "log_first_step": True}))
+                except Exception as exc:  # a broken provider is a row, not the end of the suite
+                    row.status = f"error: {type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            log(f"[e2e] trl-patched V={s['V']} {provider}: {row.status} {row.notes} ({time.perf_counter() - t0:.1f}s)")
+    plain, patched = rows[0], rows[-1]
+    if plain.status == "ok" and patched.status == "ok":
+        ex, base = patched.extra, plain.extra
+        ex["step_time_vs_plain"] = patched.median_ms / plain.median_ms
+        ex["peak_rss_vs_plain"] = ex["peak_rss_mib"] / base["peak_rss_mib"]
+        patched.notes += (f"; {ex['step_time_vs_plain']:.2f}x plain TRL's step time at "
+                          f"{ex['peak_rss_vs_plain']:.2f}x its peak RSS")
+        if "peak_gpu_mib" in ex and "peak_gpu_mib" in base:
+            ex["peak_gpu_vs_plain"] = ex["peak_gpu_mib"] / base["peak_gpu_mib"]
+            patched.notes += f", {ex['peak_gpu_vs_plain']:.2f}x its peak GPU memory"
+        patched.max_err = _check_err(ex, base)
+        patched.err_flag = "ok" if patched.max_err <= ERR_FLOOR[torch.float32] else "WRONG"
+        patched.notes += f"; step 1 and loss check (loss, grad norm) vs plain: max err {patched.max_err:.1e}"
     return rows
 
 
@@ -472,18 +577,26 @@ class _MicroLoss:
         self.micro_loss = PPOTrainer.micro_loss.__get__(self)
 
 
-def run(device: torch.device, quick: bool, log: Callable[[str], None] = print) -> list[Row]:
+def run(device: torch.device, quick: bool, log: Callable[[str], None] = print,
+        ops: tuple[str, ...] | set[str] = OPS) -> list[Row]:
+    """The e2e rows of ``ops``: ``ppo_step`` (toy, realistic and the ``engine_memory`` rows), ``trl-patched``."""
     s = settings(quick)
     rows = []
-    t0 = time.perf_counter()
-    try:
-        rows.append(run_engine(device, s["toy"]))
-    except Exception as exc:
-        rows.append(Row(suite="e2e", op=OP, mode="toy-step", provider=ENGINE, group="fastppo", device=device.type,
-                        dtype="float32", shape="tiny Llama", status=f"error: {type(exc).__name__}: {exc}"[:300]))
-    log(f"[e2e] toy {ENGINE}: {rows[-1].status} {rows[-1].notes} ({time.perf_counter() - t0:.1f}s)")
-    for case in s["realistic"]:
-        rows += run_realistic({**case, "device": device.type}, log)
+    if OP in ops:
+        t0 = time.perf_counter()
+        try:
+            rows.append(run_engine(device, s["toy"]))
+        except Exception as exc:
+            rows.append(Row(suite="e2e", op=OP, mode="toy-step", provider=ENGINE, group="fastppo",
+                            device=device.type, dtype="float32", shape="tiny Llama",
+                            status=f"error: {type(exc).__name__}: {exc}"[:300]))
+        log(f"[e2e] toy {ENGINE}: {rows[-1].status} {rows[-1].notes} ({time.perf_counter() - t0:.1f}s)")
+        for case in s["realistic"]:
+            rows += run_realistic({**case, "device": device.type}, log)
+    if PATCHED_OP in ops and s["realistic"]:
+        rows += run_trl_patched({**s["realistic"][0], "device": device.type}, log)
+    if OP not in ops:
+        return rows
     t0 = time.perf_counter()
     for row in run_lm_head_memory(device, quick):
         rows.append(row)

@@ -78,10 +78,12 @@ def run_suites(suites: list[str], device: torch.device, quick: bool, only: set[s
                 ran = sum(r.status == "ok" for r in case_rows)
                 log(f"[{suite}] {case.op} {case.mode} {dtype_name(case.dtype)} {case.shape}: "
                     f"{ran}/{len(case_rows)} providers ran ({time.perf_counter() - t0:.1f}s)")
-        if suite == "e2e" and (not only or "ppo_step" in only) and (wanted is None or "ppo_step" in wanted):
+        if suite == "e2e":
             from . import bench_e2e
 
-            rows += bench_e2e.run(device, quick, log=log)
+            ops = {op for op in bench_e2e.OPS if (not only or op in only) and (wanted is None or op in wanted)}
+            if ops:
+                rows += bench_e2e.run(device, quick, log=log, ops=ops)
         if suite == "contended" and (not only or "contended" in only):
             from . import bench_contended
 

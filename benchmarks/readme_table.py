@@ -17,7 +17,7 @@ from .result_files import load_json
 
 # The committed runs of the checkout (read only: `fastppo bench` writes there only when told `--out`).
 RESULTS = Path(__file__).resolve().parent / "results"
-_ORDER = ("logprobs", "ppo_loss", "kl", "value_loss", "gae", "ppo_step")
+_ORDER = ("logprobs", "ppo_loss", "kl", "value_loss", "gae", "ppo_step", "trl-patched")
 
 
 def newest_result(directory: Path = RESULTS) -> Path:
@@ -107,7 +107,10 @@ def op_section(rows: list[dict]) -> list[str]:
 
 def e2e_section(rows: list[dict]) -> list[str]:
     """One table per e2e mode (the toy smoke row; the realistic GRPO case, one line per provider and case)."""
-    out = [f"**PPO step end to end** ({rows[0]['mode']}, fp32)", "",
+    what = "PPO step end to end"
+    if rows[0]["op"] == "trl-patched":
+        what = "TRL's GRPOTrainer plain, with Liger, with `fastppo.compat.patch(\"trl\")`"
+    out = [f"**{what}** ({rows[0]['mode']}, fp32)", "",
            "| case | provider | median step | response tokens/s | generation / experience / update | peak RSS | "
            "forward floor (gen / exp) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -149,7 +152,7 @@ def render(meta: dict, rows: list[dict]) -> str:
         groups[(r["op"], r["mode"], r["dtype"])].append(r)
     order = {name: i for i, name in enumerate(_ORDER)}
     for key in sorted(groups, key=lambda k: (order.get(k[0], 99), k[1], k[2])):
-        lines += e2e_section(groups[key]) if key[0] == "ppo_step" else op_section(groups[key])
+        lines += e2e_section(groups[key]) if key[0] in ("ppo_step", "trl-patched") else op_section(groups[key])
     return "\n".join(lines)
 
 

@@ -164,6 +164,15 @@ TARGETS: tuple[Target, ...] = (
     Target("e2e-V151936-rss", "engine peak RSS <= 0.6x TRL GRPOTrainer's at V=151936", "cpu",
            op="ppo_step", mode="grpo-step", dtype="float32", shape={"V": 151936, "B": 32, "T": 64},
            subjects=("fastppo-engine",), metric="rss_ratio", threshold=0.6, baseline="trl-GRPOTrainer"),
+    # the same case on TRL's own GRPOTrainer with fastppo.compat.patch("trl") against it unpatched (bench_e2e's
+    # trl-patched rows); a step 1 whose loss or gradient norm differs from the unpatched one is WRONG and fails
+    *(Target(f"e2e-trl-patched-V151936-{key}", claim, "cpu", op="trl-patched", mode="grpo-step", dtype="float32",
+             shape={"V": 151936, "B": 32, "T": 64}, subjects=("trl-GRPOTrainer+fastppo.patch",), metric=metric,
+             threshold=thr, baseline="trl-GRPOTrainer")
+      for key, claim, metric, thr in (
+          ("rss", "TRL GRPOTrainer patched by fastppo: peak RSS <= 0.6x unpatched at V=151936", "rss_ratio", 0.6),
+          ("step-time", "TRL GRPOTrainer patched by fastppo: step time <= 0.85x unpatched at V=151936 (speed-up >= "
+           "1/0.85)", "speedup", 1 / 0.85))),
 )
 
 

@@ -271,6 +271,41 @@ def test_e2e_realistic_case_runs_both_trainers_from_saved_paths():
     assert eng.extra["tokens_per_s_vs_trl"] > 0 and eng.extra["peak_rss_vs_trl"] > 0
 
 
+def test_e2e_trl_patched_case_runs_trl_plain_and_patched():
+    """TRL's GRPOTrainer on the GRPO case plain, with Liger (missing on CPU, with the reason) and patched by
+    fastppo, each in its own process; the patched row holds the ratios the targets read and its step-1 / loss-check
+    difference from the plain row."""
+    s = {"V": 512, "prompts": 1, "samples": 2, "resp_len": 4, "warmup_steps": 1, "steps": 1}
+    plain, liger, patched = bench_e2e.run_trl_patched(s, log=lambda *_: None)
+    assert [r.provider for r in (plain, liger, patched)] == [bench_e2e.TRL, bench_e2e.TRL_LIGER,
+                                                             bench_e2e.TRL_PATCHED]
+    assert liger.status.startswith("missing:") and "CUDA" in liger.status
+    for row in (plain, patched):
+        assert row.status == "ok", row.status
+        assert row.op == "trl-patched" and row.mode == "grpo-step" and row.V == 512
+        assert row.median_ms > 0 and row.extra["peak_rss_mib"] > 100
+        assert set(row.extra["step1"]) == set(row.extra["loss_check"]) == {"loss", "grad_norm"}
+    assert plain.extra["loss_check"]["grad_norm"] > 0  # seeded advantages: a gradient to compare
+    assert any(n.endswith("_ChunkedLogProbFunction") for n in patched.extra["patched"])
+    assert patched.err_flag == "ok" and patched.max_err < 2e-5
+    assert patched.extra["step_time_vs_plain"] > 0 and patched.extra["peak_rss_vs_plain"] > 0
+
+
+def test_e2e_only_runs_the_cases_asked_for(monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench_e2e, "run_trl_patched", lambda s, log: ran.append(("trl-patched", s["V"])) or [])
+    monkeypatch.setattr(bench_e2e, "run_realistic", lambda s, log: ran.append(("ppo_step", s["V"])) or [])
+    monkeypatch.setattr(bench_e2e, "run_engine", lambda device, s: ran.append(("toy", None)) or runner.Row(
+        suite="e2e", op="ppo_step", mode="toy-step", provider="x", group="fastppo", device="cpu", dtype="float32",
+        shape="s"))
+    monkeypatch.setattr(bench_e2e, "run_lm_head_memory", lambda device, quick: ran.append(("memory", None)) or [])
+    cli.run_suites(["e2e"], CPU, True, {"trl-patched"}, log=lambda *_: None)
+    assert ran == [("trl-patched", 32000)]
+    ran.clear()
+    cli.run_suites(["e2e"], CPU, True, set(), log=lambda *_: None)
+    assert ran == [("toy", None), ("ppo_step", 32000), ("trl-patched", 32000), ("memory", None)]
+
+
 @pytest.mark.gpu
 def test_e2e_realistic_case_runs_on_the_gpu():
     """``fastppo bench e2e --device cuda`` reports the same case on the GPU, with its peak GPU memory."""

@@ -76,6 +76,27 @@ def test_e2e_targets_read_tokens_per_s_and_peak_rss_ratios():
         "e2e-V151936-tokens", "fastppo-engine"].status == "not measured"
 
 
+def _patched_row(provider: str, ms: float, rss_mib: float, err_flag: str = "") -> dict:
+    return {**_e2e_row(provider, 151936, 100.0, rss_mib), "op": "trl-patched", "median_ms": ms, "err_flag": err_flag}
+
+
+def test_trl_patched_targets_read_step_time_and_peak_rss_against_unpatched_trl():
+    cpu = {"device": "cpu", "device_name": "CPU: test"}
+    patched = "trl-GRPOTrainer+fastppo.patch"
+    rows = [_patched_row("trl-GRPOTrainer", 30000.0, 4000.0),
+            _patched_row("trl-GRPOTrainer+liger", 0.0, 0.0) | {"status": "missing: CUDA only"},
+            _patched_row(patched, 24000.0, 2000.0, "ok")]
+    c = _by(evaluate(rows, cpu))
+    rss, step = (c[k, patched] for k in ("e2e-trl-patched-V151936-rss", "e2e-trl-patched-V151936-step-time"))
+    assert (rss.status, rss.measured) == ("pass", pytest.approx(0.5))
+    assert (step.status, step.measured) == ("pass", pytest.approx(1.25))  # 0.8x unpatched's step time
+    rows[2] = _patched_row(patched, 27000.0, 2700.0, "ok")  # 0.9x the step time, 0.675x the peak RSS
+    assert {ch.status for ch in evaluate(rows, cpu) if ch.target.startswith("e2e-trl-patched")} == {"FAIL"}
+    # a step 1 that differs from unpatched TRL's is WRONG, however fast
+    rows[2] = _patched_row(patched, 10000.0, 1000.0, "WRONG")
+    assert {ch.status for ch in evaluate(rows, cpu) if ch.target.startswith("e2e-trl-patched")} == {"FAIL"}
+
+
 def test_gpu_targets_pass_and_fail_on_h100_rows():
     c = _by(evaluate(_gpu_rows(), H100))
     bw_t, bw_c = c["logprobs-copy-bandwidth", "fastppo[triton]"], c["logprobs-copy-bandwidth", "fastppo[cuda]"]
