@@ -243,6 +243,18 @@ def valid_rows_on_cpu(mask: Tensor) -> Tensor | None:
     return keep if 0 < keep.numel() < mask.numel() else None
 
 
+def _rows_with_gradient(g_lp: Tensor | None, g_h: Tensor | None) -> Tensor | None:
+    """``valid_rows_on_cpu`` of the rows whose upstream log-prob or entropy gradient is not 0 (NaN counts as not
+    0); None where every row (or none) has one, or off CPU."""
+    grads = [g for g in (g_lp, g_h) if g is not None]
+    if not grads:
+        return None
+    nonzero = grads[0] != 0
+    for g in grads[1:]:
+        nonzero = nonzero | (g != 0)
+    return valid_rows_on_cpu(nonzero)
+
+
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
@@ -277,11 +289,25 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              ent: Tensor | None, g_lp: Tensor | None, g_h: Tensor | None, temperature: float,
                              chunk: int, backend: str, need: NeedGrads, support: Support = FULL
                              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed)."""
+    """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed).
+
+    On CPU only the rows with a non-zero upstream gradient are recomputed: a row whose log-prob and entropy
+    gradients are both 0 (a masked token, e.g. the prompt positions a trainer scores and then drops) has dlogits
+    exactly 0, so it adds nothing to dW or db and its dh row is 0."""
     if use_tiled(backend, support):
         grads = _launchers("triton").linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature,
                                                      need.hidden, need.weight, need.bias)
         return tuple(_empty(hidden, hidden.dtype) if g is None else g for g in grads)
+    keep = _rows_with_gradient(g_lp, g_h)
+    if keep is not None:
+        take = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
+        dh_k, dw, db = linear_logprobs_backward(take(hidden), weight, bias, take(labels), take(lse), take(ent),
+                                                take(g_lp), take(g_h), temperature, chunk, backend, need, support)
+        dh = dh_k
+        if dh_k.numel() > 0:
+            dh = hidden.new_zeros(hidden.shape)
+            dh[keep] = dh_k
+        return dh, dw, db
     n = hidden.shape[0]
     spans = _chunks(n, chunk)
     sink = _GradSink(hidden, weight, bias, len(spans), need)

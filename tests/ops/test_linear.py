@@ -405,3 +405,28 @@ def test_masked_tokens_skip_the_lm_head_on_cpu(monkeypatch):
     assert torch.equal(x[1].grad, y[1].grad) and torch.equal(x[2].grad, y[2].grad)
     for k in stats:  # reductions over [4, 9] vs [n_valid]: equal up to summation order
         torch.testing.assert_close(stats[k], stats2[k], rtol=1e-6, atol=1e-7)
+
+
+def test_rows_without_upstream_gradient_skip_the_backward_on_cpu(monkeypatch):
+    """On CPU the backward of ``linear_logprobs_and_entropy`` recomputes only the rows with a non-zero upstream
+    gradient; the gradients equal those of the same rows alone (bitwise), with exactly zero ``dh`` elsewhere."""
+    import fastppo.autograd_linear as AL
+
+    hid, w, b, lab = linear_inputs((4, 9), 16, 97, F32, bias=True, seed=31)
+    g = torch.Generator().manual_seed(32)
+    keep = torch.rand(4, 9, generator=g) < 0.6
+    g_lp = torch.randn(4, 9, generator=g) * keep
+    g_h = torch.randn(4, 9, generator=g) * keep
+    g_h[0, 0], keep[0, 0] = 0.5, True  # an entropy gradient alone keeps a row too
+    rows: list[int] = []
+    real = AL._chunk_logits
+    x = leaves(hid, w, b)
+    lp, ent = fastppo.linear_logprobs_and_entropy(x[0], x[1], lab, bias=x[2], chunk_size=4)
+    monkeypatch.setattr(AL, "_chunk_logits", lambda h, *a: rows.append(h.shape[0]) or real(h, *a))
+    (lp * g_lp + ent * g_h).sum().backward()
+    assert sum(rows) == int(keep.sum()) < keep.numel()
+    y = leaves(hid[keep], w, b)
+    lp2, ent2 = fastppo.linear_logprobs_and_entropy(y[0], y[1], lab[keep], bias=y[2], chunk_size=4)
+    (lp2 * g_lp[keep] + ent2 * g_h[keep]).sum().backward()
+    assert torch.equal(x[0].grad[keep], y[0].grad) and not x[0].grad[~keep].any()
+    assert torch.equal(x[1].grad, y[1].grad) and torch.equal(x[2].grad, y[2].grad)
