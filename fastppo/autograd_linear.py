@@ -287,13 +287,16 @@ def linear_logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
                              ent: Tensor | None, g_lp: Tensor | None, g_h: Tensor | None, temperature: float,
-                             chunk: int, backend: str, need: NeedGrads, support: Support = FULL
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+                             chunk: int, backend: str, need: NeedGrads, support: Support = FULL,
+                             fresh_lse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Recompute each chunk's logits, dlogits over them, then ``(dh, dW, db)`` (empty where not needed).
 
     On CPU only the rows with a non-zero upstream gradient are recomputed: a row whose log-prob and entropy
     gradients are both 0 (a masked token, e.g. the prompt positions a trainer scores and then drops) has dlogits
-    exactly 0, so it adds nothing to dW or db and its dh row is 0."""
+    exactly 0, so it adds nothing to dW or db and its dh row is 0. Those rows' logits then come from a GEMM of
+    another shape than the forward's, which rounds differently, so their log-sum-exp and entropy are recomputed
+    from the new logits (``fresh_lse``): the softmax then sums to 1 over exactly the logits it is applied to, and an
+    exactly-zero gradient (a one-token support) stays exactly zero."""
     if use_tiled(backend, support):
         grads = _launchers("triton").linear_backward(hidden, weight, bias, labels, lse, ent, g_lp, g_h, temperature,
                                                      need.hidden, need.weight, need.bias)
@@ -302,7 +305,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     if keep is not None:
         take = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
         dh_k, dw, db = linear_logprobs_backward(take(hidden), weight, bias, take(labels), take(lse), take(ent),
-                                                take(g_lp), take(g_h), temperature, chunk, backend, need, support)
+                                                take(g_lp), take(g_h), temperature, chunk, backend, need, support,
+                                                fresh_lse=True)
         dh = dh_k
         if dh_k.numel() > 0:
             dh = hidden.new_zeros(hidden.shape)
@@ -313,7 +317,10 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     sink = _GradSink(hidden, weight, bias, len(spans), need)
     for s, e in spans:
         x = _chunk_logits(hidden[s:e], weight, bias, temperature, support)
-        rows_backward_(x, labels[s:e], lse[s:e], None if ent is None else ent[s:e],
+        lse_c, ent_c = lse[s:e], None if ent is None else ent[s:e]
+        if fresh_lse:
+            _, ent_c, lse_c = rows_forward(x, labels[s:e], temperature, ent is not None, backend)
+        rows_backward_(x, labels[s:e], lse_c, ent_c,
                        None if g_lp is None else g_lp[s:e], None if g_h is None else g_h[s:e], temperature, backend)
         sink.add(s, e, x, hidden[s:e])
         del x
