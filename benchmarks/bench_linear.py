@@ -41,7 +41,8 @@ OBJECTIVES = ("ppo+entropy", "ppo", "ce")
 
 # The objective variants, each a row of fastppo's default backend for the device next to Liger's fused loss with the
 # same loss_type where Liger has one: name -> (PPOObjective settings on top of the base PPO loss, Liger's settings or
-# None, whether the variant is token-separable (one pass over the LM head) or needs a sequence statistic first).
+# None, whether the variant is token-separable or needs a sequence statistic first (one pass on CPU with whole sequences
+# per chunk, two passes where a sequence outgrows a chunk).
 VARIANTS: dict[str, tuple[dict, dict | None, bool]] = {
     "cispo": ({"policy_loss": "cispo", "clip_low": 1.0, "clip_high": 4.0},
               {"loss_type": "cispo", "epsilon_high": 5.0}, True),
@@ -256,8 +257,8 @@ def _fastppo_variant(variant: str) -> Provider:
             return fastppo.ppo_loss_from_hidden(h, w, lab, old, adv, mask, ref_logprobs=ref_lp,
                                                 rollout_logprobs=rollout, objective=obj, backend=backend)[0]
         return _runner(case, fn, objective=variant)
-    one_pass = "one pass" if VARIANTS[variant][2] else "two passes (a sequence statistic first)"
-    return Provider(f"fastppo {variant}", "fastppo", setup, f"ppo_loss_from_hidden, {variant} ({one_pass})")
+    kind = "token-separable" if VARIANTS[variant][2] else "a sequence statistic first"
+    return Provider(f"fastppo {variant}", "fastppo", setup, f"ppo_loss_from_hidden, {variant} ({kind})")
 
 
 def _liger_variant(variant: str) -> Provider:

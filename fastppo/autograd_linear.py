@@ -12,6 +12,8 @@ the gradients themselves, on every backend.
 - ``fastppo::linear_ppo_loss`` returns the aggregated scalar loss. Aggregation is linear (``sum(w * loss_tok)``),
   so the gradient is known up to the scalar upstream gradient during the forward: it is computed there (three
   matmuls in all, each chunk's logits read twice while hot) and the backward only scales it.
+- ``linear_sequence_pass``: the same three matmuls for an objective with per-sequence statistics (GSPO, the
+  off-policy mask), each chunk holding whole sequences so that its share of the loss is known once its rows are.
 
 Weight-gradient accumulation is float32 (bf16/fp16 weights: a float32 accumulator, cast once at the end).
 Chunk size: ``chunk_rows`` (a function of V, H, dtype, device and a memory budget, never of N).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -388,6 +391,84 @@ def _linear_ppo_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: 
     if sink is None:
         return (loss, terms, *_empty_grads(hidden))
     return (loss, terms, *sink.result())
+
+
+# ------------------------------------------------------------ objectives with per-sequence statistics
+GroupLoss = Callable[[int, int, Tensor, Tensor], Tensor]
+
+
+def sequence_groups(valid_per_seq: list[int], chunk: int) -> list[tuple[int, int, int, int]] | None:
+    """Consecutive whole sequences packed into chunks of at most ``chunk`` valid tokens: ``[(q0, q1, r0, r1)]``,
+    sequences ``q0:q1`` whose valid tokens are rows ``r0:r1`` of the compacted valid rows. None when one sequence
+    alone has more valid tokens than a chunk holds (its statistic would need two chunks)."""
+    groups: list[tuple[int, int, int, int]] = []
+    q0 = r0 = rows = 0
+    for q, n in enumerate(valid_per_seq):
+        if n > chunk:
+            return None
+        if rows + n > chunk:
+            groups.append((q0, q, r0, r0 + rows))
+            q0, r0, rows = q, r0 + rows, 0
+        rows += n
+    if rows > 0:  # a tail of empty sequences adds nothing to the loss or its gradient
+        groups.append((q0, len(valid_per_seq), r0, r0 + rows))
+    return groups
+
+
+def linear_sequence_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, pos: Tensor,
+                         seq_len: int, groups: list[tuple[int, int, int, int]], group_loss: GroupLoss,
+                         obj: PPOObjective, backend: str, need: NeedGrads
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One pass over the LM head for an objective whose statistics stay inside a sequence (GSPO's sequence ratio,
+    the off-policy sequence mask): each chunk holds whole sequences (``sequence_groups``), so once its log-probs
+    exist its share of the loss, ``group_loss(q0, q1, logp [q1-q0, T], entropy [q1-q0, T])`` (a leaf each, zero at
+    masked tokens; the caller's aggregation weights are batch-wide, so the shares add up to the loss), is known and
+    differentiated before the next chunk: three matmuls, as for a token-separable objective, instead of a forward and
+    a recomputing backward. ``hidden [M, H]`` and ``labels [M]`` are the valid rows, ``pos [M]`` their flat position
+    in the ``[S, T]`` batch. Returns ``(logp [M], entropy [M], lse [M], dh [M, H], dW, db)`` for a unit upstream
+    gradient (empty where not needed)."""
+    # The matmuls and row kernels are not recorded by autograd (they write into buffers); only each chunk's
+    # PyTorch objective is, to differentiate it w.r.t. its log-probs and entropies.
+    with torch.no_grad():
+        m = hidden.shape[0]
+        out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logp_all, ent_all, lse_all = (hidden.new_empty((m,), dtype=out_dtype) for _ in range(3))
+        sink = _GradSink(hidden, weight, bias, len(groups), need)
+        for q0, q1, r0, r1 in groups:
+            x = _chunk_logits(hidden[r0:r1], weight, bias, obj.temperature, (obj.top_k, obj.top_p))
+            lab = labels[r0:r1]
+            lp, ent, lse = rows_forward(x, lab, obj.temperature, True, backend)
+            logp_all[r0:r1], ent_all[r0:r1], lse_all[r0:r1] = lp, ent, lse
+            idx = pos[r0:r1] - q0 * seq_len
+            lp_pad, ent_pad = (v.new_zeros((q1 - q0) * seq_len).index_put_((idx,), v).view(q1 - q0, seq_len)
+                               .requires_grad_() for v in (lp, ent))
+            with torch.enable_grad():
+                loss = group_loss(q0, q1, lp_pad, ent_pad)
+            g_lp = g_h = None
+            if loss.requires_grad:
+                d_lp, d_h = torch.autograd.grad(loss, (lp_pad, ent_pad), allow_unused=True)
+                g_lp = None if d_lp is None else d_lp.reshape(-1)[idx].contiguous()
+                g_h = None if d_h is None else d_h.reshape(-1)[idx].contiguous()
+            rows_backward_(x, lab, lse, ent, g_lp, g_h, obj.temperature, backend)
+            sink.add(r0, r1, x, hidden[r0:r1])
+            del x
+        return (logp_all, ent_all, lse_all, *sink.result())
+
+
+class PrecomputedGrads(torch.autograd.Function):
+    """``loss`` (a detached value) attached to ``hidden``, ``weight``, ``bias`` with gradients already computed for
+    a unit upstream gradient (``grads = [dh, dW, db]``): the backward scales and hands them out, as
+    ``LinearPPOLoss``'s does."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss, grads):
+        ctx.grads = list(grads)
+        ctx.n_inputs = 5
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        return _ppo_backward(ctx, g_loss)
 
 
 # ------------------------------------------------------------------------------------------ custom ops

@@ -18,12 +18,21 @@ from torch import Tensor
 
 from fastppo import _validate as validate
 from fastppo._contract import TERM as _T
-from fastppo.autograd_linear import LinearPPOLoss, chunk_rows, valid_rows_on_cpu
+from fastppo.autograd_linear import (
+    LinearPPOLoss,
+    NeedGrads,
+    PrecomputedGrads,
+    chunk_rows,
+    linear_sequence_pass,
+    sequence_groups,
+    use_tiled,
+    valid_rows_on_cpu,
+)
 from fastppo.objective import PPOObjective, objective_from
 from fastppo.ops import _backend_for, _in_support, _masked
 from fastppo.reference import masked_mean
 from fastppo.reference.losses import agg_weights, entropy_agg, objective_agg, policy_stats, ppo_loss_from_logprobs
-from fastppo.reference.objective import rollout_weights
+from fastppo.reference.objective import objective_terms, rollout_weights
 
 __all__ = ["chunk_rows", "linear_logprobs", "linear_logprobs_and_entropy", "ppo_loss_from_hidden"]
 
@@ -161,9 +170,11 @@ def ppo_loss_from_hidden(
 
     A token-separable objective (``PPOObjective.token_separable``: token-level ratios, no mask built from the current
     log-probs) has its gradient computed during the forward, chunk by chunk (the loss is linear in its per-token
-    terms), so the backward only scales it: three matmuls in all. Sequence-level ratios and the off-policy / entropy
-    masks need every token's log-prob first: the forward computes log-probs and entropies chunk by chunk, the loss
-    follows in PyTorch, and the backward recomputes each chunk (four matmuls).
+    terms), so the backward only scales it: three matmuls in all. Sequence-level ratios and the off-policy mask need
+    a statistic of each sequence's log-probs first: on CPU, with whole sequences per chunk, each chunk's share of the
+    loss is differentiated in the same pass (three matmuls); otherwise, and for the batch-wide entropy mask, the
+    forward computes log-probs and entropies chunk by chunk, the loss follows in PyTorch, and the backward
+    recomputes each chunk (four matmuls).
 
     ``old_logprobs=None``: the update is exactly on-policy (one epoch, one minibatch, the policy that sampled), so
     each token's old log-prob is its own log-prob from this forward, detached (ratio 1; TRL's convention when it has
@@ -250,14 +261,20 @@ def _own_logprobs(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: tor
 
 def _two_pass(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.Size, ins: validate.PPOInputs,
               obj: PPOObjective, name: str, chunk: int, op: str) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-    """A non-token-separable objective: log-probs and entropies chunk by chunk (``fastppo::linear_logprobs``, whose
-    backward recomputes each chunk), then the objective in PyTorch. On CPU only the valid tokens go through the LM
-    head (as in the one-pass op)."""
+    """A non-token-separable objective. Where its statistics stay inside each sequence and whole sequences fit a
+    chunk (on CPU, eager, with gradients: ``_sequence_pass``), one pass of three matmuls. Else log-probs and entropies
+    chunk by chunk (``fastppo::linear_logprobs``, whose backward recomputes each chunk: four matmuls), then the
+    objective in PyTorch. On CPU only the valid tokens go through the LM head (as in the one-pass op)."""
     mask = ins.mask
-    keep = valid_rows_on_cpu(mask)
-    hs, labs = (h, lab) if keep is None else (h.index_select(0, keep), lab.index_select(0, keep))
-    logp_k, ent_k, lse_k = torch.ops.fastppo.linear_logprobs(hs, w, _bias_arg(b, h), labs, obj.temperature, True,
-                                                             chunk, name, obj.top_k, obj.top_p)
+    one_pass = _sequence_pass(h, w, b, lab, lead, ins, obj, name, chunk)
+    grads = None
+    if one_pass is not None:
+        keep, logp_k, ent_k, lse_k, grads = one_pass
+    else:
+        keep = valid_rows_on_cpu(mask)
+        hs, labs = (h, lab) if keep is None else (h.index_select(0, keep), lab.index_select(0, keep))
+        logp_k, ent_k, lse_k = torch.ops.fastppo.linear_logprobs(hs, w, _bias_arg(b, h), labs, obj.temperature, True,
+                                                                 chunk, name, obj.top_k, obj.top_p)
     valid_rows = None if keep is None else torch.ones_like(keep, dtype=torch.bool)
     validate.finite_rows(op, lse_k.detach(), valid=mask.reshape(-1) if keep is None else valid_rows,
                          temperature=obj.temperature, source="hidden")
@@ -268,9 +285,65 @@ def _two_pass(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.S
     else:
         logp = logp_k.new_zeros(lead.numel()).index_put((keep,), logp_k).view(lead)
         ent = ent_k.new_zeros(lead.numel()).index_put((keep,), ent_k).view(lead)
-    loss, stats = ppo_loss_from_logprobs(logp, ent, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
-                                         rollout_logprobs=ins.rollout, objective=obj)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and grads is None):
+        loss, stats = ppo_loss_from_logprobs(logp, ent, ins.old, ins.adv, mask, ref_logprobs=ins.ref,
+                                             rollout_logprobs=ins.rollout, objective=obj)
+    if grads is not None:
+        loss = PrecomputedGrads.apply(h, w, b, loss, grads)
     zero = torch.zeros_like(logp.detach())
     valid = mask != 0
     return loss, stats, {"logprobs": torch.where(valid, logp.detach(), zero),
                          "entropy": torch.where(valid, ent.detach(), zero)}
+
+
+def _sequence_pass(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.Size, ins: validate.PPOInputs,
+                   obj: PPOObjective, name: str, chunk: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]] | None:
+    """``linear_sequence_pass`` for an objective whose statistics stay inside a sequence (the last dim of ``lead``):
+    ``(keep [M], logp [M], entropy [M], lse [M], [dh [N, H], dW, db])`` of the valid rows ``keep``, the gradients of
+    the loss computed on the way. None where the two-pass route is taken instead: no gradient wanted (the forward is
+    one pass anyway), not CPU (finding the valid rows would sync a GPU), under ``torch.compile`` (the custom ops are
+    what it traces), a batch-wide statistic (``top_entropy_quantile``), a sequence with more valid tokens than a
+    chunk, or a per-token input that wants a gradient itself."""
+    need = NeedGrads(*(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (h, w, b)))
+    per_token = (ins.old, ins.adv, ins.ref, ins.rollout)
+    if (not need.any() or h.device.type != "cpu" or torch.compiler.is_compiling() or obj.top_entropy_quantile < 1.0
+            or len(lead) == 0 or lead[-1] == 0 or use_tiled(name, (obj.top_k, obj.top_p))
+            or any(t is not None and t.requires_grad for t in per_token)):
+        return None
+    t_len = lead[-1]
+    n_seq = lead.numel() // t_len
+    m2 = ins.mask.reshape(n_seq, t_len)
+    valid = m2 != 0
+    groups = sequence_groups(valid.sum(-1).tolist(), chunk)
+    if groups is None:
+        return None
+    keep = valid.reshape(-1).nonzero().squeeze(1)
+    vec = torch.promote_types(h.dtype, torch.float32)
+
+    def per_seq(t: Tensor | None) -> Tensor | None:  # masked tokens hold 0 whatever they held (as the reference)
+        return None if t is None else torch.where(valid, t.reshape(n_seq, t_len).to(vec), 0.0)
+    old, adv, ref, roll = (per_seq(t) for t in per_token)
+    wts = agg_weights(m2.to(vec), **objective_agg(obj)).to(vec)
+    wts_h = agg_weights(valid.to(vec), **entropy_agg(obj)).to(vec)  # the bonus counts valid tokens (entropy_mask)
+
+    def group_loss(q0: int, q1: int, lp: Tensor, ent: Tensor) -> Tensor:
+        """Sequences ``q0:q1``'s share of ``ppo_loss_from_logprobs``' loss (batch-wide aggregation weights)."""
+        s = slice(q0, q1)
+        mask_g = m2[s]
+        old_g = lp.detach() if old is None else old[s]
+        roll_g = None if roll is None else roll[s]
+        is_w = None if obj.rollout_is_level is None else rollout_weights(old_g, roll_g, mask_g, obj)[0]
+        terms = objective_terms(lp, ent, old_g, adv[s], mask_g, None if ref is None else ref[s], obj, is_weight=is_w,
+                                sampler_logp=roll_g)
+        loss = (wts[s] * terms["pg"]).sum()
+        if ref is not None and obj.kl_coef != 0.0:
+            loss = loss + obj.kl_coef * (wts[s] * terms["kl"]).sum()
+        if obj.entropy_coef != 0.0:
+            loss = loss - obj.entropy_coef * (wts_h[s] * ent).sum()
+        return loss
+    hs, labs = h.index_select(0, keep), lab.index_select(0, keep)
+    logp, ent, lse, dh_k, dw, db = linear_sequence_pass(hs, w, b, labs, keep, t_len, groups, group_loss, obj, name,
+                                                        need)
+    dh = h.new_zeros(h.shape).index_copy_(0, keep, dh_k) if need.hidden else dh_k
+    return keep, logp, ent, lse, [dh, dw, db]
