@@ -213,7 +213,7 @@ def ppo_loss_and_terms_from_hidden(
     name = _backend_for(backend, h, "ppo_loss")
     chunk = _chunk(chunk, w, h, name)
     if not obj.token_separable:
-        return _two_pass(h, w, b, lab, lead, ins, obj, name, chunk, op)
+        return _non_separable_loss(h, w, b, lab, lead, ins, obj, name, chunk, op)
     vec_dtype = torch.promote_types(h.dtype, torch.float32)
     flat = lambda t: t.reshape(-1).to(vec_dtype).contiguous()  # noqa: E731
     m = mask.to(vec_dtype)
@@ -259,8 +259,9 @@ def _own_logprobs(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: tor
     return logp.view(lead)
 
 
-def _two_pass(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.Size, ins: validate.PPOInputs,
-              obj: PPOObjective, name: str, chunk: int, op: str) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+def _non_separable_loss(h: Tensor, w: Tensor, b: Tensor | None, lab: Tensor, lead: torch.Size,
+                        ins: validate.PPOInputs, obj: PPOObjective, name: str, chunk: int, op: str
+                        ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """A non-token-separable objective. Where its statistics stay inside each sequence and whole sequences fit a
     chunk (on CPU, eager, with gradients: ``_sequence_pass``), one pass of three matmuls. Else log-probs and entropies
     chunk by chunk (``fastppo::linear_logprobs``, whose backward recomputes each chunk: four matmuls), then the
